@@ -1,0 +1,1 @@
+"""Conversion of Hugging Face / AWQ checkpoints into MLX models on the shared cache."""

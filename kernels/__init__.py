@@ -1,0 +1,1 @@
+"""Kernels: fast paths with a pure-MLX reference twin each (see README)."""

@@ -1,0 +1,3 @@
+"""mlx-ray: an MLX inference backend for Ray Serve."""
+
+__version__ = "0.1.0"

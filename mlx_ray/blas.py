@@ -1,0 +1,91 @@
+"""Optimized BLAS for MLX's Linux CPU backend.
+
+The ``mlx-cpu`` wheel bundles the reference netlib BLAS, which is ~30x slower
+than OpenBLAS on float32 matmul. MLX resolves ``sgemm_`` & co. dynamically, so
+interposing Debian's ``libopenblas0-pthread`` with ``LD_PRELOAD`` swaps it in.
+The dynamic loader only reads LD_PRELOAD at process start, so:
+
+* the CLI re-execs itself once with the variable set (:func:`reexec_with_fast_blas`);
+* Ray workers get it through ``runtime_env.env_vars`` (:func:`runtime_env_vars`);
+* tests and CI export it before starting Python.
+
+Override with ``MLX_RAY_BLAS``: ``auto`` (default), ``reference`` (never
+preload), or an explicit path to a BLAS shared object.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+)
+INSTALL_HINT = "apt-get install libopenblas0-pthread"
+_REEXEC_MARK = "MLX_RAY_BLAS_REEXEC"
+
+
+def wanted_library() -> str | None:
+    """The BLAS library to preload, or None (not Linux, disabled, or not installed)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    choice = os.environ.get("MLX_RAY_BLAS", "auto")
+    if choice == "reference":
+        return None
+    if choice != "auto":
+        return choice if Path(choice).exists() else None
+    for cand in CANDIDATES:
+        if Path(cand).exists():
+            return cand
+    return None
+
+
+def loaded_blas() -> str:
+    """Which BLAS this process has mapped: 'openblas (<path>)', 'reference', or 'n/a'."""
+    if not sys.platform.startswith("linux"):
+        return "n/a (Accelerate/Metal on macOS)" if sys.platform == "darwin" else "n/a"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for line in maps.splitlines():
+        if "libopenblas" in line:
+            return f"openblas ({line.split()[-1]})"
+    return "reference (netlib, slow)"
+
+
+def preload_active() -> bool:
+    return "libopenblas" in os.environ.get("LD_PRELOAD", "") or loaded_blas().startswith("openblas")
+
+
+def env_with_fast_blas(env: dict | None = None) -> dict:
+    """A copy of ``env`` (default: os.environ) with LD_PRELOAD extended by the BLAS."""
+    env = dict(os.environ if env is None else env)
+    lib = wanted_library()
+    if lib and lib not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    return env
+
+
+def runtime_env_vars() -> dict:
+    """Env vars for a Ray runtime_env so that MLX workers on Linux get the fast BLAS."""
+    lib = wanted_library()
+    return {"LD_PRELOAD": lib} if lib else {}
+
+
+def reexec_with_fast_blas(argv: list[str] | None = None) -> None:
+    """Re-exec this process with the BLAS preloaded, once. No-op when not needed."""
+    lib = wanted_library()
+    if not lib or os.environ.get(_REEXEC_MARK) or lib in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = env_with_fast_blas()
+    env[_REEXEC_MARK] = "1"
+    argv = argv if argv is not None else [sys.executable, *sys.orig_argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)

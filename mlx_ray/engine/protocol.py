@@ -1,0 +1,111 @@
+"""The engine contract: token ids in, typed events out. No HTTP, no Ray.
+
+The server (``mlx_ray.serve``) depends only on this module, so it can be
+tested with a fake engine, and the engine can be tested without Serve.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Optional, Union
+
+from pydantic import BaseModel, Field
+
+from ..errors import MlxRayError
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class EngineConfig(BaseModel):
+    """Limits of one engine (one model on one device)."""
+
+    max_num_seqs: int = Field(16, ge=1, description="Requests decoded together in one running batch.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for admission; past it, submit fails with Overloaded.")
+    max_model_len: Optional[int] = Field(None, ge=16, description="Context limit; default: the model's.")
+    prefill_chunk: int = Field(512, ge=16, description="Prompt tokens prefilled per step (chunked prefill).")
+    kv_budget_bytes: Optional[int] = Field(None, ge=0, description="KV-cache bytes for running requests; default from device memory and model size.")
+    prefix_cache_bytes: Optional[int] = Field(None, ge=0, description="Bytes of KV kept for prefix reuse (LRU); 0 disables; default a share of the KV budget.")
+    stream_interval_ms: float = Field(0.0, ge=0, description="Coalesce text deltas for this long before emitting (0: every token).")
+    seed: Optional[int] = Field(None, description="Engine-wide default seed.")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)  # matched on detokenized text, never emitted
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    deadline: Optional[float] = None  # time.monotonic() deadline; past it: finish "error" with DeadlineExceeded
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class TokenEvent:
+    """New tokens of one request. ``text`` is the delta, never splitting a UTF-8 character."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: Optional[list[TokenLogprob]] = None
+
+
+@dataclass
+class FinishEvent:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: Optional[MlxRayError] = None
+
+
+Event = Union[TokenEvent, FinishEvent]
+
+
+class LLMEngine(abc.ABC):
+    """What the server needs from an engine."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream events for ``request``. Raises Overloaded / BadRequest / ContextOverflow
+        *before the first event* when the request cannot be admitted."""
+
+    @abc.abstractmethod
+    async def cancel(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def check_health(self) -> None:
+        """Raise EngineFault if the generation loop is dead or wedged."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """Counters and gauges: running, waiting, kv_bytes_used, kv_budget_bytes,
+        prefix_hits, prefix_misses, prompt_tokens_total, generation_tokens_total."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,81 @@
+"""One error taxonomy for all of mlx-ray.
+
+The engine, the converter and the CLI raise these; only the HTTP ingress maps
+them to status codes (``mlx_ray.serve.ingress``), and only the CLI maps them to
+exit codes (``mlx_ray.cli``). Messages are one line and say what to do next.
+"""
+
+from __future__ import annotations
+
+
+class MlxRayError(Exception):
+    """Base class. ``kind`` is the stable machine-readable category."""
+
+    kind = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(self.message.split())
+
+
+class BadRequest(MlxRayError):
+    """The caller's input is invalid (bad parameter, bad config, bad combination)."""
+
+    kind = "invalid_request_error"
+
+
+class ContextOverflow(BadRequest):
+    """Prompt plus max_tokens exceeds the model's context."""
+
+    kind = "context_length_exceeded"
+
+
+class NotFound(MlxRayError):
+    """A model, path or repository does not exist (or is not reachable offline)."""
+
+    kind = "not_found_error"
+
+
+class Conflict(MlxRayError):
+    """The target exists or is being written by someone else."""
+
+    kind = "conflict_error"
+
+
+class Overloaded(MlxRayError):
+    """Admission control refused the request; retry later."""
+
+    kind = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(MlxRayError):
+    """The request ran past its deadline."""
+
+    kind = "timeout_error"
+
+
+class EngineFault(MlxRayError):
+    """The engine itself failed (generation loop died, device error, OOM of the batch)."""
+
+    kind = "engine_error"
+
+
+class CorruptModel(MlxRayError):
+    """A model file failed its integrity check (hash, size or safetensors header)."""
+
+    kind = "corrupt_model_error"
+
+
+class ReadOnlyCache(MlxRayError):
+    """The model cache cannot be written."""
+
+    kind = "read_only_error"
