@@ -15,4 +15,3 @@ if [[ "$(uname -s)" == "Linux" ]]; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q -e ".[parity,dev]"
-"$PY" -m mlx_ray.cli doctor --quiet >/dev/null 2>&1 || true
