@@ -1,0 +1,1 @@
+"""Parity harness: the MLX path against the PyTorch path on the same model."""
