@@ -1,0 +1,164 @@
+"""``mlx-ray worker start`` and ``mlx-ray worker launchd install|uninstall|print [--systemd]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import BadRequest
+
+SERVICE_PATH = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin", "/opt/homebrew/bin")
+
+
+def _worker_options(p: argparse.ArgumentParser, *, for_service: bool) -> None:
+    p.add_argument("--address", required=not for_service,
+                   help="the head's GCS address HOST:PORT (e.g. 10.0.0.5:6379)")
+    p.add_argument("--num-cpus", type=int, help="CPUs to offer (default: performance cores on Apple Silicon)")
+    p.add_argument("--num-gpus", type=int, help="GPUs to offer (default: 1 with a Metal device, 0 on CPU, "
+                                                "Ray's own count with CUDA)")
+    p.add_argument("--resources-override", metavar="JSON",
+                   help="custom resources to offer instead of the detected ones, e.g. '{\"gpu_apple_mps\": 1}' "
+                        "(how tests force the Apple GPU resource where there is no Metal)")
+    p.add_argument("--memory", help="Ray's logical memory for tasks/actors (bytes or 8GiB); default: see below")
+    p.add_argument("--object-store-memory", help="Ray object store size (default: 5%% of RAM, 512 MiB-4 GiB)")
+    p.add_argument("--mlx-memory-fraction", type=float, default=0.75,
+                   help="share of physical memory kept out of Ray's accounting for MLX (default 0.75)")
+    p.add_argument("--node-name", help="node name shown in the cluster (default: the short hostname)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="a node label (repeatable)")
+    p.add_argument("--token-file", help="file holding the cluster's Ray auth token (sets RAY_AUTH_MODE=token; "
+                                        "the token never appears on a command line)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the head (default 10)")
+    p.add_argument("--skip-version-check", action="store_true",
+                   help="do not compare Ray/Python with the head first (ray start still refuses a mismatch)")
+    p.add_argument("ray_args", nargs="*", metavar="-- RAY_START_ARGS",
+                   help="extra arguments passed verbatim to `ray start` after a `--`")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="worker_command", metavar="{start,launchd}", required=True)
+    start = sub.add_parser("start", help="join this machine to the cluster (execs `ray start`)")
+    _worker_options(start, for_service=False)
+    start.add_argument("--block", action="store_true", help="stay in the foreground (under caffeinate -s on macOS)")
+    start.add_argument("--dry-run", action="store_true",
+                       help="print the exact command and environment (secrets masked), run nothing")
+    svc = sub.add_parser("launchd", help="install, remove or print a launchd agent (or --systemd unit)")
+    svc.add_argument("action", choices=("install", "uninstall", "print"))
+    svc.add_argument("--systemd", action="store_true", help="a Linux systemd user unit instead of a launchd agent")
+    svc.add_argument("--service-label", default=None,
+                     help="launchd label (default io.ray.worker) or systemd unit name (default mlx-ray-worker)")
+    svc.add_argument("--path", help="where to write the file (default: ~/Library/LaunchAgents/LABEL.plist or "
+                                    "~/.config/systemd/user/NAME.service)")
+    svc.add_argument("--log-dir", help="launchd log directory (default ~/Library/Logs/mlx-ray)")
+    svc.add_argument("--no-load", action="store_true", help="write and validate only; do not run launchctl/systemctl")
+    _worker_options(svc, for_service=True)
+
+
+def _resources(args):
+    from .resources import detect
+
+    return detect(num_cpus=args.num_cpus, num_gpus=args.num_gpus, resources_override=args.resources_override,
+                  memory=args.memory, object_store_memory=args.object_store_memory,
+                  mlx_memory_fraction=args.mlx_memory_fraction, node_name=args.node_name, labels=args.label)
+
+
+def start(args) -> int:
+    from . import command, versions
+
+    host, port = versions.parse_address(args.address)
+    address = versions.format_address(host, port)
+    res = _resources(args)
+    cmd = command.build(address, res, block=args.block, token_file=args.token_file, extra_args=args.ray_args)
+    if args.dry_run:
+        for note in res.notes:
+            print(f"# {note}")
+        print(f"# version check: skipped by --dry-run (the head is not contacted); local {versions.local_versions()}")
+        print(cmd.render())
+        return 0
+    if not args.skip_version_check:
+        head = versions.head_versions(address, args.timeout, env=cmd.env)
+        local = versions.local_versions()
+        versions.check_versions(head, local, address)
+        print(f"mlx-ray worker: head {address} runs {head}; versions match", file=sys.stderr)
+    print(f"mlx-ray worker: joining {address} as {res.node_name!r}: {res.summary()}", file=sys.stderr)
+    print(f"mlx-ray worker: exec {cmd.render()}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd.argv[0], cmd.argv, cmd.env)
+    return 0  # not reached
+
+
+def service_argv(args) -> list[str]:
+    """The `mlx-ray worker start --block ...` command a service runs, pinned to this interpreter."""
+    argv = [sys.executable, "-m", "mlx_ray.cli", "worker", "start", "--address", args.address, "--block"]
+    for flag in ("num_cpus", "num_gpus", "resources_override", "memory", "object_store_memory", "node_name",
+                 "timeout"):
+        value = getattr(args, flag)
+        if value is not None and not (flag == "timeout" and value == 10.0):
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.mlx_memory_fraction != 0.75:
+        argv += ["--mlx-memory-fraction", str(args.mlx_memory_fraction)]
+    for label in args.label or []:
+        argv += ["--label", label]
+    if args.token_file:
+        argv += ["--token-file", str(Path(args.token_file).expanduser().resolve())]
+    if args.skip_version_check:
+        argv.append("--skip-version-check")
+    if args.ray_args:
+        argv += ["--", *args.ray_args]
+    return argv
+
+
+def service_env(args) -> dict[str, str]:
+    """PATH and the variables the worker needs; the token only by path."""
+    from .command import token_env
+
+    path = [str(Path(sys.executable).parent), *SERVICE_PATH]
+    env = {"PATH": ":".join(dict.fromkeys(path))}
+    if sys.platform == "darwin" or getattr(args, "for_macos", False):
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    env.update(token_env(args.token_file))
+    for key in ("MLX_RAY_CACHE", "HF_HOME"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def service(args) -> int:
+    from . import launchd, systemd, versions
+
+    if args.action == "uninstall":
+        args.address = args.address or "unused:1"
+    versions.parse_address(args.address)  # fail early on a bad (or missing) address
+    argv, env = service_argv(args), service_env(args)
+    if args.systemd:
+        name = args.service_label or systemd.DEFAULT_NAME
+        path = Path(args.path).expanduser() if args.path else systemd.default_path(name)
+        text = systemd.build(argv, env, f"mlx-ray Ray worker joining {args.address}")
+        if args.action == "print":
+            sys.stdout.write(text)
+            return 0
+        done = systemd.install(path, text, load=not args.no_load) if args.action == "install" else \
+            systemd.uninstall(path, load=not args.no_load)
+    else:
+        label = args.service_label or launchd.DEFAULT_LABEL
+        path = Path(args.path).expanduser() if args.path else launchd.default_path(label)
+        log_dir = Path(args.log_dir).expanduser() if args.log_dir else launchd.default_log_dir()
+        data = launchd.render(launchd.build(label, argv, env, log_dir))
+        if args.action == "print":
+            sys.stdout.write(data.decode())
+            return 0
+        done = launchd.install(path, data, label, load=not args.no_load) if args.action == "install" else \
+            launchd.uninstall(path, label, load=not args.no_load)
+    for line in done:
+        print(line)
+    return 0
+
+
+def main(args) -> int:
+    if args.worker_command == "start":
+        return start(args)
+    if args.worker_command == "launchd":
+        return service(args)
+    raise BadRequest(f"unknown worker command {args.worker_command!r}")
