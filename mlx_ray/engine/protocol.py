@@ -28,6 +28,7 @@ class EngineConfig(BaseModel):
     prefix_cache_bytes: Optional[int] = Field(None, ge=0, description="Bytes of KV kept for prefix reuse (LRU); 0 disables; default a share of the KV budget.")
     stream_interval_ms: float = Field(0.0, ge=0, description="Coalesce text deltas for this long before emitting (0: every token).")
     seed: Optional[int] = Field(None, description="Engine-wide default seed.")
+    health_timeout_s: float = Field(120.0, gt=0, description="check_health fails when the generation loop has made no progress for this long.")
 
 
 @dataclass

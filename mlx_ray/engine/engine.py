@@ -1,0 +1,218 @@
+"""MLXEngine: the async face of the generation loop (``scheduler.py``).
+
+It loads the model (``loader.py``), validates and admits requests on the
+caller's event loop (raising ``Overloaded`` / ``BadRequest`` /
+``ContextOverflow`` before the first event), and streams the loop's events
+back through an ``asyncio.Queue`` per request. All MLX work runs on the loop
+thread, never on the event loop.
+
+The tokenizer helpers (``encode``, ``encode_chat``) are here for the server;
+the loop itself only speaks token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
+from . import loader, sampling
+from .memory import PREFIX_SHARE, batch_kv_bound, default_kv_budget
+from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, LLMEngine
+from .scheduler import Scheduler, Seq
+from .textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class _Handle:
+    __slots__ = ("queue", "finished")
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+
+class MLXEngine(LLMEngine):
+    """One model on one device, serving many concurrent requests (continuous batching)."""
+
+    def __init__(self, model: str | Path, config: Optional[EngineConfig] = None):
+        self.config = config or EngineConfig()
+        self._model_arg = model
+        self._load_lock = threading.Lock()
+        self._model = None
+        self._tokenizer = None
+        self.info: Optional[loader.ModelInfo] = None
+        self._sched: Optional[Scheduler] = None
+        self._inflight: dict[str, _Handle] = {}
+        self._shutdown = False
+        self.kv_budget_bytes = 0
+        self.prefix_cache_bytes = 0
+
+    # -- loading ------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model and tokenizer (idempotent, blocking). ``start`` calls it off the event loop."""
+        with self._load_lock:
+            if self._model is not None:
+                return
+            model, tokenizer, info = loader.load(self._model_arg)
+            cfg = self.config
+            if cfg.max_model_len and cfg.max_model_len > info.max_model_len:
+                log.warning("max_model_len %d exceeds the model's %d; using the model's", cfg.max_model_len, info.max_model_len)
+            max_len = min(cfg.max_model_len or info.max_model_len, info.max_model_len)
+            info.max_model_len = max_len
+            self.kv_budget_bytes = cfg.kv_budget_bytes if cfg.kv_budget_bytes is not None else default_kv_budget(info.weights_bytes)
+            self.prefix_cache_bytes = (cfg.prefix_cache_bytes if cfg.prefix_cache_bytes is not None
+                                       else int(PREFIX_SHARE * self.kv_budget_bytes))
+            self._tokenizer, self.info = tokenizer, info
+            self._model = model
+
+    @property
+    def tokenizer(self):
+        """The mlx-lm TokenizerWrapper (HF tokenizer plus streaming detokenizer)."""
+        self.load()
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        self.load()
+        return self.info.max_model_len
+
+    @property
+    def model_id(self) -> str:
+        return str(self._model_arg)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def encode_chat(self, messages: list[dict], chat_template: Optional[str] = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        tok = self.tokenizer
+        if chat_template is None and not tok.has_chat_template:
+            raise BadRequest(f"model {self.model_id} has no chat template; pass one (chat_template) "
+                             "or send a plain completion prompt", param="chat_template")
+        kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, "tokenize": True}
+        if chat_template is not None:
+            kw["chat_template"] = chat_template
+        try:
+            ids = tok.apply_chat_template(messages, **kw)
+        except Exception as e:  # jinja errors, bad roles, bad content shapes
+            raise BadRequest(f"cannot apply the chat template: {e}", param="messages") from e
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._sched is not None:
+            return
+        await asyncio.to_thread(self.load)
+        if self._sched is not None:
+            return
+        self._sched = Scheduler(self._model, self.config, self.kv_budget_bytes, self.info.kv_bytes_per_token,
+                                self.prefix_cache_bytes)
+        self._sched.start()
+        log.info("engine started: %s (%s, %s), kv budget %.0f MiB, prefix cache %.0f MiB", self.model_id,
+                 self.info.dtype, self.info.device, self.kv_budget_bytes / 2**20, self.prefix_cache_bytes / 2**20)
+
+    async def shutdown(self) -> None:
+        self._shutdown = True
+        sched = self._sched
+        if sched is None or not sched.thread.is_alive():
+            return
+        sched.stop()
+        await asyncio.to_thread(sched.thread.join, 60)
+
+    def check_health(self) -> None:
+        sched = self._sched
+        if sched is None:
+            raise EngineFault("the engine is not started")
+        if self._shutdown:
+            raise EngineFault("the engine is shutting down")
+        if not sched.thread.is_alive():
+            cause = f" ({type(sched.error).__name__}: {sched.error})" if sched.error else ""
+            raise EngineFault(f"the generation loop is dead{cause}; restart the replica")
+        stalled = time.monotonic() - sched.heartbeat
+        if stalled > self.config.health_timeout_s:
+            raise EngineFault(f"the generation loop made no progress for {stalled:.0f} s (wedged); restart the replica")
+
+    def stats(self) -> dict:
+        sched = self._sched
+        out = dict(sched.published) if sched is not None else {}
+        out.setdefault("running", 0)
+        out.setdefault("waiting", 0)
+        out["inflight"] = len(self._inflight)
+        out["kv_budget_bytes"] = self.kv_budget_bytes
+        return out
+
+    # -- requests -----------------------------------------------------------------------
+    async def cancel(self, request_id: str) -> None:
+        if self._sched is not None and request_id in self._inflight:
+            self._sched.cancel(request_id)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        handle = self._admit(request)
+        try:
+            while True:
+                ev = await handle.queue.get()
+                yield ev
+                if isinstance(ev, FinishEvent):
+                    return
+        finally:
+            if not handle.finished:  # the consumer went away: free the row
+                self._sched.cancel(request.request_id)
+
+    def _admit(self, request: GenerationRequest) -> _Handle:
+        """Validate and submit, or raise before the first event."""
+        self.check_health()
+        cfg, info, s = self.config, self.info, request.sampling
+        rid = request.request_id
+        if rid in self._inflight:
+            raise BadRequest(f"request id {rid!r} is already running; use unique ids", param="request_id")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise BadRequest("the prompt is empty; send at least one token", param="prompt")
+        if any(not isinstance(t, int) or t < 0 or t >= info.vocab_size for t in prompt):
+            raise BadRequest(f"prompt token ids must be in [0, {info.vocab_size})", param="prompt")
+        sampling.validate(s, info.vocab_size)
+        need = len(prompt) + s.max_tokens
+        if need > info.max_model_len:
+            raise ContextOverflow(
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({s.max_tokens}) exceeds the context of "
+                f"{info.max_model_len} tokens; shorten the prompt or lower max_tokens", param="max_tokens")
+        if batch_kv_bound([need], info.kv_bytes_per_token) > self.kv_budget_bytes:
+            raise ContextOverflow(
+                f"prompt plus max_tokens ({need} tokens) needs more KV cache than the engine's budget of "
+                f"{self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise kv_budget_bytes", param="max_tokens")
+        if len(self._inflight) >= cfg.max_num_seqs + cfg.max_queue:
+            raise Overloaded(f"the engine is full ({cfg.max_num_seqs} running, {cfg.max_queue} waiting); retry later")
+
+        loop = asyncio.get_running_loop()
+        handle = _Handle()
+        tok = self._tokenizer
+        stops = [] if s.ignore_eos else sorted(tok.eos_token_ids)
+        stops += [t for t in s.stop_token_ids if t not in stops]
+        seq = Seq(
+            req=request,
+            sink=lambda ev: loop.call_soon_threadsafe(self._deliver, rid, handle, ev),
+            text=TextStream(tok.detokenizer, s.stop),
+            sampler=sampling.make_sampler(s, cfg.seed),
+            processors=sampling.make_logits_processors(s, len(prompt)),
+            stop_ids=stops,
+            reserve=need,
+        )
+        self._inflight[rid] = handle
+        self._sched.submit(seq)
+        return handle
+
+    def _deliver(self, rid: str, handle: _Handle, ev: Event) -> None:
+        """Runs on the consumer's event loop."""
+        if isinstance(ev, FinishEvent):
+            handle.finished = True
+            if self._inflight.get(rid) is handle:
+                del self._inflight[rid]
+        handle.queue.put_nowait(ev)

@@ -1,0 +1,137 @@
+"""Load a model for the engine: resolve the name, load with mlx-lm, describe it.
+
+The engine never parses weights itself: ``mlx_lm.load`` knows 100+
+architectures, the tokenizer and the streaming detokenizer. This module only
+resolves ``model`` (a cache name as ``mlx-ray models list`` shows it, or a
+path), guards against the transformers-5 RoPE config bug (FACTS.md), swaps in
+the CPU quantized-matmul kernel when one is available, and measures what the
+memory policy needs (weight bytes, KV bytes per token, context length).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import BadRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096  # when config.json names no context length
+
+
+@dataclass
+class ModelInfo:
+    model_id: str  # what the user asked for (cache name or path)
+    path: Path
+    weights_bytes: int
+    kv_bytes_per_token: int  # K and V over all layers, at the cache dtype
+    vocab_size: int  # rows of the output layer (may exceed the tokenizer's)
+    max_model_len: int
+    dtype: str
+    device: str
+    cpu_kernel: bool  # mlx_ray.kernels.qmm patched the model
+
+
+def resolve_path(model: str | Path) -> Path:
+    """A cache name or a path -> the model directory."""
+    try:  # the model cache (mlx_ray.conversion) knows names; fall back to paths
+        from mlx_ray.conversion.cache import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None and not Path(model).exists():
+        resolved = resolve_model(str(model))
+        return Path(getattr(resolved, "path", resolved))
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise NotFound(f"model {model!r} is neither a directory nor a cached model; run `mlx-ray models list`")
+    if not (path / "config.json").is_file():
+        raise NotFound(f"{path} has no config.json; convert it first with `mlx-ray convert`")
+    return path
+
+
+def _config_overrides(config: dict) -> dict:
+    """Config keys mlx-lm would otherwise misread (FACTS.md: RoPE theta silently defaults to 10000)."""
+    over: dict[str, Any] = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" not in config and "rope_theta" in rope:
+        over["rope_theta"] = rope["rope_theta"]
+        log.warning("config.json has rope_parameters but no top-level rope_theta; using %s", rope["rope_theta"])
+    return over
+
+
+def _context_length(config: dict) -> int:
+    text = config.get("text_config") or {}
+    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "n_ctx"):
+        for src in (config, text):
+            if isinstance(src.get(key), int) and src[key] > 0:
+                return int(src[key])
+    return DEFAULT_CONTEXT
+
+
+def probe(model: nn.Module) -> tuple[int, int]:
+    """(KV-cache bytes one token takes over all layers, vocabulary size), from a 1-token forward."""
+    cache = model.make_cache() if hasattr(model, "make_cache") else None
+    if cache is None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(model)
+    logits = model(mx.array([[0]]), cache=cache)
+    per_step = 0
+    for c in cache:
+        for a in c.state if isinstance(c.state, (list, tuple)) else [c.state]:
+            if isinstance(a, mx.array) and a.ndim >= 3:
+                # KV arrays are (batch, heads, steps, dim); the buffer may be over-allocated.
+                per_step += a.nbytes // max(1, a.shape[2])
+    return max(1, per_step), int(logits.shape[-1])
+
+
+def _patch_cpu_kernel(model: nn.Module) -> bool:
+    if mx.default_device() != mx.cpu and mx.metal.is_available():
+        return False
+    try:
+        from mlx_ray.kernels.qmm import patch_model
+    except ImportError:
+        return False
+    try:
+        patched = patch_model(model)
+        return patched is None or bool(patched)  # None: patched in place; else a count
+    except Exception as e:  # a kernel bug must not stop the model from loading
+        log.warning("CPU quantized-matmul kernel not applied: %s", e)
+        return False
+
+
+def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
+    """Resolve and load ``model``; returns (model, TokenizerWrapper, ModelInfo)."""
+    from mlx_lm import load as mlx_load
+
+    path = resolve_path(model)
+    config = json.loads((path / "config.json").read_text())
+    try:
+        mdl, tokenizer = mlx_load(str(path), model_config=_config_overrides(config))
+    except (ValueError, FileNotFoundError) as e:
+        raise BadRequest(f"cannot load {path} with mlx-lm: {e}") from e
+    cpu_kernel = _patch_cpu_kernel(mdl)
+    params = tree_flatten(mdl.parameters())
+    weights_bytes = sum(v.nbytes for _, v in params)
+    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in params if v.dtype in (mx.float32, mx.float16, mx.bfloat16)}
+    bpt, vocab = probe(mdl)
+    info = ModelInfo(
+        model_id=str(model),
+        path=path,
+        weights_bytes=weights_bytes,
+        kv_bytes_per_token=bpt,
+        vocab_size=vocab,
+        max_model_len=_context_length(config),
+        dtype=",".join(sorted(dtypes)) or "unknown",
+        device=str(mx.default_device()),
+        cpu_kernel=cpu_kernel,
+    )
+    return mdl, tokenizer, info

@@ -1,0 +1,324 @@
+"""The generation loop: one thread that owns the model and the running batch.
+
+Every iteration it takes commands (submit, cancel, stop), expires deadlines,
+admits waiting requests while the batch has a free row and the KV bound
+(``memory.batch_kv_bound``) stays inside the budget, and runs one step of
+mlx-lm's ``BatchGenerator``: one decode step for every running row plus one
+prefill chunk (``prefill_chunk`` tokens) for the prompts being processed, so a
+long prompt never stalls the others for more than a chunk. Requests join and
+leave the batch at any step.
+
+The loop is the only code that touches MLX state after loading; the async
+side (``engine.py``) talks to it through a command queue and per-request sinks.
+A failed step (e.g. an allocation failure) fails the requests of that batch and
+the loop continues with a fresh batch; a failure of one request's text
+handling fails that request only.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from ..errors import DeadlineExceeded, EngineFault, MlxRayError
+from .memory import batch_kv_bound
+from .prefix_cache import PrefixCache
+from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob
+from .sampling import top_logprobs
+from .textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+IDLE_TICK_S = 0.25  # the idle loop still beats this often (health)
+
+
+@dataclass
+class Seq:
+    """One request as the loop sees it."""
+
+    req: GenerationRequest
+    sink: Callable[[Event], None]  # thread-safe delivery to the request's consumer
+    text: TextStream
+    sampler: Callable
+    processors: list
+    stop_ids: list[int]
+    reserve: int  # tokens this row may grow to (prompt + max_tokens)
+    uid: Optional[int] = None
+    cached: int = 0
+    generated: int = 0
+    done: bool = False
+    buf_ids: list[int] = field(default_factory=list)
+    buf_text: str = ""
+    buf_lp: list[TokenLogprob] = field(default_factory=list)
+    last_emit: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, model, cfg: EngineConfig, kv_budget: int, kv_bytes_per_token: int, prefix_bytes: int):
+        self.model = model
+        self.cfg = cfg
+        self.kv_budget = kv_budget
+        self.bpt = kv_bytes_per_token
+        self.prefix = PrefixCache(prefix_bytes)
+        self.cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: deque[Seq] = deque()
+        self.active: dict[int, Seq] = {}
+        self.heartbeat = time.monotonic()
+        self.error: Optional[BaseException] = None
+        self.inject_fault: Optional[BaseException] = None  # test hook: raised inside the next step
+        self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps=0, requests_finished=0,
+                             requests_failed=0, batch_failures=0)
+        self.published: dict[str, Any] = {}
+        self._gen: Optional[BatchGenerator] = None
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
+
+    # -- called from other threads -------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, seq: Seq) -> None:
+        self.cmds.put(("submit", seq))
+
+    def cancel(self, request_id: str) -> None:
+        self.cmds.put(("cancel", request_id))
+
+    def stop(self) -> None:
+        self.cmds.put(("stop", None))
+
+    # -- the loop --------------------------------------------------------------------
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            completion_batch_size=self.cfg.max_num_seqs,
+            prefill_batch_size=min(8, self.cfg.max_num_seqs),
+            prefill_step_size=self.cfg.prefill_chunk,
+        )
+
+    def _run(self) -> None:
+        try:
+            self._gen = self._new_generator()
+            while self._drain(block=not self.active and not self.waiting):
+                self._expire(time.monotonic())
+                self._admit()
+                if self.active:
+                    self._step()
+                self.heartbeat = time.monotonic()
+                self._publish()
+            reason = EngineFault("the engine shut down; retry on another replica")
+        except BaseException as e:  # the loop itself broke: health must say so
+            log.exception("generation loop died")
+            self.error = e
+            reason = EngineFault(f"generation loop died ({type(e).__name__}: {e})")
+        for seq in list(self.active.values()) + list(self.waiting):
+            self._finish(seq, "error", reason)
+        self.active.clear()
+        self.waiting.clear()
+        if self._gen is not None:
+            self._gen.close()
+        self._publish()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply pending commands; False once asked to stop."""
+        try:
+            cmd = self.cmds.get(timeout=IDLE_TICK_S) if block else self.cmds.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, arg = cmd
+            if kind == "stop":
+                return False
+            if kind == "submit":
+                self.waiting.append(arg)
+            elif kind == "cancel":
+                self._cancel(arg)
+            try:
+                cmd = self.cmds.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _cancel(self, request_id: str) -> None:
+        for seq in self.waiting:
+            if seq.req.request_id == request_id:
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled")
+                return
+        for uid, seq in list(self.active.items()):
+            if seq.req.request_id == request_id:
+                self._remove([uid])
+                self._finish(seq, "cancelled")
+                return
+
+    def _expire(self, now: float) -> None:
+        late = [s for s in self.waiting if s.req.deadline is not None and s.req.deadline <= now]
+        for seq in late:
+            self.waiting.remove(seq)
+            self._finish(seq, "error", DeadlineExceeded("the request passed its deadline while waiting; retry with a longer timeout"))
+        late = [s for s in self.active.values() if s.req.deadline is not None and s.req.deadline <= now]
+        if late:
+            self._remove([s.uid for s in late])
+            for seq in late:
+                self._finish(seq, "error", DeadlineExceeded(
+                    f"the request passed its deadline after {seq.generated} tokens; retry with a longer timeout or fewer max_tokens"))
+
+    def _admit(self) -> None:
+        """FIFO admission while a row is free and the batch's KV bound fits the budget."""
+        while self.waiting and len(self.active) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            rows = [s.reserve for s in self.active.values()] + [seq.reserve]
+            if self.active and batch_kv_bound(rows, self.bpt) > self.kv_budget:
+                return
+            self.waiting.popleft()
+            try:
+                self._insert(seq)
+            except Exception as e:
+                log.exception("could not insert request %s", seq.req.request_id)
+                self._finish(seq, "error", EngineFault(f"could not start the request ({type(e).__name__}: {e})"))
+
+    def _insert(self, seq: Seq) -> None:
+        prompt = seq.req.prompt_token_ids
+        cache, n = self.prefix.fetch(prompt) if len(prompt) > 1 else (None, 0)
+        (uid,) = self._gen.insert(
+            [prompt[n:]],
+            max_tokens=[seq.req.sampling.max_tokens],
+            caches=[cache],
+            all_tokens=[list(prompt[:n])],
+            samplers=[seq.sampler],
+            logits_processors=[seq.processors],
+            stop_sequences=[StopSequences([[t] for t in seq.stop_ids])],
+        )
+        seq.uid, seq.cached = uid, n
+        self.active[uid] = seq
+        self.counters["prompt_tokens_total"] += len(prompt)
+
+    def _remove(self, uids: list[int], keep_cache: bool = False) -> None:
+        caches = self._gen.remove(uids, return_prompt_caches=keep_cache)
+        for cache, tokens in caches.values():
+            self.prefix.insert(tokens, cache)
+
+    def _step(self) -> None:
+        try:
+            if self.inject_fault is not None:
+                fault, self.inject_fault = self.inject_fault, None
+                raise fault
+            _, responses = self._gen.next()
+        except Exception as e:
+            self._fail_batch(e)
+            return
+        self.counters["steps"] += 1
+        self.counters["generation_tokens_total"] += len(responses)
+        # Logprobs of every request that asked, evaluated together.
+        lazy = {}
+        for r in responses:
+            seq = self.active.get(r.uid)
+            if seq is not None and seq.req.sampling.logprobs:
+                n = seq.req.sampling.top_logprobs
+                lazy[r.uid] = (r.logprobs[r.token], *(top_logprobs(r.logprobs, n) if n else ()))
+        if lazy:
+            mx.eval(list(lazy.values()))
+        stopped_here = []
+        now = time.monotonic()
+        for r in responses:
+            seq = self.active.get(r.uid)
+            if seq is None:
+                continue
+            try:
+                reason = self._on_token(seq, r, lazy.get(r.uid), now)
+            except Exception as e:  # this request's text handling broke: fail it alone
+                log.exception("request %s failed", seq.req.request_id)
+                if r.finish_reason is None:
+                    self._remove([r.uid])
+                self._finish(seq, "error", EngineFault(f"request failed while streaming ({type(e).__name__}: {e})"))
+                continue
+            if reason is None:
+                continue
+            if r.finish_reason is None:  # a stop string: the generator does not know yet
+                stopped_here.append(r.uid)
+            elif r.prompt_cache is not None:
+                self.prefix.insert(r.all_tokens, r.prompt_cache)
+            self._finish(seq, reason)
+        if stopped_here:
+            self._remove(stopped_here, keep_cache=self.prefix.enabled)
+
+    def _on_token(self, seq: Seq, r, lp, now: float) -> Optional[str]:
+        seq.generated += 1
+        if r.finish_reason == "stop":  # EOS or a stop token id: not part of the text
+            text, reason = seq.text.finish(), "stop"
+        else:
+            text = seq.text.add(r.token)
+            reason = "stop" if seq.text.stopped else None
+            if reason is None and r.finish_reason == "length":
+                text, reason = text + seq.text.finish(), "length"
+        seq.buf_ids.append(r.token)
+        seq.buf_text += text
+        if lp is not None:
+            top = list(zip(lp[1].tolist(), lp[2].tolist())) if len(lp) > 1 else []
+            seq.buf_lp.append(TokenLogprob(r.token, lp[0].item(), top))
+        if reason is None and (now - seq.last_emit) * 1000.0 >= self.cfg.stream_interval_ms:
+            self._flush(seq, now)
+        return reason
+
+    def _flush(self, seq: Seq, now: float) -> None:
+        if seq.buf_ids:
+            ev = TokenEvent(seq.buf_ids, seq.buf_text, seq.buf_lp if seq.req.sampling.logprobs else None)
+            seq.buf_ids, seq.buf_text, seq.buf_lp = [], "", []
+            seq.last_emit = now
+            self._deliver(seq, ev)
+
+    def _finish(self, seq: Seq, reason: str, error: Optional[MlxRayError] = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq.uid is not None:
+            self.active.pop(seq.uid, None)
+        if error is None:
+            self._flush(seq, time.monotonic())
+        self.counters["requests_finished"] += 1
+        self.counters["requests_failed"] += error is not None
+        self._deliver(seq, FinishEvent(reason, len(seq.req.prompt_token_ids), seq.generated, seq.cached, error))
+
+    def _deliver(self, seq: Seq, ev: Event) -> None:
+        try:
+            seq.sink(ev)
+        except Exception:  # the consumer's event loop is gone; nothing to tell
+            log.debug("dropped an event for %s", seq.req.request_id, exc_info=True)
+
+    def _fail_batch(self, e: Exception) -> None:
+        """A step failed (e.g. allocation failure): fail the running rows, start a fresh batch."""
+        log.error("generation step failed, dropping %d running requests: %s", len(self.active), e)
+        self.counters["batch_failures"] += 1
+        err = EngineFault(f"generation step failed ({type(e).__name__}: {e}); the batch was dropped, retry the request")
+        for seq in list(self.active.values()):
+            self._finish(seq, "error", err)
+        self.active.clear()
+        old, self._gen = self._gen, None
+        old.close()
+        del old
+        gc.collect()
+        mx.clear_cache()
+        self._gen = self._new_generator()
+
+    def _publish(self) -> None:
+        gen = self._gen
+        self.published = dict(
+            self.counters,
+            running=len(self.active),
+            waiting=len(self.waiting),
+            kv_bytes_used=gen.prompt_cache_nbytes if gen is not None else 0,
+            kv_budget_bytes=self.kv_budget,
+            prefix_hits=self.prefix.hits,
+            prefix_misses=self.prefix.misses,
+            prefix_hit_tokens=self.prefix.hit_tokens,
+            prefix_cache_bytes=self.prefix.nbytes,
+            prefix_cache_budget_bytes=self.prefix.max_bytes,
+            prefix_cache_entries=len(self.prefix),
+        )
