@@ -1,0 +1,203 @@
+"""`mlx-ray serve`: serve models through Ray Serve with an OpenAI-compatible API.
+
+Without --address it starts an embedded local Ray (declaring the placement
+resource on this node so the default placement works); with --address it
+deploys to an existing cluster (token auth through RAY_AUTH_TOKEN /
+RAY_AUTH_TOKEN_PATH, which Ray reads itself). It blocks until Ctrl-C / SIGTERM
+and then tears the application down. `--print-config` prints the RayService
+`serveConfigV2` block instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Optional
+
+from ..errors import BadRequest, EngineFault
+from .builder import APP_NAME, build_from_config, placement_problems, serve_config_v2
+from .config import ServeConfig, read_config_file
+
+READY_TIMEOUT_S = 600.0
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--model", action="append", default=[], metavar="M",
+                   help="model to serve (path, cache name or hub id); repeat for several")
+    p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="name clients use in `model` (one per --model, in order; default: the --model value)")
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON serve config (see mlx_ray.serve.config.ServeConfig)")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local Ray)")
+    p.add_argument("--api-key-file", metavar="F", help="require this bearer key (first line of F)")
+    p.add_argument("--max-model-len", type=int, help="context limit for every model")
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together per model")
+    p.add_argument("--max-queue", type=int, help="requests waiting for admission per model")
+    p.add_argument("--resource", help="custom Ray resource replicas need (default gpu_apple_mps; 'none' for none)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per model replica")
+    p.add_argument("--print-config", action="store_true", help="print the serveConfigV2 application block and exit")
+    p.add_argument("--json", action="store_true", help="with --print-config: JSON instead of YAML")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for the app to be healthy")
+
+
+def config_from_args(args) -> ServeConfig:
+    data = read_config_file(args.config) if args.config else {}
+    if args.model:
+        names = args.served_model_name
+        if names and len(names) != len(args.model):
+            raise BadRequest("--served-model-name: give one per --model")
+        base = (data.get("models") or [{}])[0]
+        base = {k: v for k, v in base.items() if k not in ("model", "name")}
+        data["models"] = [{**json.loads(json.dumps(base)), "model": m, **({"name": names[i]} if names else {})}
+                          for i, m in enumerate(args.model)]
+    elif not data.get("models"):
+        raise BadRequest("no model given: pass --model M (or --config FILE with models)")
+    for m in data["models"]:
+        eng = m.setdefault("engine", {})
+        for key in ("max_model_len", "max_num_seqs", "max_queue"):
+            if getattr(args, key) is not None:
+                eng[key] = getattr(args, key)
+        pl = m.setdefault("placement", {})
+        if args.resource is not None:
+            pl["resource"] = None if args.resource.lower() in ("none", "") else args.resource
+        if args.num_cpus is not None:
+            pl["num_cpus"] = args.num_cpus
+    for key in ("host", "port", "api_key_file"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    return ServeConfig.validate_dict(data, source=args.config or "arguments")
+
+
+def main(args) -> int:
+    cfg = config_from_args(args)
+    if args.print_config:
+        block = serve_config_v2(cfg)
+        if args.json:
+            print(json.dumps(block, indent=2))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(block, sort_keys=False), end="")
+        return 0
+    return run(cfg, address=args.address, ready_timeout=args.ready_timeout)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
+    import ray
+
+    if address:
+        # Token auth (Ray >= 2.52): Ray reads RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH itself.
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        return
+    resources = {m.placement.resource: max(1.0, m.placement.resource_amount)
+                 for m in cfg.models if m.placement.resource}
+    ray.init(address="local", include_dashboard=False, resources=resources, logging_level="WARNING",
+             log_to_driver=False)
+
+
+def deploy(cfg: ServeConfig, app_name: str = APP_NAME) -> str:
+    """Start Serve's proxy on cfg.host:cfg.port and deploy without waiting; returns the base URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    app = build_from_config(cfg)
+    try:
+        serve._run(app, name=app_name, route_prefix="/", _blocking=False)
+    except (AttributeError, TypeError):  # should a future Ray drop the private entry point
+        serve.run(app, name=app_name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}"
+
+
+def wait_ready(cfg: ServeConfig, url: str, app_name: str = APP_NAME, timeout: float = READY_TIMEOUT_S,
+               say=print) -> None:
+    """Wait until the app is RUNNING and /health answers 200; say why when it is stuck."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    told: set[str] = set()
+    while time.monotonic() - t0 < timeout:
+        app = serve.status().applications.get(app_name)
+        status = str(getattr(app, "status", "")) if app else ""
+        if "DEPLOY_FAILED" in status or "UNHEALTHY" in status:
+            raise EngineFault(f"deployment failed: {' '.join((app.message or status).split())[:500]}")
+        if "RUNNING" in status and _health_ok(url):
+            return
+        if time.monotonic() - t0 > 5:
+            for msg in placement_problems(cfg):
+                if msg not in told:
+                    told.add(msg)
+                    say(f"waiting: {msg}")
+        time.sleep(1.0)
+    raise EngineFault(f"the application was not healthy after {timeout:.0f}s; see `serve status` and the Ray logs")
+
+
+def _health_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def curl_example(cfg: ServeConfig, url: str) -> str:
+    auth = ' -H "Authorization: Bearer $API_KEY"' if cfg.api_key is not None else ""
+    body = json.dumps({"model": cfg.models[0].name, "messages": [{"role": "user", "content": "Say hello."}],
+                       "max_tokens": 32})
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = READY_TIMEOUT_S) -> int:
+    import ray
+    from ray import serve
+
+    if cfg.port == 0:
+        cfg.port = free_port(cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
+    stop = {"flag": False}
+
+    def _stop(*_):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    connect_ray(cfg, address)
+    try:
+        url = deploy(cfg)
+        say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        say(f"mlx-ray serve: deploying {', '.join(m.name for m in cfg.models)} (Ray {ray.__version__}) ...")
+        wait_ready(cfg, url, timeout=ready_timeout, say=say)
+        print(f"mlx-ray serve: ready at {url}/v1 (models: {', '.join(m.name for m in cfg.models)})", flush=True)
+        print(f"try:\n  {curl_example(cfg, url)}", flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        while not stop["flag"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("mlx-ray serve: shutting down", file=sys.stderr, flush=True)
+        try:
+            if address:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main as _main
+
+    sys.exit(_main(["serve", *sys.argv[1:]]))

@@ -1,0 +1,235 @@
+"""One validated config for serving: models, engine limits, placement, API key, CORS.
+
+Loadable from YAML/JSON (``ServeConfig.load``), from a Ray Serve ``args`` dict
+(``ServeConfig.from_args``; the short form ``{"model_id": ..., "max_model_len": ...}``
+is accepted too) or from env vars (``MODEL_ID``, ``MAX_MODEL_LEN``, ... as the
+cluster's RayService already sets them). A bad config raises ``BadRequest``
+naming the field, before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from ..engine.protocol import EngineConfig
+from ..errors import BadRequest
+
+DEFAULT_RESOURCE = "gpu_apple_mps"
+DEFAULT_ENGINE = "mlx_ray.engine.engine:MLXEngine"
+
+
+class PlacementConfig(BaseModel):
+    """Where the model's replicas run (Ray actor options of its deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resource: Optional[str] = Field(DEFAULT_RESOURCE, description="Custom Ray resource a node must offer (the Mac worker joins with gpu_apple_mps: 1); null: none.")
+    resource_amount: float = Field(1.0, gt=0, description="How much of `resource` one replica takes.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per replica (0 on Apple Silicon: Metal is not a Ray GPU).")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling_config is set).")
+    autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, ...).")
+    max_queued_requests: int = Field(4, description="Requests Serve holds for this model beyond its admission limit before answering 429; -1: unlimited.")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queued(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 (no limit) or a positive integer")
+        return v
+
+    def ray_actor_options(self) -> dict:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        if self.resource:
+            opts["resources"] = {self.resource: self.resource_amount}
+        return opts
+
+
+class ModelConfig(BaseModel):
+    """One served model: one Serve deployment behind the shared ingress."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(..., min_length=1, description="Model to load: a local MLX/HF directory, a cache name or a hub id.")
+    name: Optional[str] = Field(None, description="Name clients put in `model`; default: `model` as given.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine limits (batch size, queue, context, KV budget).")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    engine_class: str = Field(DEFAULT_ENGINE, description="`module:Class` of the LLMEngine implementation (tests swap it).")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "ModelConfig":
+        if not self.name:
+            self.name = self.model
+        return self
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """What one replica accepts at once: exactly the engine's admission limit."""
+        return self.engine.max_num_seqs + self.engine.max_queue
+
+    @property
+    def deployment_name(self) -> str:
+        """A Serve deployment name derived from the served name (Serve forbids some characters)."""
+        return "LLMServer:" + re.sub(r"[^A-Za-z0-9_.\-]+", "_", self.name)[-80:]
+
+    def deployment_options(self, runtime_env: Optional[dict] = None) -> dict:
+        opts: dict[str, Any] = {
+            "name": self.deployment_name,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.placement.max_queued_requests,
+            "ray_actor_options": self.placement.ray_actor_options(),
+            "health_check_period_s": 5,
+            "health_check_timeout_s": 30,
+        }
+        if runtime_env:
+            opts["ray_actor_options"]["runtime_env"] = runtime_env
+        if self.placement.autoscaling_config:
+            opts["autoscaling_config"] = self.placement.autoscaling_config
+        else:
+            opts["num_replicas"] = self.placement.num_replicas
+        return opts
+
+
+class ServeConfig(BaseModel):
+    """Everything `mlx-ray serve` and `mlx_ray.serve:app` need."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(..., min_length=1, description="Models served behind one OpenAI ingress (routed on `model`).")
+    host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of Serve's proxy (0: pick a free one).")
+    api_key: Optional[SecretStr] = Field(None, description="Bearer key required on every endpoint but /health.")
+    api_key_file: Optional[Path] = Field(None, description="File holding the API key (first line).")
+    cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: CORS off.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request, queueing included; past it: 408.")
+    stream_batching_interval_ms: float = Field(10.0, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
+    ingress_max_ongoing_requests: int = Field(1024, ge=1, description="Concurrent HTTP requests one ingress replica handles.")
+    ingress_num_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"served model names must be unique, repeated: {sorted(dup)}")
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.expanduser().read_text().strip().splitlines()[0].strip()
+            except (OSError, IndexError) as e:
+                raise ValueError(f"api_key_file {self.api_key_file}: cannot read a key ({e.__class__.__name__})")
+            if not key:
+                raise ValueError(f"api_key_file {self.api_key_file} is empty")
+            if self.api_key is not None and self.api_key.get_secret_value() != key:
+                raise ValueError("api_key and api_key_file disagree; set only one")
+            self.api_key = SecretStr(key)
+        return self
+
+    # -- loading --------------------------------------------------------------
+
+    @classmethod
+    def validate_dict(cls, data: dict, source: str = "config") -> "ServeConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise BadRequest(f"{source}: {_first_error(e)}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ServeConfig":
+        return cls.validate_dict(read_config_file(path), source=str(path))
+
+    @classmethod
+    def from_args(cls, args: Optional[dict] = None, env: Optional[dict] = None) -> "ServeConfig":
+        """From a Serve `args` dict (full or short form), falling back to env vars."""
+        args = dict(args or {})
+        if "config_file" in args:
+            base = read_config_file(args.pop("config_file"))
+            base.update(args)
+            args = base
+        if "models" not in args:
+            short = _short_form(args, os.environ if env is None else env)
+            if short is None:
+                raise BadRequest("config: models: no model given; pass args.models, args.model_id or env MODEL_ID")
+            args = short
+        return cls.validate_dict(args, source="args")
+
+    def to_args(self) -> dict:
+        """A JSON-able dict that `from_args` turns back into this config (secrets included)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data.pop("api_key_file", None)
+        if self.api_key is not None:
+            data["api_key"] = self.api_key.get_secret_value()
+        return data
+
+    def model(self, name: str) -> Optional[ModelConfig]:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise BadRequest(f"config file {p}: {e.strerror or e}") from None
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml / json syntax errors
+        raise BadRequest(f"config file {p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"config file {p}: expected a mapping at the top level")
+    return data
+
+
+# short form / env vars -> full form. Keys: arg name, env var, where it goes.
+_ENGINE_KEYS = {"max_model_len": "MAX_MODEL_LEN", "max_num_seqs": "MAX_NUM_SEQS", "max_queue": "MAX_QUEUE",
+                "prefill_chunk": "PREFILL_CHUNK", "kv_budget_bytes": "KV_BUDGET_BYTES",
+                "prefix_cache_bytes": "PREFIX_CACHE_BYTES"}
+_PLACEMENT_KEYS = {"resource": "MLX_RAY_RESOURCE", "num_cpus": "NUM_CPUS", "num_gpus": "NUM_GPUS",
+                   "num_replicas": "NUM_REPLICAS"}
+_TOP_KEYS = {"api_key": "API_KEY", "api_key_file": "API_KEY_FILE", "request_timeout_s": "REQUEST_TIMEOUT_S"}
+
+
+def _short_form(args: dict, env) -> Optional[dict]:
+    model = args.pop("model_id", None) or args.pop("model", None) or env.get("MODEL_ID")
+    if not model:
+        return None
+    m: dict[str, Any] = {"model": model, "engine": {}, "placement": {}}
+    name = args.pop("served_model_name", None) or env.get("SERVED_MODEL_NAME")
+    if name:
+        m["name"] = name
+    for key, var in _ENGINE_KEYS.items():
+        val = args.pop(key, None) if key in args else env.get(var)
+        if val is not None:
+            m["engine"][key] = val
+    for key, var in _PLACEMENT_KEYS.items():
+        val = args.pop(key, None) if key in args else env.get(var)
+        if val is not None:
+            m["placement"][key] = val
+    top = {k: args.pop(k) for k in list(args) if k in ServeConfig.model_fields}
+    for key, var in _TOP_KEYS.items():
+        if key not in top and env.get(var):
+            top[key] = env[var]
+    if args:
+        raise BadRequest(f"args: unknown field(s) {sorted(args)}")
+    return {"models": [m], **top}
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
+    msg = err.get("msg", "invalid")
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{loc}: {msg}{more}"

@@ -1,0 +1,437 @@
+"""The OpenAI-compatible HTTP ingress: the only module that knows HTTP and OpenAI shapes.
+
+``OpenAIIngress`` holds one handle per served model (Serve ``DeploymentHandle``s,
+or anything with the same ``.options(stream=True).generate.remote(...)`` shape)
+and routes on the request's ``model``. Errors of the taxonomy map to statuses in
+exactly one table (``STATUS``) and to OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import uuid
+from typing import Any, AsyncIterator, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from ..engine.protocol import FinishEvent, TokenEvent
+from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, MlxRayError, NotFound,
+                      Overloaded)
+from . import openai_protocol as oai
+from .config import ServeConfig
+
+log = logging.getLogger("mlx_ray.serve")
+
+# The one table: error class -> (HTTP status, OpenAI error type). First match along the MRO wins.
+STATUS: dict[type, tuple[int, str]] = {
+    ContextOverflow: (400, "invalid_request_error"),
+    BadRequest: (400, "invalid_request_error"),
+    NotFound: (404, "not_found_error"),
+    Overloaded: (429, "rate_limit_error"),
+    DeadlineExceeded: (408, "timeout_error"),
+    EngineFault: (500, "server_error"),
+    MlxRayError: (500, "server_error"),
+}
+HEALTH_TIMEOUT_S = 10.0
+
+# route path -> (method name on OpenAIIngress, HTTP methods)
+ROUTES = {
+    "/v1/chat/completions": ("chat_completions", ["POST"]),
+    "/v1/completions": ("completions", ["POST"]),
+    "/v1/models": ("list_models", ["GET"]),
+    "/health": ("health", ["GET"]),
+}
+OPEN_PATHS = {"/health"}
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    err = as_taxonomy(e)
+    status, type_ = next(v for cls, v in STATUS.items() if isinstance(err, cls))
+    code = err.code or (err.kind if isinstance(err, ContextOverflow) else None)
+    headers = {}
+    if isinstance(err, Overloaded):
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return JSONResponse(oai.error_body(str(err), type_, err.param, code), status_code=status, headers=headers)
+
+
+def as_taxonomy(e: BaseException) -> MlxRayError:
+    """Unwrap Ray's wrappers and translate Serve's own errors into the taxonomy."""
+    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
+    if isinstance(cause, BaseException):
+        e = cause
+    if isinstance(e, MlxRayError):
+        return e
+    if isinstance(e, ValidationError):
+        return _validation_error(e)
+    name = e.__class__.__name__
+    if name == "BackPressureError":  # Serve's queue for the model is full
+        return Overloaded("the model's queue is full; retry later", retry_after=1.0)
+    if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
+        return EngineFault("the model's replica died; Serve is restarting it, retry shortly")
+    log.error("unexpected error in the ingress: %r", e)
+    return EngineFault(f"internal error: {name}: {e}")
+
+
+def _validation_error(e: ValidationError) -> BadRequest:
+    err = e.errors()[0]
+    inner = (err.get("ctx") or {}).get("error")
+    if isinstance(inner, ValueError) and inner.args and isinstance(inner.args[0], BadRequest):
+        return inner.args[0]
+    loc = [str(x) for x in err.get("loc", ())]
+    param = loc[0] if loc else None
+    where = ".".join(loc)
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        return BadRequest(f"missing required parameter '{where}'", param=param)
+    return BadRequest(f"invalid parameter '{where}': {msg}", param=param)
+
+
+class OpenAIIngress:
+    """FastAPI routes over one handle per model. Plain class: `serve.ingress` is applied by the builder."""
+
+    def __init__(self, servers: dict[str, Any], config: dict):
+        self.cfg = ServeConfig.from_args(config)
+        self.servers = servers
+
+    # -- routes ------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            req = oai.ChatCompletionRequest.model_validate(await _json(request))
+            prompts = [{"messages": req.plain_messages(), "chat_template": req.chat_template}]
+            return await self._run(req, prompts, req.to_sampling(), _ChatFormat(req))
+        except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
+            return error_response(e)
+
+    async def completions(self, request: Request) -> Response:
+        try:
+            req = oai.CompletionRequest.model_validate(await _json(request))
+            return await self._run(req, req.prompts(), req.to_sampling(), _CompletionFormat(req))
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+
+    async def list_models(self) -> Response:
+        cards = [oai.ModelCard(id=m.name, root=m.model, max_model_len=m.engine.max_model_len) for m in self.cfg.models]
+        return JSONResponse(oai.ModelList(data=cards).model_dump())
+
+    async def health(self) -> Response:
+        async def one(name, handle):
+            try:
+                return name, await asyncio.wait_for(_await(handle.health.remote()), HEALTH_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - unreachable replica == unhealthy
+                return name, {"ok": False, "error": f"{e.__class__.__name__}: {e}"[:300]}
+
+        results = dict(await asyncio.gather(*(one(n, h) for n, h in self.servers.items())))
+        bad = {n: r["error"] for n, r in results.items() if not r["ok"]}
+        if bad:
+            msg = "; ".join(f"{n}: {err}" for n, err in bad.items())
+            return JSONResponse(oai.error_body(f"unhealthy: {msg}", "server_error", None, "unhealthy"),
+                                status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok", "models": {n: "ok" for n in results}})
+
+    # -- the shared request path ---------------------------------------------------
+
+    async def _run(self, req, prompts: list[dict], sampling, fmt: "_Format") -> Response:
+        handle = self.servers.get(req.model)
+        if handle is None:
+            raise NotFound(f"model '{req.model}' is not served here; GET /v1/models lists the served models",
+                           param="model")
+        timeout = min(req.timeout or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
+        rid = uuid.uuid4().hex
+        stream = handle.options(stream=True).generate.remote(prompts, sampling, req.n, timeout, rid)
+        batches = _Batches(stream)
+        try:
+            first = await batches.next()
+        except BaseException:
+            batches.cancel()
+            raise
+        early = _first_error(first)
+        if early is not None:
+            batches.cancel()
+            raise early
+        if not req.stream:
+            try:
+                async for batch in batches.rest(first):
+                    fmt.add(batch)
+            finally:
+                batches.cancel()
+            if fmt.error is not None:
+                raise fmt.error
+            return JSONResponse(fmt.final())
+        return StreamingResponse(self._sse(batches, first, fmt, req.include_usage()), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, batches: "_Batches", first, fmt: "_Format", include_usage: bool) -> AsyncIterator[str]:
+        try:
+            async for batch in batches.rest(first):
+                for chunk in fmt.chunks(batch):
+                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                if fmt.error is not None:
+                    body = error_response(fmt.error).body.decode()
+                    yield f"data: {body}\n\n"
+                    break
+            else:
+                if include_usage:
+                    yield f"data: {json.dumps(fmt.usage_chunk(), separators=(',', ':'))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            batches.cancel()  # no-op once finished; on client disconnect it stops the engine
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}", param=None) from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+async def _await(x):
+    return await x
+
+
+def _first_error(batch) -> Optional[MlxRayError]:
+    for _, ev, _ in batch:
+        if isinstance(ev, FinishEvent) and ev.error is not None:
+            return ev.error
+    return None
+
+
+class _Batches:
+    """Iterate a streamed Serve response; cancel it (and thus the engine requests) when abandoned."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.it = stream.__aiter__()
+        self.done = False
+
+    async def next(self):
+        try:
+            return await self.it.__anext__()
+        except StopAsyncIteration:
+            self.done = True
+            return []
+
+    async def rest(self, first):
+        yield first
+        while not self.done:
+            batch = await self.next()
+            if batch:
+                yield batch
+        self.done = True
+
+    def cancel(self):
+        if not self.done:
+            self.done = True
+            cancel = getattr(self.stream, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+
+# ---- OpenAI formatting of engine events ----------------------------------------------
+
+
+class _Format:
+    """Accumulates events of one request; renders non-streamed bodies and stream chunks."""
+
+    object_prefix = "cmpl"
+
+    def __init__(self, req):
+        self.req = req
+        self.id = oai.new_id(self.object_prefix)
+        self.n = req.n
+        self.text: dict[int, str] = {}
+        self.logprobs: dict[int, list] = {}
+        self.finish: dict[int, FinishEvent] = {}
+        self.error: Optional[MlxRayError] = None
+        self.started: set[int] = set()
+
+    def add(self, batch) -> dict[int, tuple[str, list, Optional[FinishEvent]]]:
+        """Record a batch; return per choice index its (text, logprob entries, finish event)."""
+        per: dict[int, tuple[str, list, Optional[FinishEvent]]] = {}
+        for idx, ev, texts in batch:
+            text, lps, fin = per.get(idx, ("", [], None))
+            if isinstance(ev, TokenEvent):
+                text += ev.text
+                self.text[idx] = self.text.get(idx, "") + ev.text
+                if ev.logprobs:
+                    entries = self._lp_entries(idx, ev, texts)
+                    lps = lps + entries
+                    self.logprobs.setdefault(idx, []).extend(entries)
+            else:
+                fin = ev
+                self.finish[idx] = ev
+                if ev.error is not None and self.error is None:
+                    self.error = ev.error
+            per[idx] = (text, lps, fin)
+        return per
+
+    def usage(self) -> oai.Usage:
+        prompt = {}
+        cached = 0
+        for idx, f in self.finish.items():
+            p = idx // self.n
+            if p not in prompt:
+                prompt[p] = f.prompt_tokens
+                cached += f.cached_tokens
+        pt = sum(prompt.values())
+        ct = sum(f.completion_tokens for f in self.finish.values())
+        return oai.Usage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct,
+                         prompt_tokens_details={"cached_tokens": cached})
+
+    def usage_chunk(self) -> dict:
+        return self._chunk_obj([], usage=self.usage())
+
+    @staticmethod
+    def reason(f: Optional[FinishEvent]) -> Optional[str]:
+        if f is None:
+            return None
+        return f.finish_reason if f.finish_reason in ("stop", "length") else "stop"
+
+    def chunks(self, batch) -> list[dict]:
+        """One chunk per choice touched by the batch (its tokens coalesced), in index order."""
+        out = []
+        for idx, (text, lps, fin) in sorted(self.add(batch).items()):
+            if fin is not None and fin.error is not None:
+                continue
+            out.append(self._chunk_obj([self._choice_chunk(idx, text, lps, self.reason(fin))]))
+        return out
+
+    def _lp_entries(self, idx, ev, texts) -> list:
+        raise NotImplementedError
+
+    def _choice_chunk(self, idx, text, lps, reason) -> dict:
+        raise NotImplementedError
+
+    def _chunk_obj(self, choices, usage=None) -> dict:
+        raise NotImplementedError
+
+    def final(self) -> dict:
+        raise NotImplementedError
+
+
+class _ChatFormat(_Format):
+    object_prefix = "chatcmpl"
+
+    def _lp_entries(self, idx, ev, texts):
+        texts = texts or {}
+        out = []
+        for lp in ev.logprobs:
+            tok = texts.get(lp.token_id, "")
+            out.append({"token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
+                        "top_logprobs": [{"token": texts.get(t, ""), "logprob": v, "bytes": list(texts.get(t, "").encode())}
+                                         for t, v in lp.top[: self.req.top_logprobs or 0]]})
+        return out
+
+    def _choice_chunk(self, idx, text, lps, reason):
+        delta = {"content": text}
+        if idx not in self.started:
+            self.started.add(idx)
+            delta["role"] = "assistant"
+        return {"index": idx, "delta": delta, "finish_reason": reason,
+                "logprobs": {"content": lps} if self.req.logprobs else None}
+
+    def _chunk_obj(self, choices, usage=None):
+        return oai.ChatCompletionChunk(id=self.id, model=self.req.model, choices=choices,
+                                       usage=usage).model_dump(exclude_none=False)
+
+    def final(self):
+        choices = [oai.ChatChoice(index=i, message=oai.ChoiceMessage(content=self.text.get(i, "")),
+                                  finish_reason=self.reason(self.finish.get(i)),
+                                  logprobs={"content": self.logprobs.get(i, [])} if self.req.logprobs else None)
+                   for i in range(self.n)]
+        return oai.ChatCompletion(id=self.id, model=self.req.model, choices=choices, usage=self.usage()).model_dump()
+
+
+class _CompletionFormat(_Format):
+    def __init__(self, req):
+        super().__init__(req)
+        self.n_choices = len(req.prompts()) * req.n
+        self.offset: dict[int, int] = {}
+
+    def _lp_entries(self, idx, ev, texts):
+        texts = texts or {}
+        out = []
+        for lp in ev.logprobs:
+            tok = texts.get(lp.token_id, "")
+            off = self.offset.get(idx, 0)
+            self.offset[idx] = off + len(tok)
+            out.append((tok, lp.logprob, {texts.get(t, ""): v for t, v in lp.top[: self.req.logprobs or 0]}, off))
+        return out
+
+    @staticmethod
+    def _lp_obj(entries) -> dict:
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
+
+    def _choice_chunk(self, idx, text, lps, reason):
+        return {"index": idx, "text": text, "finish_reason": reason,
+                "logprobs": self._lp_obj(lps) if self.req.logprobs is not None else None}
+
+    def _chunk_obj(self, choices, usage=None):
+        return oai.Completion(id=self.id, model=self.req.model, choices=choices, usage=usage).model_dump()
+
+    def final(self):
+        choices = [oai.CompletionChoice(index=i, text=self.text.get(i, ""), finish_reason=self.reason(self.finish.get(i)),
+                                        logprobs=self._lp_obj(self.logprobs.get(i, [])) if self.req.logprobs is not None else None)
+                   for i in range(self.n_choices)]
+        return oai.Completion(id=self.id, model=self.req.model, choices=choices, usage=self.usage()).model_dump()
+
+
+# ---- the FastAPI app ----------------------------------------------------------------------
+
+
+class _APIKeyMiddleware:
+    """Pure ASGI (streaming-safe): require `Authorization: Bearer <key>` on all but OPEN_PATHS."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/") not in OPEN_PATHS:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                resp = JSONResponse(oai.error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                                   "invalid_request_error", None, "invalid_api_key"),
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _base_app(cfg: ServeConfig) -> FastAPI:
+    app = FastAPI(title="mlx-ray", description="OpenAI-compatible API served by mlx-ray on Ray Serve")
+    if cfg.api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, key=cfg.api_key.get_secret_value())
+    if cfg.cors_allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_allow_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
+    return app
+
+
+def add_routes(app: FastAPI, target: Any, getter: Callable[[Any, str], Callable] = getattr) -> FastAPI:
+    for path, (name, methods) in ROUTES.items():
+        app.add_api_route(path, getter(target, name), methods=methods)
+    return app
+
+
+def create_app(ingress: OpenAIIngress) -> FastAPI:
+    """A FastAPI app over an ingress instance (no Serve: unit tests, embedding)."""
+    return add_routes(_base_app(ingress.cfg), ingress)
+
+
+def fastapi_app_for_class(cfg: ServeConfig, cls: type = OpenAIIngress) -> FastAPI:
+    """The app `serve.ingress` wraps: routes are the class's methods (Serve binds `self`)."""
+    return add_routes(_base_app(cfg), cls)

@@ -1,0 +1,243 @@
+"""LLMServer: the shim between one engine and the ingress (a plain class, no Serve).
+
+It turns prompt specs into token ids, fans ``n`` choices out as engine requests,
+merges their event streams and coalesces them into batches (one batch per
+``stream_batching_interval_ms``, the first one at once), as Ray Serve LLM does,
+so the proxy carries few large messages instead of one per token. It knows
+nothing of HTTP: errors travel as ``FinishEvent(error=...)`` and the ingress
+maps them. ``check_health`` is what Serve calls; it calls the engine's, so a
+dead generation loop makes Serve replace the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from ..engine.protocol import FinishEvent, GenerationRequest, LLMEngine, SamplingParams, TokenEvent
+from ..errors import BadRequest, ContextOverflow, EngineFault, MlxRayError
+from .config import ModelConfig
+from .metrics import ServerMetrics
+
+log = logging.getLogger("mlx_ray.serve")
+
+# One streamed item: (choice index, event, {token_id: text} for logprobs or None)
+Item = tuple[int, Any, Optional[dict]]
+
+
+def load_engine_class(path: str) -> type:
+    module, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise BadRequest(f"engine_class {path!r} cannot be imported: {e}", param="engine_class") from None
+
+
+def build_engine(cfg: ModelConfig) -> LLMEngine:
+    cls = load_engine_class(cfg.engine_class)
+    if hasattr(cls, "from_config"):
+        return cls.from_config(cfg.model, cfg.engine)
+    return cls(cfg.model, cfg.engine)
+
+
+class LLMServer:
+    """Owns one engine. Built by Serve from a ModelConfig dict, or directly in tests."""
+
+    def __init__(self, model_config: dict | ModelConfig, stream_batching_interval_ms: float = 10.0,
+                 engine: Optional[LLMEngine] = None):
+        self.cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
+        self.engine = engine if engine is not None else build_engine(self.cfg)
+        self.interval = stream_batching_interval_ms / 1000.0
+        self.metrics = ServerMetrics(self.cfg.name)
+        self._started = False
+        self._start_lock: Optional[asyncio.Lock] = None
+        self._gauge_task: Optional[asyncio.Task] = None
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._started:
+                await self.engine.start()
+                self._started = True
+                self._gauge_task = asyncio.get_running_loop().create_task(self._update_gauges())
+
+    async def _update_gauges(self) -> None:
+        while True:
+            try:
+                self.metrics.observe_stats(self.engine.stats())
+            except Exception:  # stats are best effort; health is checked elsewhere
+                log.debug("engine.stats() failed", exc_info=True)
+            await asyncio.sleep(2.0)
+
+    # -- what Serve and the ingress call ---------------------------------------
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: raises when the engine's loop is dead."""
+        await self.start()
+        self.engine.check_health()
+
+    async def health(self) -> dict:
+        """For the ingress's GET /health: {"ok": bool, "error": str|None, "stats": {...}}."""
+        try:
+            await self.check_health()
+        except Exception as e:
+            return {"ok": False, "error": str(e) or e.__class__.__name__}
+        return {"ok": True, "error": None, "stats": self.engine.stats()}
+
+    async def info(self) -> dict:
+        await self.start()
+        return {"name": self.cfg.name, "model": self.cfg.model,
+                "max_model_len": getattr(self.engine, "max_model_len", None)}
+
+    async def stats(self) -> dict:
+        await self.start()
+        return self.engine.stats()
+
+    async def generate(self, prompts: list[dict], sampling: SamplingParams, n: int = 1,
+                       timeout_s: Optional[float] = None, request_id: Optional[str] = None
+                       ) -> AsyncIterator[list[Item]]:
+        """Stream batches of (index, event, token_texts) for len(prompts) * n choices.
+
+        Choice ``p * n + i`` is prompt ``p``'s i-th sample (seed + i when seeded).
+        An error before any token is one batch of FinishEvents carrying it.
+        """
+        t0 = time.monotonic()
+        rid = request_id or uuid.uuid4().hex
+        deadline = t0 + timeout_s if timeout_s else None
+        try:
+            await self.start()
+            reqs = self._requests(rid, prompts, sampling, n, deadline)
+        except MlxRayError as e:
+            self.metrics.request_done(e.kind)
+            yield [(i, FinishEvent("error", 0, 0, error=e), None) for i in range(len(prompts) * n)]
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.get_running_loop().create_task(self._pump(i, r, queue)) for i, r in enumerate(reqs)]
+        pending = set(range(len(reqs)))
+        first_token_at: dict[int, float] = {}
+        last_token_at: dict[int, float] = {}
+        status = "ok"
+        try:
+            last_yield = 0.0
+            while pending:
+                wait = last_yield + self.interval - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                now = time.monotonic()
+                out = []
+                for idx, ev in batch:
+                    if isinstance(ev, TokenEvent):
+                        if idx not in first_token_at:
+                            first_token_at[idx] = now
+                            self.metrics.ttft.observe(now - t0)
+                        elif ev.token_ids:
+                            self.metrics.itl.observe((now - last_token_at[idx]) / len(ev.token_ids))
+                        last_token_at[idx] = now
+                        out.append((idx, ev, self._token_texts(ev)))
+                    else:
+                        pending.discard(idx)
+                        self.metrics.finished(ev)
+                        if ev.error is not None:
+                            status = ev.error.kind
+                        out.append((idx, ev, None))
+                yield out
+                last_yield = time.monotonic()
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            for idx in pending:
+                try:
+                    await self.engine.cancel(reqs[idx].request_id)
+                except Exception:
+                    log.debug("cancel of %s failed", reqs[idx].request_id, exc_info=True)
+            self.metrics.request_done(status)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _requests(self, rid: str, prompts: list[dict], sampling: SamplingParams, n: int,
+                  deadline: Optional[float]) -> list[GenerationRequest]:
+        max_len = getattr(self.engine, "max_model_len", None)
+        reqs = []
+        for p, spec in enumerate(prompts):
+            ids = self._tokenize(spec)
+            if not ids:
+                raise BadRequest("the prompt is empty after tokenization", param="prompt")
+            sp = sampling
+            if sp.max_tokens <= 0:  # "as many as fit", OpenAI's chat default
+                if max_len is None:
+                    sp = dataclasses.replace(sp, max_tokens=256)
+                elif len(ids) >= max_len:
+                    raise ContextOverflow(
+                        f"the prompt has {len(ids)} tokens but the context is {max_len}; shorten the prompt",
+                        param="messages" if "messages" in spec else "prompt")
+                else:
+                    sp = dataclasses.replace(sp, max_tokens=max_len - len(ids))
+            for i in range(n):
+                s = sp if sp.seed is None or i == 0 else dataclasses.replace(sp, seed=sp.seed + i)
+                reqs.append(GenerationRequest(f"{rid}-{p}-{i}", list(ids), dataclasses.replace(s), deadline))
+        return reqs
+
+    def _tokenize(self, spec: dict) -> list[int]:
+        if "token_ids" in spec:
+            return list(spec["token_ids"])
+        if "messages" in spec:
+            return self.engine.encode_chat(spec["messages"], chat_template=spec.get("chat_template") or self.cfg.chat_template)
+        return self.engine.encode(spec["text"])
+
+    async def _pump(self, idx: int, req: GenerationRequest, queue: asyncio.Queue) -> None:
+        """Forward one engine stream into the shared queue; always ends with a FinishEvent."""
+        try:
+            async for ev in self.engine.generate(req):
+                queue.put_nowait((idx, ev))
+                if isinstance(ev, FinishEvent):
+                    return
+            queue.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0,
+                                               error=EngineFault("the engine ended a stream without finishing it"))))
+        except asyncio.CancelledError:
+            raise
+        except MlxRayError as e:
+            queue.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0, error=e)))
+        except Exception as e:  # an engine bug: surface it as a fault, never hang the request
+            log.exception("engine stream failed")
+            queue.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0,
+                                               error=EngineFault(f"engine failed: {e.__class__.__name__}: {e}"))))
+
+    def _token_texts(self, ev: TokenEvent) -> Optional[dict]:
+        if not ev.logprobs:
+            return None
+        ids = {lp.token_id for lp in ev.logprobs}
+        for lp in ev.logprobs:
+            ids.update(t for t, _ in lp.top)
+        return {i: self._decode_one(i) for i in ids}
+
+    def _decode_one(self, token_id: int) -> str:
+        dec = getattr(self.engine, "decode", None)
+        if dec is not None:
+            return dec([token_id])
+        tok = getattr(self.engine, "tokenizer", None)
+        return tok.decode([token_id]) if tok is not None else str(token_id)
+
+    async def shutdown(self) -> None:
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+        if self._started:
+            await self.engine.shutdown()
+
+    def __del__(self):  # Serve tears replicas down without awaiting anything
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
