@@ -1,0 +1,174 @@
+"""``convert()``: a Hugging Face (or AutoAWQ) checkpoint -> an MLX model on the cache.
+
+The steps, each in its own module:
+
+1. validate the quantization request (:mod:`.quant`), before touching any file;
+2. resolve the source, local or hub, and check every safetensors header (:mod:`.source`);
+3. normalize config.json for mlx-lm, RoPE included (:mod:`.hfconfig`);
+4. take the target's lock and stream the shards into a hidden staging directory
+   (:mod:`.publish`, :mod:`.writer`, :mod:`.awq`);
+5. copy the tokenizer files, write ``manifest.json`` (:mod:`.manifest`), optionally
+   load the result and run one forward (``verify``);
+6. fsync and rename the staging directory to its final name.
+
+The output loads with plain ``mlx_lm.load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from mlx_ray.errors import Conflict, CorruptModel, MlxRayError
+
+from . import hfconfig, publish
+from .awq import awq_config
+from .cache import cache_root
+from .manifest import verify_model, write_manifest
+from .quant import QuantSpec, make_spec, normalize_dtype
+from .source import copy_files, read_header, resolve_source, sha256_file
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[mlx-ray] {msg}", file=sys.stderr, flush=True)
+
+
+def _source_dtype(config: dict) -> str | None:
+    d = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
+    try:
+        return normalize_dtype(d) if isinstance(d, str) else None
+    except MlxRayError:
+        return None
+
+
+def _output_config(config: dict, spec: QuantSpec, awq: dict | None, per_layer: dict) -> dict:
+    cfg = hfconfig.normalize_config(config)
+    for k in ("quantization", "quantization_config"):
+        cfg.pop(k, None)
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"].pop(k, None)
+    if awq and spec.quantized and awq["group_size"] in (32, 64, 128):
+        q = {"group_size": awq["group_size"], "bits": 4, "mode": "affine"}
+    elif spec.quantized:
+        q = spec.params()
+    else:
+        return cfg
+    q.update(per_layer)
+    cfg["quantization"] = q
+    cfg["quantization_config"] = q
+    return cfg
+
+
+def verify_loads(model_dir: Path) -> None:
+    """Load the model with mlx-lm and run one forward pass; CorruptModel if anything is off."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    try:
+        model, tokenizer = load(str(model_dir))
+        ids = tokenizer.encode("Hello, world") or [0]
+        logits = model(mx.array([ids]))
+        mx.eval(logits)
+    except Exception as e:  # noqa: BLE001 - anything here means the output is unusable
+        raise CorruptModel(f"--verify failed: the converted model does not load/run with mlx-lm: "
+                           f"{type(e).__name__}: {e}") from e
+    if logits.shape[-1] == 0 or not bool(mx.all(mx.isfinite(logits.astype(mx.float32))).item()):
+        raise CorruptModel("--verify failed: the forward pass produced non-finite logits")
+
+
+def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=4, q_group_size=64, q_mode="affine",
+         quant_recipe=None, dtype=None, revision=None):
+    """Validate everything that can be checked without writing: (source, config, spec, awq, target, cast)."""
+    spec = make_spec(quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
+                     quant_recipe=quant_recipe, dtype=dtype)
+    src = resolve_source(source, revision)
+    try:
+        config = json.loads((src.path / "config.json").read_text())
+    except ValueError as e:
+        raise CorruptModel(f"{src.path / 'config.json'} is not valid JSON: {e}") from e
+    hfconfig.model_classes(config)  # unsupported architecture -> one-line BadRequest
+    awq = awq_config(config)
+    for shard in src.shards:
+        read_header(shard)
+    src_dtype = "float16" if awq else _source_dtype(config)
+    cast = spec.dtype or src_dtype
+    if not spec.quantized:
+        spec = dataclasses.replace(spec, dtype=cast or "float32")
+        tag = spec.tag()
+    elif awq and awq["group_size"] in (32, 64, 128):
+        tag = f"awq-q4-g{awq['group_size']}" + (f"-{spec.tag().rsplit('-', 1)[-1]}" if spec.dtype else "")
+    else:
+        tag = spec.tag()
+    target = Path(out).expanduser() if out else cache_root(cache_dir) / src.name / tag
+    return src, config, spec, awq, target.absolute(), cast
+
+
+def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=4, q_group_size=64, q_mode="affine",
+            quant_recipe=None, dtype=None, revision=None, force=False, verify=False, progress=True,
+            lock_wait: float | None = None) -> Path:
+    """Convert ``source`` (hub id or local HF dir) and return the published model directory.
+
+    ``lock_wait``: seconds to wait for a concurrent convert of the same target
+    (None = wait as long as it takes; that convert's result is then returned).
+    """
+    src, config, spec, awq, target, cast = plan(
+        source, out=out, cache_dir=cache_dir, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+        q_mode=q_mode, quant_recipe=quant_recipe, dtype=dtype, revision=revision)
+    if target.exists() and not force:
+        raise Conflict(f"{target} already exists; pass --force to replace it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise publish.writable_error(target.parent, e) from e
+    with publish.TargetLock(target, wait=lock_wait) as lock:
+        if target.exists() and not force:
+            if lock.waited and not verify_model(target, deep=False):
+                _log(f"{target} was converted meanwhile by a concurrent convert; using it", progress)
+                return target
+            raise Conflict(f"{target} already exists; pass --force to replace it")
+        publish.remove_leftovers(target)
+        stage = publish.staging_dir(target)
+        try:
+            stage.mkdir()
+            _build(src, config, spec, awq, cast, stage, progress)
+            if verify:
+                _log("verifying: load + one forward pass", progress)
+                verify_loads(stage)
+            publish.publish(stage, target, replace=force)
+        except OSError as e:
+            raise publish.writable_error(target, e) from e
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+    _log(f"wrote {target}", progress)
+    return target
+
+
+def _build(src, config, spec: QuantSpec, awq, cast, stage: Path, progress: bool) -> None:
+    from .writer import ShardWriter
+
+    norm = hfconfig.normalize_config(config)
+    model = hfconfig.build_model(norm)
+    desc = "AWQ repack" if awq else (spec.tag() if spec.quantized else f"cast to {cast}")
+    _log(f"converting {src.spec} ({len(src.shards)} shard(s), {desc}) in {stage}", progress)
+    headers = {s: read_header(s) for s in src.shards}
+    result = ShardWriter(model, spec, cast, awq, progress).run(src.shards, headers, stage)
+    from mlx_lm.utils import save_config
+
+    save_config(_output_config(config, spec, awq, result.per_layer), config_path=stage / "config.json")
+    for f in copy_files(src.path):
+        shutil.copyfile(f, stage / f.name)
+    source_files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                    for p in sorted(src.path.iterdir()) if p.is_file()}
+    quant = {**spec.as_dict(), "cast_dtype": cast, "tag": stage.name.split(".tmp-")[0].lstrip("."),
+             "quantized_layers": result.n_quantized}
+    if awq:
+        quant["awq"] = awq
+    write_manifest(stage, name=f"{src.name}/{quant['tag']}",
+                   source={"id": src.repo_id or str(src.path), "spec": src.spec, "path": str(src.path),
+                           "revision": src.revision, "files": source_files},
+                   quantization=quant)
