@@ -1,0 +1,40 @@
+"""``mlx-ray parity --hf SOURCE --mlx MODEL``: prove the MLX path answers like
+the PyTorch path. Exit 0 when every threshold passes, 1 when one fails, 2 on
+bad usage (including a tokenizer/vocabulary mismatch)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--hf", required=True, help="HF repo id or directory, run through transformers (the reference)")
+    p.add_argument("--mlx", required=True, help="converted MLX model: cache name or directory, any quantization")
+    p.add_argument("--prompts", help="prompts file (.json/.jsonl/.txt); default: the built-in set")
+    p.add_argument("--device", help="torch device: mps, cuda[:N] or cpu (default: mps, then cuda, then cpu)")
+    p.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="torch side dtype (default float32, the reference)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length (default 32)")
+    p.add_argument("--ppl-tokens", type=int, default=512, help="reference-text tokens for perplexity (default 512)")
+    p.add_argument("--thresholds", help="JSON/YAML overriding the default thresholds (see mlx_ray.parity.thresholds)")
+    p.add_argument("--json", help="write the full report (every number) here")
+    p.add_argument("--report", help="write the Markdown report here (it is also printed)")
+
+
+def main(args) -> int:
+    from .harness import run_parity, write_json
+    from .report import markdown
+
+    report = run_parity(args.hf, args.mlx, prompts=args.prompts, device=args.device, torch_dtype=args.torch_dtype,
+                        max_new_tokens=args.max_new_tokens, ppl_tokens=args.ppl_tokens,
+                        thresholds_file=args.thresholds)
+    md = markdown(report)
+    print(md)
+    if args.report:
+        Path(args.report).write_text(md)
+    if args.json:
+        write_json(report, args.json)
+    if not report["passed"]:
+        print(f"mlx-ray parity: {report['verdict']}", file=sys.stderr)
+    return 0 if report["passed"] else 1

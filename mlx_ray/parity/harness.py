@@ -1,0 +1,159 @@
+"""Run one parity comparison and return its report dict (every number).
+
+Order of work, chosen so that only one model is in memory at a time (a Mac
+rarely holds a float32 torch copy and the MLX copy of a large model at once):
+
+1. refuse early when the tokenizers or vocabularies differ (cheap: no weights);
+2. torch: greedy continuation of every prompt (timed), teacher-forced
+   log-probs of prompt + continuation, log-probs of the reference text;
+3. MLX: the same on the same token ids;
+4. compare, apply the thresholds of the level, write the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from statistics import median
+
+from tqdm import tqdm
+
+from ..errors import BadRequest
+from . import backends, metrics, thresholds
+from .prompts import Prompt, data_path, load_prompts
+from .runners import runner_for
+
+
+def _mlx_vocab_size(config: dict) -> int | None:
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
+def check_tokenizers(torch_tok, mlx_tok, prompts: list[Prompt], ref_text: str) -> list[list[int]]:
+    """Token ids of every prompt, after making sure both tokenizers agree; else BadRequest."""
+    tv, mv = torch_tok.get_vocab(), mlx_tok.get_vocab()
+    if tv != mv:
+        diff = sorted(set(tv.items()) ^ set(mv.items()), key=lambda kv: kv[1])
+        example = diff[0][0] if diff else "?"
+        raise BadRequest(f"tokenizer mismatch: torch vocabulary has {len(tv)} entries, MLX {len(mv)}, "
+                         f"{len({k for k, _ in diff})} differ (e.g. {example!r}); --hf and --mlx must be the same model")
+    ids = []
+    for p in prompts:
+        a, b = p.token_ids(torch_tok), p.token_ids(mlx_tok)
+        if a != b:
+            raise BadRequest(f"tokenizer mismatch: prompt {p.name!r} encodes differently on torch and MLX "
+                             "(normalizer or chat template differ); --hf and --mlx must be the same model")
+        ids.append(a)
+    if torch_tok.encode(ref_text[:2000]) != mlx_tok.encode(ref_text[:2000]):
+        raise BadRequest("tokenizer mismatch: the reference text encodes differently on torch and MLX; "
+                         "--hf and --mlx must be the same model")
+    return ids
+
+
+def check_vocab_sizes(torch_vocab: int | None, mlx_vocab: int | None, n_tokens: int) -> int:
+    """Logit width to compare; refuse when the embeddings do not cover the same tokens."""
+    if torch_vocab and mlx_vocab and torch_vocab != mlx_vocab and min(torch_vocab, mlx_vocab) < n_tokens:
+        raise BadRequest(f"vocabulary size mismatch: torch model has {torch_vocab} logits, MLX {mlx_vocab}, "
+                         f"tokenizer {n_tokens}; --hf and --mlx must be the same model")
+    return min(v for v in (torch_vocab, mlx_vocab) if v) if (torch_vocab or mlx_vocab) else n_tokens
+
+
+def _run_side(side, prompt_ids, ref_ids, max_new, eos, conts=None, desc=""):
+    """Greedy + log-probs + reference log-probs on one backend. ``conts``: teacher-force these continuations."""
+    run = runner_for(side)
+    run.greedy(prompt_ids[0][:8], 2, eos)  # warm-up: first-call compilation, allocator growth
+    run.reset_peak()
+    gens, logps = [], []
+    for i, ids in enumerate(tqdm(prompt_ids, desc=desc, unit="prompt", leave=False)):
+        gens.append(run.greedy(ids, max_new, eos))
+        cont = (conts[i] if conts is not None else gens[-1].tokens)
+        seq = ids + [t for t in cont if t not in eos]
+        logps.append(run.logprobs(seq)[: len(seq)])
+    ref_lp = run.logprobs(ref_ids)
+    peak, peak_kind = run.peak()
+    return gens, logps, ref_lp, {"peak_bytes": peak, "peak_kind": peak_kind}
+
+
+def _latency(gens, prompt_ids, mem) -> dict:
+    decs = [g.decode_tok_s for g in gens if g.decode_tok_s]
+    return {"ttft_s": median(g.ttft_s for g in gens),
+            "prefill_tok_s": median(len(ids) / g.ttft_s for g, ids in zip(gens, prompt_ids)),
+            "decode_tok_s": median(decs) if decs else None, **mem}
+
+
+def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None = None,
+               torch_dtype: str = "float32", max_new_tokens: int = 32, ppl_tokens: int = 512,
+               thresholds_file: str | None = None) -> dict:
+    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    if max_new_tokens < 1 or ppl_tokens < 2:
+        raise BadRequest("--max-new-tokens must be >= 1 and --ppl-tokens >= 2")
+    overrides = thresholds.load_overrides(thresholds_file)
+    plist = load_prompts(prompts)
+    mlx_path = backends.resolve_mlx_path(mlx)
+    ref_text = data_path("reference.txt").read_text()
+    try:
+        torch_tok = AutoTokenizer.from_pretrained(hf)
+        torch_vocab = AutoConfig.from_pretrained(hf).get_text_config().vocab_size
+    except OSError as e:
+        raise BadRequest(f"transformers cannot load {hf!r}: {str(e).splitlines()[0]}") from None
+    mlx_tok = load_tokenizer(mlx_path)
+    prompt_ids = check_tokenizers(torch_tok, mlx_tok, plist, ref_text)
+    mlx_config = json.loads((mlx_path / "config.json").read_text())
+    width = check_vocab_sizes(torch_vocab, _mlx_vocab_size(mlx_config), len(torch_tok.get_vocab()))
+    ref_ids = torch_tok.encode(ref_text)[:ppl_tokens]
+    eos = set(mlx_tok.eos_token_ids or []) | ({torch_tok.eos_token_id} if torch_tok.eos_token_id is not None else set())
+
+    t_side = backends.load_torch(hf, device, torch_dtype)
+    t_info = dict(t_side.info)
+    t_gens, t_lps, t_ref, t_mem = _run_side(t_side, prompt_ids, ref_ids, max_new_tokens, eos, desc="torch")
+    backends.free(t_side)
+
+    m_side = backends.load_mlx(str(mlx_path))
+    m_info = {k: v for k, v in m_side.info.items() if k != "config"}
+    m_gens, m_lps, m_ref, m_mem = _run_side(m_side, prompt_ids, ref_ids, max_new_tokens, eos,
+                                            conts=[g.tokens for g in t_gens], desc="mlx")
+    backends.free(m_side)
+
+    per_prompt, stats = [], []
+    for p, ids, tg, mg, tl, ml in zip(plist, prompt_ids, t_gens, m_gens, t_lps, m_lps):
+        st = metrics.position_stats(tl[:, :width], ml[:, :width])
+        stats.append(st)
+        g = metrics.greedy_compare(tg.tokens, mg.tokens)
+        entry = {"name": p.name, "prompt_tokens": len(ids), "logits": metrics.aggregate([st]), "greedy": g,
+                 "torch_text": torch_tok.decode(tg.tokens), "mlx_text": torch_tok.decode(mg.tokens)}
+        if g["divergence_at"] is not None:
+            at = g["divergence_at"]
+            entry["divergence"] = {
+                "torch": metrics.around(torch_tok, tg.tokens, at), "mlx": metrics.around(torch_tok, mg.tokens, at),
+                "torch_top2_gap": tg.margins[at] if at < len(tg.margins) else None,
+                "mlx_top2_gap": mg.margins[at] if at < len(mg.margins) else None}
+        per_prompt.append(entry)
+    ppl_t, ppl_m = metrics.perplexity(t_ref, ref_ids), metrics.perplexity(m_ref, ref_ids)
+    report = {
+        "kind": "parity", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": backends.environment(), "torch": t_info, "mlx": m_info,
+        "settings": {"hf": hf, "mlx": mlx, "prompts": prompts or "built-in", "max_new_tokens": max_new_tokens,
+                     "ppl_tokens": len(ref_ids), "thresholds_file": thresholds_file},
+        "logits": metrics.aggregate(stats),
+        "greedy": {"prompts": len(plist), "identical": sum(e["greedy"]["identical"] for e in per_prompt),
+                   "prefix_frac_mean": sum(e["greedy"]["prefix_frac"] for e in per_prompt) / len(per_prompt)},
+        "perplexity": {"tokens": len(ref_ids), "torch": ppl_t, "mlx": ppl_m, "ratio": ppl_m / ppl_t},
+        "latency": {"torch": _latency(t_gens, prompt_ids, t_mem), "mlx": _latency(m_gens, prompt_ids, m_mem)},
+        "prompts": per_prompt,
+    }
+    level = thresholds.level_of(m_info, torch_dtype)
+    limits = thresholds.thresholds_for(level, overrides)
+    checks = thresholds.evaluate(report, limits)
+    failed = [c["name"] for c in checks if not c["passed"]]
+    report.update(level=level, thresholds=limits, checks=checks, passed=not failed,
+                  verdict=(f"PASS: MLX {m_info['quantization']} matches torch {torch_dtype} within the {level} bounds"
+                           if not failed else
+                           f"FAIL: {', '.join(failed)} outside the {level} bounds (MLX {m_info['quantization']} "
+                           f"vs torch {torch_dtype})"))
+    return report
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=1, ensure_ascii=False))

@@ -1,0 +1,71 @@
+"""The parity report as Markdown: what ran where, the checks, greedy, latency, verdict."""
+
+from __future__ import annotations
+
+from ..bench.table import fmt, markdown_table
+
+CHECK_LABELS = {
+    "top1_min": "top-1 agreement", "top5_min": "top-5 overlap", "kl_mean_max": "KL mean (nats)",
+    "kl_p99_max": "KL p99 (nats)", "max_abs_diff_max": "max abs logprob diff", "ppl_ratio_max": "perplexity ratio",
+    "greedy_prefix_min": "greedy identical-prefix fraction",
+}
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def header(r: dict) -> list[str]:
+    env, t, m = r["environment"], r["torch"], r["mlx"]
+    v = env["versions"]
+    return [
+        f"- torch: `{t['path']}` on **{t['device']}**, {t['dtype']} (torch {v['torch']}, transformers "
+        f"{v['transformers']}{', %d threads' % t['threads'] if t.get('threads') else ''})",
+        f"- MLX: `{m['path']}` on **{m['device']}**, {m['quantization']} ({m['dtype']} activations; mlx {v['mlx']}, "
+        f"mlx-lm {v['mlx-lm']}; BLAS: {env['mlx_blas']})",
+        f"- machine: {env['platform']}, Python {env['python']}",
+    ]
+
+
+def markdown(r: dict) -> str:
+    lines = ["# mlx-ray parity report", ""] + header(r)
+    s = r["settings"]
+    lines += [f"- prompts: {s['prompts']} ({len(r['prompts'])}), greedy up to {s['max_new_tokens']} new tokens, "
+              f"perplexity on {s['ppl_tokens']} reference tokens; level **{r['level']}**", ""]
+    lg = r["logits"]
+    rows = [[CHECK_LABELS[c["name"]], fmt(c["value"], 4), ("≤ " if c["name"].endswith("_max") else "≥ ")
+             + fmt(c["limit"], 4), "pass" if c["passed"] else "**FAIL**"] for c in r["checks"]]
+    lines += ["## Checks", "", markdown_table(["metric", "value", "threshold", "result"], rows), "",
+              f"Teacher-forced over {lg['positions']} positions: mean abs logprob diff {fmt(lg['mean_abs_diff'])}, "
+              f"max {fmt(lg['max_abs_diff'])}; KL max {fmt(lg['kl_max'])}; {lg['top1_disagreements']} top-1 "
+              f"disagreements. Perplexity: torch {fmt(r['perplexity']['torch'], 4)}, MLX "
+              f"{fmt(r['perplexity']['mlx'], 4)}.", ""]
+    rows = []
+    for p in r["prompts"]:
+        g = p["greedy"]
+        where = "identical" if g["identical"] else f"token {g['divergence_at']}"
+        rows.append([p["name"], p["prompt_tokens"], f"{g['prefix_len']}/{max(g['ref_len'], g['test_len'])}", where,
+                     fmt(p["logits"]["top1_agreement"], 4), fmt(p["logits"]["kl_mean"])])
+    lines += ["## Greedy generation", "",
+              markdown_table(["prompt", "prompt tokens", "identical prefix", "first divergence", "top-1", "KL mean"],
+                             rows), ""]
+    for p in r["prompts"]:
+        d = p.get("divergence")
+        if d:
+            lines.append(f"- `{p['name']}` diverges after {d['torch']['before']!r}: torch {d['torch']['after']!r} "
+                         f"vs MLX {d['mlx']['after']!r} (top-1/top-2 gap there: torch {fmt(d['torch_top2_gap'])}, "
+                         f"MLX {fmt(d['mlx_top2_gap'])} nats)")
+    lt, lm = r["latency"]["torch"], r["latency"]["mlx"]
+
+    def ratio(a, b):
+        return fmt(a / b) if a and b else "-"
+
+    rows = [["time to first token (median)", f"{fmt(lt['ttft_s'] * 1000)} ms", f"{fmt(lm['ttft_s'] * 1000)} ms",
+             ratio(lt["ttft_s"], lm["ttft_s"])],
+            ["decode tok/s (median)", fmt(lt["decode_tok_s"]), fmt(lm["decode_tok_s"]),
+             ratio(lm["decode_tok_s"], lt["decode_tok_s"])],
+            ["peak memory", f"{_mib(lt['peak_bytes'])} ({lt['peak_kind']})", f"{_mib(lm['peak_bytes'])} "
+             f"({lm['peak_kind']})", "-"]]
+    lines += ["", "## Latency", "", markdown_table(["", "torch", "MLX", "MLX speed-up"], rows), "",
+              f"**Verdict: {r['verdict']}**", ""]
+    return "\n".join(lines)
