@@ -44,7 +44,7 @@ class WorkerCommand:
 
     def render(self) -> str:
         """Copy-pasteable shell text: env assignments then the command (secrets masked)."""
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.shown_env().items())
+        env = " ".join(f"{k}={v if v == MASK else shlex.quote(v)}" for k, v in self.shown_env().items())
         cmd = shlex.join(self.argv)
         return f"{env} {cmd}".strip() if env else cmd
 

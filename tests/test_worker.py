@@ -1,0 +1,246 @@
+"""`mlx-ray worker`: a real multi-node join on this machine, version and reachability refusals,
+the dry run, and the launchd / systemd files.
+
+Metal cannot run here: the join forces the Apple GPU resource with
+``--resources-override`` (the documented way), and the macOS command shape is
+checked by building it for platform "darwin" with a faked Metal detection.
+"""
+
+from __future__ import annotations
+
+import json
+import plistlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from fixtures_worker import clean_env, cluster_nodes, free_port, group_alive, stop_group
+
+CLI = [sys.executable, "-m", "mlx_ray.cli"]
+
+
+def run_cli(*args, env=None, timeout=60):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env if env is not None else clean_env())
+
+
+def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
+    before = {n["id"] for n in cluster_nodes(ray_head)["nodes"]}
+    log = open(tmp_path / "worker.log", "w")
+    cmd = [*CLI, "worker", "start", "--address", ray_head.address, "--token-file", str(ray_head.token_file),
+           "--resources-override", '{"gpu_apple_mps": 1}', "--num-cpus", "1", "--node-name", "fake-mac",
+           "--label", "site=test", "--memory", "512MiB", "--object-store-memory", "200MiB", "--block",
+           "--", "--dashboard-agent-listen-port", str(free_port())]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        new = []
+        while not new:
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the worker never appeared in the cluster"
+            time.sleep(2)
+            new = [n for n in cluster_nodes(ray_head)["nodes"] if n["id"] not in before and n["alive"]]
+        node = new[0]
+        assert node["name"] == "fake-mac"
+        assert node["resources"]["gpu_apple_mps"] == 1
+        assert node["resources"]["CPU"] == 1
+        assert node["resources"]["memory"] == 512 * 1024**2
+        assert node["labels"]["site"] == "test" and node["labels"]["mlx-ray.io/accelerator"] == "cpu"
+        # A task asking for the Apple GPU resource lands on the new node, and only there.
+        assert cluster_nodes(ray_head, place=True)["placed"] == node["id"]
+        output = (tmp_path / "worker.log").read_text()
+        assert "versions match" in output
+        assert ray_head.token_file.read_text().strip() not in output
+    finally:
+        stop_group(proc)
+        log.close()
+    assert not group_alive(proc.pid)
+    after = {n["id"]: n for n in cluster_nodes(ray_head)["nodes"]}
+    assert not after[node["id"]]["alive"]
+
+
+@pytest.mark.parametrize("hook,value,named", [
+    ("MLX_RAY_LOCAL_RAY_VERSION", "2.53.0", "Ray 2.53.0"),
+    ("MLX_RAY_LOCAL_PYTHON_VERSION", "3.12.9", "Python 3.12.9"),
+])
+def test_version_mismatch_refused_naming_both(ray_head, hook, value, named):
+    import platform
+
+    from importlib.metadata import version
+
+    res = run_cli("worker", "start", "--address", ray_head.address, "--token-file", str(ray_head.token_file),
+                  "--resources-override", '{"gpu_apple_mps": 1}', env=clean_env(**{hook: value}))
+    assert res.returncode == 4, res.stderr
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1 and "version mismatch" in line
+    assert f"Ray {version('ray')} / Python {platform.python_version()}" in line  # the head's
+    assert named in line  # ours
+    assert "ray start" not in res.stdout + res.stderr  # refused before anything ran
+
+
+def test_missing_token_is_refused_clearly(ray_head, tmp_path):
+    res = run_cli("worker", "start", "--address", ray_head.address, "--timeout", "5",
+                  env=clean_env(HOME=str(tmp_path)))  # no ~/.ray/auth_token either
+    assert res.returncode != 0
+    assert "--token-file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_closed_port_fails_fast_and_clearly():
+    port = free_port()  # nothing listens there
+    res = run_cli("worker", "start", "--address", f"127.0.0.1:{port}", "--timeout", "3")
+    assert res.returncode == 3
+    assert f"cannot reach the Ray head's GCS at 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_silent_head_fails_within_the_timeout():
+    """A port that accepts TCP but never speaks gRPC (a firewall or the wrong service)."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        t0 = time.monotonic()
+        res = run_cli("worker", "start", "--address", f"127.0.0.1:{srv.getsockname()[1]}", "--timeout", "3")
+        elapsed = time.monotonic() - t0
+    assert res.returncode == 8, res.stderr
+    assert "did not answer within 3s" in res.stderr
+    assert elapsed < 3 + 10  # the probe is abandoned at the timeout (+ interpreter start-up slack)
+
+
+def test_dry_run_masks_the_token(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cr3t-cluster-token\n")
+    env = clean_env(RAY_AUTH_TOKEN="s3cr3t-env-token")
+    res = run_cli("worker", "start", "--address", "10.0.0.5:6379", "--token-file", str(token), "--block",
+                  "--dry-run", env=env)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "s3cr3t" not in out + res.stderr
+    assert f"RAY_AUTH_TOKEN_PATH={token}" in out and "RAY_AUTH_MODE=token" in out
+    cmdline = out.strip().splitlines()[-1]
+    assert " start --address 10.0.0.5:6379 " in cmdline and cmdline.endswith("--block")
+    # Without a token file, an inherited RAY_AUTH_TOKEN is forwarded but shown masked.
+    res = run_cli("worker", "start", "--address", "10.0.0.5:6379", "--dry-run", env=env)
+    assert "RAY_AUTH_TOKEN=****" in res.stdout and "s3cr3t" not in res.stdout
+
+
+def test_dry_run_on_linux_is_honest():
+    res = run_cli("worker", "start", "--address", "10.0.0.5:6379", "--block", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    cmdline = res.stdout.strip().splitlines()[-1]
+    import mlx.core as mx
+
+    if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+        assert "--num-gpus 0" in cmdline
+    assert "gpu_apple_mps" not in cmdline and "caffeinate" not in cmdline
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cmdline
+
+
+def test_macos_command_shape(monkeypatch):
+    """Metal is faked here (no Apple GPU on this machine); the rest is the real code path."""
+    from mlx_ray.worker import command, resources
+
+    monkeypatch.setattr(resources, "detect_accelerator", lambda: ("metal", "Metal Apple M2 Max (applegpu)", 64 * 2**30))
+    monkeypatch.setattr(resources, "total_memory", lambda: 64 * 2**30)
+    res = resources.detect(num_cpus=8)
+    assert res.num_gpus == 1 and res.resources == {"gpu_apple_mps": 1.0}
+    assert res.memory + res.object_store_memory <= 0.25 * 64 * 2**30 + 1  # 75% left to MLX
+    cmd = command.build("10.0.0.5:6379", res, block=True, platform="darwin", base_env={"PATH": "/usr/bin"})
+    assert cmd.argv[:2] == ["/usr/bin/caffeinate", "-s"] and cmd.argv[-1] == "--block"
+    i = cmd.argv.index("--resources")
+    assert json.loads(cmd.argv[i + 1]) == {"gpu_apple_mps": 1}
+    assert cmd.argv[cmd.argv.index("--num-gpus") + 1] == "1"
+    assert cmd.env_updates["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+    assert "LD_PRELOAD" not in cmd.env_updates
+
+
+def test_performance_cores_on_apple_silicon(monkeypatch):
+    from mlx_ray.worker import resources
+
+    monkeypatch.setattr(resources.sys, "platform", "darwin")
+    monkeypatch.setattr(resources, "_sysctl", lambda name: {"hw.perflevel0.physicalcpu": "8",
+                                                            "hw.physicalcpu": "12"}.get(name))
+    assert resources.detect_cpus()[0] == 8
+
+
+def test_memory_split_leaves_mlx_its_share():
+    from mlx_ray.worker.resources import GiB, OBJECT_STORE_MIN, memory_split
+
+    for total in (8 * GiB, 24 * GiB, 64 * GiB, 192 * GiB):
+        mem, store = memory_split(total, 0.75)
+        assert store >= OBJECT_STORE_MIN and store <= 4 * GiB
+        assert mem + store <= total * 0.25 + 1
+
+
+def _service_args(tmp_path, *extra):
+    token = tmp_path / "token"
+    token.write_text("s3cr3t\n")
+    return ["--address", "10.0.0.5:6379", "--token-file", str(token), "--resources-override",
+            '{"gpu_apple_mps": 1}', "--num-cpus", "8", *extra]
+
+
+def test_launchd_plist_install_and_print(tmp_path):
+    path = tmp_path / "LaunchAgents" / "io.ray.test.plist"
+    args = _service_args(tmp_path)
+    res = run_cli("worker", "launchd", "install", "--service-label", "io.ray.test", "--path", str(path),
+                  "--log-dir", str(tmp_path / "logs"), *args)
+    assert res.returncode == 0, res.stderr
+    if sys.platform != "darwin":
+        assert "not loaded" in res.stdout
+    raw = path.read_bytes()
+    assert b"s3cr3t" not in raw
+    plist = plistlib.loads(raw)
+    assert plist["Label"] == "io.ray.test" and plist["RunAtLoad"] is True and plist["KeepAlive"] is True
+    prog = plist["ProgramArguments"]
+    assert prog[0] == sys.executable and prog[1:5] == ["-m", "mlx_ray.cli", "worker", "start"]
+    assert "--block" in prog and prog[prog.index("--address") + 1] == "10.0.0.5:6379"
+    assert json.loads(prog[prog.index("--resources-override") + 1]) == {"gpu_apple_mps": 1}
+    assert prog[prog.index("--token-file") + 1] == str(tmp_path / "token")
+    env = plist["EnvironmentVariables"]
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
+    assert env["PATH"].split(":")[0] == str(__import__("pathlib").Path(sys.executable).parent)
+    assert plist["StandardOutPath"].startswith(str(tmp_path / "logs"))
+    assert plist["StandardErrorPath"].startswith(str(tmp_path / "logs"))
+    # print shows the same file without writing anything
+    printed = run_cli("worker", "launchd", "print", "--service-label", "io.ray.test",
+                      "--path", str(tmp_path / "other.plist"), "--log-dir", str(tmp_path / "logs"), *args)
+    assert plistlib.loads(printed.stdout.encode()) == plist
+    assert not (tmp_path / "other.plist").exists()
+    res = run_cli("worker", "launchd", "uninstall", "--service-label", "io.ray.test", "--path", str(path))
+    assert res.returncode == 0 and not path.exists()
+
+
+def test_systemd_unit(tmp_path):
+    from mlx_ray.worker.systemd import parse, unquote_words
+
+    path = tmp_path / "mlx-ray-worker.service"
+    res = run_cli("worker", "launchd", "install", "--systemd", "--no-load", "--path", str(path),
+                  *_service_args(tmp_path, "--label", "pct=50%"))
+    assert res.returncode == 0, res.stderr
+    text = path.read_text()
+    assert "s3cr3t" not in text
+    unit = parse(text)
+    service = dict(unit["Service"])
+    assert service["Restart"] == "always" and dict(unit["Install"])["WantedBy"] == "default.target"
+    argv = unquote_words(service["ExecStart"])
+    assert argv[0] == sys.executable and argv[3:5] == ["worker", "start"] and "--block" in argv
+    assert json.loads(argv[argv.index("--resources-override") + 1]) == {"gpu_apple_mps": 1}
+    assert argv[argv.index("--label") + 1] == "pct=50%"
+    envs = dict(unquote_words(v)[0].split("=", 1) for k, v in unit["Service"] if k == "Environment")
+    assert envs["RAY_AUTH_MODE"] == "token" and envs["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in envs or sys.platform == "darwin"
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--address", "10.0.0.5:6379", "--resources-override", "{bad"], 2, "not valid JSON"),
+    (["--address", "10.0.0.5:6379", "--resources-override", '{"CPU": 4}'], 2, "--num-cpus"),
+    (["--address", "ray://10.0.0.5:10001"], 2, "not a URL"),
+    (["--address", "10.0.0.5:99999"], 2, "port"),
+    (["--address", "10.0.0.5:6379", "--token-file", "/nonexistent/token"], 3, "no such file"),
+    (["--address", "10.0.0.5:6379", "--object-store-memory", "1MiB"], 2, "at least"),
+])
+def test_bad_input_is_one_line(args, code, needle):
+    res = run_cli("worker", "start", *args, "--dry-run")
+    assert res.returncode == code, res.stderr
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
