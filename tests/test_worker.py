@@ -199,6 +199,7 @@ def test_launchd_plist_install_and_print(tmp_path):
     assert prog[prog.index("--token-file") + 1] == str(tmp_path / "token")
     env = plist["EnvironmentVariables"]
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # a launchd agent always runs on macOS
     assert env["PATH"].split(":")[0] == str(__import__("pathlib").Path(sys.executable).parent)
     assert plist["StandardOutPath"].startswith(str(tmp_path / "logs"))
     assert plist["StandardErrorPath"].startswith(str(tmp_path / "logs"))
@@ -229,7 +230,7 @@ def test_systemd_unit(tmp_path):
     assert argv[argv.index("--label") + 1] == "pct=50%"
     envs = dict(unquote_words(v)[0].split("=", 1) for k, v in unit["Service"] if k == "Environment")
     assert envs["RAY_AUTH_MODE"] == "token" and envs["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
-    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in envs or sys.platform == "darwin"
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in envs  # a systemd unit is for Linux
 
 
 @pytest.mark.parametrize("args,code,needle", [

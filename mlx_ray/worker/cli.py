@@ -63,12 +63,18 @@ def _resources(args):
                   mlx_memory_fraction=args.mlx_memory_fraction, node_name=args.node_name, labels=args.label)
 
 
+def _warn_loose_token(token_file: str | None) -> None:
+    if token_file and os.path.isfile(token_file) and os.stat(token_file).st_mode & 0o077:
+        print(f"mlx-ray worker: warning: {token_file} is readable by other users; chmod 600 it", file=sys.stderr)
+
+
 def start(args) -> int:
     from . import command, versions
 
     host, port = versions.parse_address(args.address)
     address = versions.format_address(host, port)
     res = _resources(args)
+    _warn_loose_token(args.token_file)
     cmd = command.build(address, res, block=args.block, token_file=args.token_file, extra_args=args.ray_args)
     if args.dry_run:
         for note in res.notes:
@@ -110,13 +116,13 @@ def service_argv(args) -> list[str]:
     return argv
 
 
-def service_env(args) -> dict[str, str]:
+def service_env(args, *, macos: bool) -> dict[str, str]:
     """PATH and the variables the worker needs; the token only by path."""
     from .command import token_env
 
     path = [str(Path(sys.executable).parent), *SERVICE_PATH]
     env = {"PATH": ":".join(dict.fromkeys(path))}
-    if sys.platform == "darwin" or getattr(args, "for_macos", False):
+    if macos:  # `worker start` sets it too; in the service file it is visible to whoever reads it
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     env.update(token_env(args.token_file))
     for key in ("MLX_RAY_CACHE", "HF_HOME"):
@@ -128,29 +134,29 @@ def service_env(args) -> dict[str, str]:
 def service(args) -> int:
     from . import launchd, systemd, versions
 
-    if args.action == "uninstall":
-        args.address = args.address or "unused:1"
-    versions.parse_address(args.address)  # fail early on a bad (or missing) address
-    argv, env = service_argv(args), service_env(args)
     if args.systemd:
         name = args.service_label or systemd.DEFAULT_NAME
         path = Path(args.path).expanduser() if args.path else systemd.default_path(name)
-        text = systemd.build(argv, env, f"mlx-ray Ray worker joining {args.address}")
-        if args.action == "print":
-            sys.stdout.write(text)
-            return 0
-        done = systemd.install(path, text, load=not args.no_load) if args.action == "install" else \
-            systemd.uninstall(path, load=not args.no_load)
     else:
         label = args.service_label or launchd.DEFAULT_LABEL
         path = Path(args.path).expanduser() if args.path else launchd.default_path(label)
-        log_dir = Path(args.log_dir).expanduser() if args.log_dir else launchd.default_log_dir()
-        data = launchd.render(launchd.build(label, argv, env, log_dir))
+    if args.action == "uninstall":
+        done = systemd.uninstall(path, load=not args.no_load) if args.systemd else \
+            launchd.uninstall(path, label, load=not args.no_load)
+    else:
+        versions.parse_address(args.address)  # fail early on a bad (or missing) address
+        argv = service_argv(args)
+        if args.systemd:
+            data = systemd.build(argv, service_env(args, macos=False),
+                                 f"mlx-ray Ray worker joining {args.address}").encode()
+        else:
+            log_dir = Path(args.log_dir).expanduser() if args.log_dir else launchd.default_log_dir()
+            data = launchd.render(launchd.build(label, argv, service_env(args, macos=True), log_dir))
         if args.action == "print":
             sys.stdout.write(data.decode())
             return 0
-        done = launchd.install(path, data, label, load=not args.no_load) if args.action == "install" else \
-            launchd.uninstall(path, label, load=not args.no_load)
+        done = systemd.install(path, data.decode(), load=not args.no_load) if args.systemd else \
+            launchd.install(path, data, label, load=not args.no_load)
     for line in done:
         print(line)
     return 0
