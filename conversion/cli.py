@@ -8,7 +8,8 @@ from .quant import AFFINE_BITS, AFFINE_GROUPS, DTYPES, MODES
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or local HF directory")
+    parser.add_argument("source",
+                        help="hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or local HF directory")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", help="write exactly this directory instead of a cache entry")
     where.add_argument("--cache-dir", help="model cache root (default: $MLX_RAY_CACHE or ~/.cache/mlx-ray/models)")
@@ -25,7 +26,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-quantize", action="store_true", help="keep full precision (see --dtype)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--force", action="store_true", help="replace an existing target")
-    parser.add_argument("--verify", action="store_true", help="load the result and run one forward pass before publishing")
+    parser.add_argument("--verify", action="store_true",
+                        help="load the result and run one forward pass before publishing")
     parser.add_argument("--lock-wait", type=float, default=None,
                         help="seconds to wait for a concurrent convert of the same target (default: wait)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")

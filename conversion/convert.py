@@ -80,7 +80,7 @@ def verify_loads(model_dir: Path) -> None:
         raise CorruptModel("--verify failed: the forward pass produced non-finite logits")
 
 
-def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=4, q_group_size=64, q_mode="affine",
+def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
          quant_recipe=None, dtype=None, revision=None):
     """Validate everything that can be checked without writing: (source, config, spec, awq, target, cast)."""
     spec = make_spec(quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
@@ -107,10 +107,13 @@ def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=4, q_gr
     return src, config, spec, awq, target.absolute(), cast
 
 
-def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=4, q_group_size=64, q_mode="affine",
+def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
             quant_recipe=None, dtype=None, revision=None, force=False, verify=False, progress=True,
             lock_wait: float | None = None) -> Path:
     """Convert ``source`` (hub id or local HF dir) and return the published model directory.
+
+    ``q_bits`` / ``q_group_size`` default (None) to the mode's own: affine 4 bits
+    group 64, mxfp4 4/32, nvfp4 4/16, mxfp8 8/32.
 
     ``lock_wait``: seconds to wait for a concurrent convert of the same target
     (None = wait as long as it takes; that convert's result is then returned).

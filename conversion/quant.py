@@ -81,9 +81,13 @@ class QuantSpec:
         return asdict(self)
 
 
-def make_spec(*, quantize: bool = True, q_bits: int | None = 4, q_group_size: int | None = 64,
+def make_spec(*, quantize: bool = True, q_bits: int | None = None, q_group_size: int | None = None,
               q_mode: str = "affine", quant_recipe: str | None = None, dtype: str | None = None) -> QuantSpec:
-    """Validate a combination and return its spec (raises BadRequest, one line)."""
+    """Validate a combination and return its spec (raises BadRequest, one line).
+
+    ``None`` bits / group size mean the mode's default: affine 4 bits, group 64;
+    mxfp4 (4, 32), nvfp4 (4, 16), mxfp8 (8, 32).
+    """
     dtype = normalize_dtype(dtype)
     if not quantize:
         if quant_recipe:
@@ -94,10 +98,8 @@ def make_spec(*, quantize: bool = True, q_bits: int | None = 4, q_group_size: in
         raise BadRequest(f"unknown --q-mode {q_mode!r}; choose one of {', '.join(MODES)}", param="q_mode")
     if mode in FP_MODES:
         want_bits, want_group = FP_MODES[mode]
-        # The Python API's defaults (4 bits, group 64) mean "unspecified" here;
-        # the CLI passes None when the flag is absent.
-        bits = want_bits if q_bits in (None, 4) else q_bits
-        group = want_group if q_group_size in (None, 64) else q_group_size
+        bits = want_bits if q_bits is None else q_bits
+        group = want_group if q_group_size is None else q_group_size
         if (bits, group) != (want_bits, want_group):
             raise BadRequest(f"--q-mode {mode} needs --q-bits {want_bits} --q-group-size {want_group} "
                              f"(got bits={bits}, group={group})", param="q_mode")
