@@ -42,13 +42,12 @@ class ModelInfo:
 
 def resolve_path(model: str | Path) -> Path:
     """A cache name or a path -> the model directory."""
-    try:  # the model cache (mlx_ray.conversion) knows names; fall back to paths
+    try:  # the model cache (mlx_ray.conversion) knows names and paths
         from mlx_ray.conversion.cache import resolve_model
-    except ImportError:
+    except ImportError:  # a build without the converter: paths only
         resolve_model = None
-    if resolve_model is not None and not Path(model).exists():
-        resolved = resolve_model(str(model))
-        return Path(getattr(resolved, "path", resolved))
+    if resolve_model is not None:
+        return Path(resolve_model(str(model)))
     path = Path(model).expanduser()
     if not path.is_dir():
         raise NotFound(f"model {model!r} is neither a directory nor a cached model; run `mlx-ray models list`")

@@ -20,16 +20,13 @@ PREFIX_SHARE = 0.25  # default prefix-cache budget, as a share of the KV budget
 
 def device_memory_bytes() -> int:
     """Memory the device can use: Metal's recommended working set, else total RAM."""
-    info = {}
-    for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
-        if get is None:
-            continue
-        try:
-            info = get() or {}
-        except Exception:
-            continue
-        if info.get("max_recommended_working_set_size") or info.get("memory_size"):
-            break
+    get = getattr(mx, "device_info", None)
+    if get is None:  # older MLX: only the Metal namespace has it
+        get = getattr(getattr(mx, "metal", None), "device_info", None)
+    try:
+        info = get() if get is not None else {}
+    except Exception:
+        info = {}
     size = info.get("max_recommended_working_set_size") or info.get("memory_size")
     if size:
         return int(size)

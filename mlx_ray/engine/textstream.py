@@ -2,7 +2,7 @@
 
 mlx-lm's streaming detokenizer already holds back incomplete UTF-8 sequences
 (a CJK character or an emoji spread over several byte tokens is released only
-when complete). On top of it this class matches stop strings on the decoded
+when complete; a character cut off by the end of generation is dropped). On top of it this class matches stop strings on the decoded
 text: a stop string split across tokens is caught, and neither it nor anything
 after it is ever emitted. Text that could still turn into a stop string is
 held back until it cannot.
@@ -31,7 +31,8 @@ class TextStream:
         if self.stopped:
             return ""
         self._detok.finalize()
-        self._pending += self._detok.last_segment
+        # Bytes of a character cut off by the end of generation decode to U+FFFD: drop them.
+        self._pending += self._detok.last_segment.rstrip("\ufffd")
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
