@@ -53,7 +53,7 @@ def test_doctor_passes_against_the_reachable_head(ray_head, good_cache):
     checks = by_name(report)
     assert checks["head"]["status"] == "pass" and checks["versions"]["status"] == "pass"
     assert checks["token-auth"]["status"] == "pass"
-    assert checks["model acme--tiny/q4-g64"]["status"] == "pass"
+    assert checks["model"]["status"] == "pass" and checks["model"]["message"].startswith("acme--tiny/q4-g64: ")
     assert checks["mlx"]["status"] == "pass"
     assert ray_head.token_file.read_text().strip() not in res.stdout
     # every warn and fail carries a one-line fix
@@ -98,9 +98,11 @@ def test_doctor_reports_the_corrupted_model(tmp_path):
 
     from mlx_ray.worker.checks import check_cache
 
-    deep = {c.name: c for c in check_cache(str(root), deep=True)}
-    assert deep["model acme--flipped/q4-g64"].status == "fail" and "sha256" in deep["model acme--flipped/q4-g64"].message
-    assert deep["model acme--good/q4-g64"].status == "pass"
+    shallow = {c.message.split(":")[0].split()[0]: c for c in check_cache(str(root), deep=False) if c.name == "model"}
+    deep = {c.message.split(":")[0].split()[0]: c for c in check_cache(str(root), deep=True) if c.name == "model"}
+    assert shallow["acme--flipped/q4-g64"].status == "pass"  # sizes match: the fast check cannot see it
+    assert deep["acme--flipped/q4-g64"].status == "fail" and "sha256" in deep["acme--flipped/q4-g64"].message
+    assert deep["acme--good/q4-g64"].status == "pass" and deep["acme--truncated/q4-g64"].status == "fail"
 
 
 def test_missing_cache_fails_with_a_fix(tmp_path):

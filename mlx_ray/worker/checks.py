@@ -215,10 +215,10 @@ def check_cache(cache_dir: str | None, deep: bool) -> list[Check]:
         how = "sha256" if deep else "sizes"
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            out.append(Check(f"model {m.name}", FAIL, f"corrupt: {problems[0]}{more}",
+            out.append(Check("model", FAIL, f"{m.name} is corrupt: {problems[0]}{more}",
                              f"re-convert it: mlx-ray models rm {m.name} && mlx-ray convert {m.source or m.name}"))
         else:
-            out.append(Check(f"model {m.name}", PASS, f"{fmt_bytes(m.size)}, manifest verified ({how})"))
+            out.append(Check("model", PASS, f"{m.name}: {fmt_bytes(m.size)}, manifest verified ({how})"))
     return out
 
 
