@@ -197,6 +197,9 @@ def detect(*, num_cpus: int | None = None, num_gpus: int | None = None, resource
         store = parse_size(object_store_memory)
         if store < OBJECT_STORE_MIN:
             raise BadRequest(f"--object-store-memory must be at least {fmt_bytes(OBJECT_STORE_MIN)} (Ray's minimum)")
+    left = total - ray_mem - store
+    notes.append(f"memory: Ray {fmt_bytes(ray_mem)} + object store {fmt_bytes(store)} of {fmt_bytes(total)}; "
+                 f"{fmt_bytes(left)} left to MLX")
     node_labels = {"mlx-ray.io/accelerator": kind}
     node_labels.update(parse_labels(labels))
     return NodeResources(num_cpus=num_cpus if num_cpus is not None else cpus, num_gpus=gpus, resources=resources,
