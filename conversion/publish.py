@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -114,7 +115,8 @@ class TargetLock:
                 raise Conflict(f"{self.target} is being converted by {who} (lock {self.path}); wait for it "
                                f"to finish, or delete the lock if that process is gone")
             if not announced:
-                print(f"[mlx-ray] waiting for {who}, which is converting {self.target}", flush=True)
+                print(f"[mlx-ray] waiting for {who}, which is converting {self.target}", file=sys.stderr,
+                      flush=True)
                 announced = True
             time.sleep(self.poll)
         self._thread = threading.Thread(target=self._beat, daemon=True, name="mlx-ray-lock-heartbeat")

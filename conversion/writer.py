@@ -14,7 +14,10 @@ raises ``KeyError`` the shard is carried over and merged with the next one.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +132,7 @@ class ShardWriter:
                 del weights
                 if out:
                     part = out_dir / f".part-{len(parts):05d}.safetensors"
-                    mx.save_safetensors(str(part), out, metadata={"format": "mlx"})
+                    _save(part, out)
                     parts.append((part, sorted(out)))
                 del out
                 mx.clear_cache()
@@ -152,6 +155,17 @@ class ShardWriter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return self.result
+
+
+def _save(path: Path, arrays: dict) -> None:
+    """mx.save_safetensors, with its errno-less RuntimeError turned back into an OSError."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    except RuntimeError as e:
+        need = sum(v.nbytes for v in arrays.values())
+        if shutil.disk_usage(path.parent).free < need + (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise OSError(errno.EIO, str(e), str(path)) from e
 
 
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
