@@ -94,11 +94,20 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
         d = root / c
         if (d / "config.json").is_file() and not any(part.startswith(".") for part in Path(c).parts):
             return d
-    # A source name without a variant is fine when exactly one variant exists.
-    base = root / spec.strip("/").replace("/", "--") if spec.strip("/").count("/") <= 1 else None
-    variants = sorted(x.name for x in base.iterdir() if (x / "config.json").is_file() and not x.name.startswith(".")) \
-        if base is not None and base.is_dir() else []
-    if len(variants) == 1:
+    # A source name without a variant is fine when exactly one variant exists; a
+    # wrong variant of a known source lists the ones that exist.
+    clean = spec.strip("/")
+    whole = root / clean.replace("/", "--") if clean.count("/") <= 1 else None
+    parent = root / clean.split("/")[0] if clean.count("/") == 1 else None
+    base, variants = None, []
+    for cand in (whole, parent):
+        if cand is not None and cand.is_dir() and not cand.name.startswith("."):
+            base = cand
+            variants = sorted(x.name for x in cand.iterdir()
+                              if (x / "config.json").is_file() and not x.name.startswith("."))
+            if variants:
+                break
+    if base is whole and len(variants) == 1:
         return base / variants[0]
     hint = (f"it has variants {', '.join(variants)}: use {base.name}/<variant>" if variants
             else "run `mlx-ray models list` to see what is there, or `mlx-ray convert` it first")
