@@ -94,6 +94,22 @@ print(json.dumps({"nodes": nodes, "placed": placed}))
 """
 
 
+_GCS_NODES_SCRIPT = r"""
+import json, sys
+from ray._raylet import GcsClient
+nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).values()
+print(json.dumps([{"id": n.node_id.hex(), "name": n.node_name, "alive": n.state == 0} for n in nodes]))
+"""
+
+
+def gcs_nodes(head: RayHead) -> list[dict]:
+    """The head's node table straight from its GCS (fast: no driver, no job)."""
+    out = subprocess.run([sys.executable, "-c", _GCS_NODES_SCRIPT, head.address], capture_output=True, text=True,
+                         timeout=60, env=head.env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def cluster_nodes(head: RayHead, place: bool = False) -> dict:
     """What the head sees, through a real Ray driver: {'nodes': [...], 'placed': node id or None}."""
     out = subprocess.run([sys.executable, "-c", _NODES_SCRIPT, head.address, *(["place"] if place else [])],
@@ -128,7 +144,8 @@ def ray_head():
                 raise RuntimeError(f"ray head exited: {(temp_dir / 'head.log').read_text()[-2000:]}")
             try:
                 head_metadata(head.address, timeout=5, env=env)
-                break
+                if any(n["alive"] for n in gcs_nodes(head)):  # the head's own raylet has registered
+                    break
             except Exception:  # noqa: BLE001 - still starting
                 if time.monotonic() > deadline:
                     raise

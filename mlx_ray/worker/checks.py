@@ -240,11 +240,26 @@ def check_memory(cache_dir: str | None) -> Check:
     need = int(big.size * 1.15)  # weights plus a little KV cache and activations
     msg = (f"{fmt_bytes(vm.available)} available of {fmt_bytes(vm.total)}; largest cached model {big.name} "
            f"needs ~{fmt_bytes(need)}")
-    if need > vm.total * 0.75:
-        return Check("memory", FAIL, msg, "use a smaller or more quantized model on this machine")
+    limit, what = _gpu_working_set() or (int(vm.total * 0.75), "75% of RAM")
+    if need > limit:
+        return Check("memory", FAIL, f"{msg}, more than {what} ({fmt_bytes(limit)})",
+                     "use a smaller or more quantized model on this machine")
     if need > vm.available:
         return Check("memory", WARN, msg, "close other applications before loading it")
     return Check("memory", PASS, msg)
+
+
+def _gpu_working_set() -> tuple[int, str] | None:
+    """Metal's recommended working set: the most MLX can keep resident on the GPU."""
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            wss = mx.device_info().get("max_recommended_working_set_size")
+            return (int(wss), "the Metal working set") if wss else None
+    except Exception:  # noqa: BLE001
+        return None
+    return None
 
 
 def check_sleep() -> Check:
