@@ -117,8 +117,8 @@ def check_torch() -> Check:
 def check_head(address: str | None, timeout: float, env: dict) -> list[Check]:
     from . import versions
 
-    if not address:
-        return [Check("head", SKIP, "no --address (or RAY_ADDRESS) given", "")]
+    if not address or address in ("auto", "local"):
+        return [Check("head", SKIP, f"no head address given ({address or 'use --address HOST:PORT'})", "")]
     try:
         host, port = versions.parse_address(address)
         where = versions.format_address(host, port)

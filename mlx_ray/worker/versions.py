@@ -110,7 +110,9 @@ def head_metadata(address: str, timeout: float = 10.0, env: dict | None = None) 
         if "uthenticat" in out.stderr or "UNAUTHENTICATED" in out.stderr:
             raise BadRequest(f"the Ray head at {format_address(host, port)} refused us: token authentication "
                              "failed; pass --token-file with the cluster's token")
-        raise NotFound(f"could not read the cluster metadata from {format_address(host, port)}: {reason}")
+        raise NotFound(f"could not read the cluster metadata from {format_address(host, port)}: {reason}; "
+                       f"if the head runs another Ray than this machine's {local_versions().ray}, install the "
+                       "head's version here")
     return json.loads(out.stdout)
 
 
