@@ -216,7 +216,7 @@ def test_systemd_unit(tmp_path):
 
     path = tmp_path / "mlx-ray-worker.service"
     res = run_cli("worker", "launchd", "install", "--systemd", "--no-load", "--path", str(path),
-                  *_service_args(tmp_path, "--label", "pct=50%"))
+                  *_service_args(tmp_path, "--label", "pct=50%"), "--", "--node-ip-address", "100.64.0.2")
     assert res.returncode == 0, res.stderr
     text = path.read_text()
     assert "s3cr3t" not in text
@@ -227,6 +227,7 @@ def test_systemd_unit(tmp_path):
     assert argv[0] == sys.executable and argv[3:5] == ["worker", "start"] and "--block" in argv
     assert json.loads(argv[argv.index("--resources-override") + 1]) == {"gpu_apple_mps": 1}
     assert argv[argv.index("--label") + 1] == "pct=50%"
+    assert argv[-3:] == ["--", "--node-ip-address", "100.64.0.2"]  # passed on to `ray start`
     envs = dict(unquote_words(v)[0].split("=", 1) for k, v in unit["Service"] if k == "Environment")
     assert envs["RAY_AUTH_MODE"] == "token" and envs["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in envs  # a systemd unit is for Linux

@@ -21,7 +21,8 @@ def _worker_options(p: argparse.ArgumentParser, *, for_service: bool) -> None:
     p.add_argument("--resources-override", metavar="JSON",
                    help="custom resources to offer instead of the detected ones, e.g. '{\"gpu_apple_mps\": 1}' "
                         "(how tests force the Apple GPU resource where there is no Metal)")
-    p.add_argument("--memory", help="Ray's logical memory for tasks/actors (bytes or 8GiB); default: see below")
+    p.add_argument("--memory", help="Ray's logical memory for tasks/actors (bytes or 8GiB; default: Ray's "
+                        "share of RAM minus the object store)")
     p.add_argument("--object-store-memory", help="Ray object store size (default: 5%% of RAM, 512 MiB-4 GiB)")
     p.add_argument("--mlx-memory-fraction", type=float, default=0.75,
                    help="share of physical memory kept out of Ray's accounting for MLX (default 0.75)")
@@ -44,15 +45,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--dry-run", action="store_true",
                        help="print the exact command and environment (secrets masked), run nothing")
     svc = sub.add_parser("launchd", help="install, remove or print a launchd agent (or --systemd unit)")
-    svc.add_argument("action", choices=("install", "uninstall", "print"))
-    svc.add_argument("--systemd", action="store_true", help="a Linux systemd user unit instead of a launchd agent")
-    svc.add_argument("--service-label", default=None,
-                     help="launchd label (default io.ray.worker) or systemd unit name (default mlx-ray-worker)")
-    svc.add_argument("--path", help="where to write the file (default: ~/Library/LaunchAgents/LABEL.plist or "
-                                    "~/.config/systemd/user/NAME.service)")
-    svc.add_argument("--log-dir", help="launchd log directory (default ~/Library/Logs/mlx-ray)")
-    svc.add_argument("--no-load", action="store_true", help="write and validate only; do not run launchctl/systemctl")
-    _worker_options(svc, for_service=True)
+    actions = svc.add_subparsers(dest="action", metavar="{install,uninstall,print}", required=True)
+    for action, help_ in (("install", "write, validate and load the service"),
+                          ("uninstall", "unload and remove the service"),
+                          ("print", "show the service file without writing anything")):
+        a = actions.add_parser(action, help=help_)
+        a.add_argument("--systemd", action="store_true", help="a Linux systemd user unit instead of a launchd agent")
+        a.add_argument("--service-label", default=None,
+                       help="launchd label (default io.ray.worker) or systemd unit name (default mlx-ray-worker)")
+        a.add_argument("--path", help="where to write the file (default: ~/Library/LaunchAgents/LABEL.plist or "
+                                      "~/.config/systemd/user/NAME.service)")
+        a.add_argument("--log-dir", help="launchd log directory (default ~/Library/Logs/mlx-ray)")
+        a.add_argument("--no-load", action="store_true",
+                       help="write and validate only; do not run launchctl/systemctl")
+        _worker_options(a, for_service=True)
 
 
 def _resources(args):
