@@ -32,6 +32,7 @@ class Side:
     model: Any
     tokenizer: Any
     info: dict = field(default_factory=dict)  # path, device, dtype, quantization, weight_bytes
+    config: dict = field(default_factory=dict)  # the model's config.json
 
 
 def resolve_mlx_path(spec: str) -> Path:
@@ -69,16 +70,28 @@ def quant_label(q: dict | None, dtype: str) -> str:
     return f"q{q['bits']}-g{q['group_size']}" if mode == "affine" else f"{mode}-g{q['group_size']}"
 
 
+def _mlx_load(path: Path):
+    """The engine's loader (RoPE config guard, CPU quantized-matmul kernel): the path mlx-ray serves."""
+    try:
+        from mlx_ray.engine.loader import load
+    except ImportError:  # a build without the engine: plain mlx-lm
+        from mlx_lm import load as mlx_load
+
+        try:
+            model, tok = mlx_load(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise BadRequest(f"mlx_lm cannot load {path}: {e}") from None
+        return model, tok, False
+    model, tok, info = load(str(path))
+    return model, tok, bool(info.cpu_kernel)
+
+
 def load_mlx(spec: str) -> Side:
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm import load
 
     path = resolve_mlx_path(spec)
-    try:
-        model, tok = load(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise BadRequest(f"mlx_lm cannot load {path}: {e}") from None
+    model, tok, cpu_kernel = _mlx_load(path)
     config = json.loads((path / "config.json").read_text())
     params = tree_flatten(model.parameters())
     weight_bytes = sum(v.nbytes for _, v in params)
@@ -86,8 +99,8 @@ def load_mlx(spec: str) -> Side:
     dtype = str(floats[0]).replace("mlx.core.", "") if floats else "unknown"
     q = quant_of(config)
     info = {"path": str(path), "device": mlx_device(), "dtype": dtype, "quantization": quant_label(q, dtype),
-            "quant": q, "weight_bytes": int(weight_bytes), "config": config}
-    return Side("mlx", model, tok, info)
+            "quant": q, "weight_bytes": int(weight_bytes), "cpu_kernel": cpu_kernel}
+    return Side("mlx", model, tok, info, config)
 
 
 def pick_torch_device(wanted: str | None = None) -> str:

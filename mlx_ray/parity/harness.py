@@ -111,7 +111,7 @@ def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None
     backends.free(t_side)
 
     m_side = backends.load_mlx(str(mlx_path))
-    m_info = {k: v for k, v in m_side.info.items() if k != "config"}
+    m_info = dict(m_side.info)
     m_gens, m_lps, m_ref, m_mem = _run_side(m_side, prompt_ids, ref_ids, max_new_tokens, eos,
                                             conts=[g.tokens for g in t_gens], desc="mlx")
     backends.free(m_side)

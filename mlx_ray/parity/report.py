@@ -22,7 +22,8 @@ def header(r: dict) -> list[str]:
         f"- torch: `{t['path']}` on **{t['device']}**, {t['dtype']} (torch {v['torch']}, transformers "
         f"{v['transformers']}{', %d threads' % t['threads'] if t.get('threads') else ''})",
         f"- MLX: `{m['path']}` on **{m['device']}**, {m['quantization']} ({m['dtype']} activations; mlx {v['mlx']}, "
-        f"mlx-lm {v['mlx-lm']}; BLAS: {env['mlx_blas']})",
+        f"mlx-lm {v['mlx-lm']}; BLAS: {env['mlx_blas']}"
+        f"{'; CPU quantized-matmul kernel' if m.get('cpu_kernel') else ''})",
         f"- machine: {env['platform']}, Python {env['python']}",
     ]
 

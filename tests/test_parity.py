@@ -1,0 +1,170 @@
+"""``mlx-ray parity`` on the real fixture model, on CPU.
+
+The prompt set is cut to two prompts (one raw, one chat-templated) and short
+continuations so the whole file stays around two minutes; the built-in set
+and the defaults are what ``mlx-ray parity`` uses outside tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlx_ray.cli import main as cli_main
+from mlx_ray.parity import thresholds
+from mlx_ray.parity.harness import check_vocab_sizes
+from mlx_ray.parity.prompts import load_prompts
+
+PROMPTS = [
+    {"name": "raw", "prompt": "Once upon a time, in a small village by the sea,"},
+    {"name": "chat", "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_blas_reexec(monkeypatch):
+    """cli.main re-execs the process to preload OpenBLAS; inside pytest that would restart the run."""
+    monkeypatch.setenv("MLX_RAY_BLAS_REEXEC", "1")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("parity") / "prompts.json"
+    p.write_text(json.dumps(PROMPTS))
+    return p
+
+
+def run_cli(hf, mlx, prompts_file, out: Path, *extra) -> tuple[int, dict | None]:
+    js = out / "parity.json"
+    rc = cli_main(["parity", "--hf", str(hf), "--mlx", str(mlx), "--prompts", str(prompts_file), "--device", "cpu",
+                   "--json", str(js), "--report", str(out / "parity.md"), *extra])
+    return rc, (json.loads(js.read_text()) if js.exists() else None)
+
+
+def variant(src: Path, dst: Path) -> Path:
+    """A copy of an MLX model dir to modify (weights copied, so the original stays intact)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".*"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def f32_report(smollm2_hf, mlx_f32, prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("f32")
+    rc, report = run_cli(smollm2_hf, mlx_f32, prompts_file, out, "--max-new-tokens", "16", "--ppl-tokens", "128")
+    return rc, report, out
+
+
+def test_f32_matches_torch_f32(f32_report):
+    rc, r, out = f32_report
+    assert rc == 0 and r["passed"] and r["level"] == "f32"
+    assert r["logits"]["top1_agreement"] >= 0.999
+    assert r["logits"]["positions"] > 40
+    assert all(p["greedy"]["identical"] for p in r["prompts"])
+    assert "Paris" in next(p["mlx_text"] for p in r["prompts"] if p["name"] == "chat")
+    assert abs(r["perplexity"]["ratio"] - 1) < 1e-3
+
+
+def test_report_names_devices_versions_and_blas(f32_report):
+    _, r, out = f32_report
+    assert r["torch"]["device"] == "cpu" and r["torch"]["dtype"] == "float32"
+    assert r["mlx"]["device"] == "cpu" and r["mlx"]["quantization"] == "float32"
+    assert set(r["environment"]["versions"]) >= {"mlx", "mlx-lm", "torch", "transformers"}
+    assert r["environment"]["mlx_blas"]
+    md = (out / "parity.md").read_text()
+    assert "| top-1 agreement" in md and "**Verdict: PASS" in md and r["environment"]["mlx_blas"] in md
+    for side in ("torch", "mlx"):
+        lat = r["latency"][side]
+        assert lat["ttft_s"] > 0 and lat["decode_tok_s"] > 0 and lat["peak_bytes"] > 0
+
+
+def test_q4_within_documented_bounds(smollm2_hf, mlx_q4, tmp_path):
+    # Quantized matmul on MLX's CPU backend is slow: a few tokens only.
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([PROMPTS[1]]))
+    rc, r = run_cli(smollm2_hf, mlx_q4, prompts, tmp_path, "--max-new-tokens", "3", "--ppl-tokens", "24")
+    assert r["level"] == "q4" and r["mlx"]["quantization"] == "q4-g64"
+    assert r["thresholds"] == thresholds.DEFAULTS["q4"]
+    assert [c["name"] for c in r["checks"] if not c["passed"]] == [] and rc == 0
+    assert r["logits"]["kl_mean"] > 1e-4  # quantization shows up: this is not the f32 model
+
+
+def test_scaled_layer_fails(smollm2_hf, mlx_f32, prompts_file, tmp_path):
+    import mlx.core as mx
+
+    d = variant(mlx_f32, tmp_path / "corrupt")
+    for f in d.glob("*.safetensors"):
+        w = mx.load(str(f))
+        hit = [k for k in w if k.startswith("model.layers.7.") and k.endswith("proj.weight")]
+        if hit:
+            w.update({k: w[k] * 1.3 for k in hit})
+            mx.save_safetensors(str(f), w, metadata={"format": "mlx"})
+    rc, r = run_cli(smollm2_hf, d, prompts_file, tmp_path, "--max-new-tokens", "8", "--ppl-tokens", "64")
+    assert rc == 1 and not r["passed"] and r["verdict"].startswith("FAIL")
+    assert not next(c for c in r["checks"] if c["name"] == "kl_mean_max")["passed"]
+
+
+def test_lost_rope_theta_fails(smollm2_hf, mlx_f32, prompts_file, tmp_path, capsys):
+    d = variant(mlx_f32, tmp_path / "norope")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg.pop("rope_theta", None) == 100000.0  # the converter wrote it; mlx-lm now falls back to 10000
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, r = run_cli(smollm2_hf, d, prompts_file, tmp_path, "--max-new-tokens", "8", "--ppl-tokens", "64")
+    assert rc == 1 and r["logits"]["top1_agreement"] < 0.999 and r["logits"]["max_abs_diff"] > 1
+    assert "FAIL" in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_is_refused(smollm2_hf, mlx_f32, prompts_file, tmp_path, capsys):
+    d = tmp_path / "othertok"
+    d.mkdir()
+    for f in Path(mlx_f32).iterdir():  # weights by symlink: only the tokenizer changes
+        if f.is_file() and f.name != "tokenizer.json":
+            (d / f.name).symlink_to(f)
+    tok = json.loads((Path(mlx_f32) / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["Parisx"] = vocab.pop("Paris")
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    rc, r = run_cli(smollm2_hf, d, prompts_file, tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and r is None
+    assert len(err) == 1 and "tokenizer mismatch" in err[0]
+
+
+def test_bad_usage_exits_2(smollm2_hf, mlx_f32, tmp_path, capsys):
+    bad = tmp_path / "t.json"
+    bad.write_text('{"top1_minimum": 0.5}')
+    assert cli_main(["parity", "--hf", str(smollm2_hf), "--mlx", str(mlx_f32), "--thresholds", str(bad)]) == 2
+    assert cli_main(["parity", "--hf", str(smollm2_hf), "--mlx", str(tmp_path / "nope")]) in (2, 3)
+    assert cli_main(["parity", "--hf", str(smollm2_hf), "--mlx", str(mlx_f32), "--device", "tpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("mlx-ray parity: error:") for e in err)
+
+
+def test_vocab_size_check():
+    assert check_vocab_sizes(49152, 49152, 49152) == 49152
+    assert check_vocab_sizes(49280, 49152, 49152) == 49152  # padded embedding: compare the real tokens
+    with pytest.raises(Exception, match="vocabulary size mismatch"):
+        check_vocab_sizes(32000, 49152, 49152)
+
+
+def test_levels_and_overrides():
+    assert thresholds.level_of({"dtype": "float32"}, "float32") == "f32"
+    assert thresholds.level_of({"dtype": "float32"}, "bfloat16") == "bf16"
+    assert thresholds.level_of({"dtype": "bfloat16", "quant": {"bits": 4, "group_size": 64}}, "float32") == "q4"
+    assert thresholds.level_of({"quant": {"bits": 4, "group_size": 32, "mode": "mxfp4"}}, "float32") == "q4"
+    assert thresholds.level_of({"quant": {"bits": 8, "group_size": 32, "mode": "mxfp8"}}, "float32") == "q8"
+    t = thresholds.thresholds_for("q4", {"top1_min": 0.5, "q4": {"kl_p99_max": None}, "f32": {"top1_min": 1}})
+    assert t["top1_min"] == 0.5 and t["kl_p99_max"] is None and t["kl_mean_max"] == thresholds.DEFAULTS["q4"]["kl_mean_max"]
+    assert thresholds.DEFAULTS["f32"]["top1_min"] >= 0.999
+    # strictness grows monotonically with precision
+    for a, b in zip(thresholds.ORDER, thresholds.ORDER[1:]):
+        assert thresholds.DEFAULTS[a]["top1_min"] >= thresholds.DEFAULTS[b]["top1_min"]
+        assert thresholds.DEFAULTS[a]["kl_mean_max"] <= thresholds.DEFAULTS[b]["kl_mean_max"]
+
+
+def test_builtin_prompts_cover_the_kinds():
+    names = {p.name for p in load_prompts(None)}
+    assert {"short", "chat", "code", "multilingual", "long"} <= names
+    assert any(p.messages for p in load_prompts(None)) and any(p.text for p in load_prompts(None))
