@@ -15,6 +15,7 @@ QUESTIONS = [
     "Explain gravity in one sentence.", "Who wrote Hamlet?", "What is 2+2?",
     "Name a yellow fruit.", "Tell me a joke about cats.",
 ]
+BATCH_MAX_TOKENS = [24] + [12] * 7
 
 
 def chat(engine, q):
@@ -22,10 +23,10 @@ def chat(engine, q):
 
 
 def test_greedy_alone_is_token_identical_to_mlx_lm(engine_f32, mlxlm_greedy):
-    for i, q in enumerate(QUESTIONS[:2]):
+    for i, (q, n) in enumerate(zip(QUESTIONS[:2], BATCH_MAX_TOKENS)):  # references shared with the batch test
         ids = chat(engine_f32, q)
-        got, text, _, _, fin = run_async(collect(engine_f32, make_request(f"alone-{i}", ids, max_tokens=24)))
-        assert got == mlxlm_greedy(ids, 24)
+        got, text, _, _, fin = run_async(collect(engine_f32, make_request(f"alone-{i}", ids, max_tokens=n)))
+        assert got == mlxlm_greedy(ids, n)
         assert fin.finish_reason in ("stop", "length") and fin.error is None
         assert fin.prompt_tokens == len(ids) and fin.completion_tokens == len(got)
     assert text  # the France answer: "The capital of France is Paris." (FACTS.md), checked below too
@@ -33,7 +34,7 @@ def test_greedy_alone_is_token_identical_to_mlx_lm(engine_f32, mlxlm_greedy):
 
 def test_greedy_in_batch_of_8_joining_at_different_steps_is_token_identical(engine_f32, mlxlm_greedy):
     prompts = [chat(engine_f32, q) for q in QUESTIONS]
-    max_tokens = [32] + [16] * 7
+    max_tokens = BATCH_MAX_TOKENS
 
     async def main():
         progress = [asyncio.Event() for _ in range(len(prompts))]
@@ -69,7 +70,7 @@ def test_greedy_in_batch_of_8_joining_at_different_steps_is_token_identical(engi
 
 def test_seeded_sampling_is_reproducible_alone_and_batched(engine_f32):
     ids = chat(engine_f32, "Invent a name for a dragon.")
-    kw = dict(max_tokens=12, temperature=0.9, top_p=0.95, top_k=40)
+    kw = dict(max_tokens=8, temperature=0.9, top_p=0.95, top_k=40)
 
     alone = run_async(collect(engine_f32, make_request("s-alone", ids, seed=7, **kw)))[0]
     again = run_async(collect(engine_f32, make_request("s-again", ids, seed=7, **kw)))[0]
@@ -97,14 +98,14 @@ def test_cancelling_one_request_leaves_the_others_unchanged(engine_f32, mlxlm_gr
                 else:
                     return n, ev
 
-        return await asyncio.gather(victim(), *(collect(engine_f32, make_request(f"keep{i}", p, max_tokens=16))
+        return await asyncio.gather(victim(), *(collect(engine_f32, make_request(f"keep{i}", p, max_tokens=12))
                                                 for i, p in enumerate(prompts[1:])))
 
     (n, fin), *others = run_async(main())
     assert fin.finish_reason == "cancelled" and 3 <= n < 64
     for p, (got, *_, ofin) in zip(prompts[1:], others):
         assert ofin.error is None
-        assert got == mlxlm_greedy(p, 16)
+        assert got == mlxlm_greedy(p, 12)
 
 
 def test_abandoned_stream_frees_its_row(engine_f32):
@@ -128,15 +129,15 @@ def test_prefix_cache_hit_gives_the_same_tokens_as_a_miss(engine_f32, mlxlm_gree
     longer = base + engine_f32.encode(" In summary, the terns")
     before = dict(engine_f32.stats())
 
-    miss = run_async(collect(engine_f32, make_request("p-miss", base, max_tokens=12)))
-    hit = run_async(collect(engine_f32, make_request("p-hit", base, max_tokens=12)))
-    ext = run_async(collect(engine_f32, make_request("p-ext", longer, max_tokens=12)))
+    miss = run_async(collect(engine_f32, make_request("p-miss", base, max_tokens=8)))
+    hit = run_async(collect(engine_f32, make_request("p-hit", base, max_tokens=8)))
+    ext = run_async(collect(engine_f32, make_request("p-ext", longer, max_tokens=8)))
 
     assert miss[4].cached_tokens == 0
     assert hit[4].cached_tokens == len(base) - 1  # all but the last token came from the cache
     assert ext[4].cached_tokens >= len(base)
-    assert hit[0] == miss[0] == mlxlm_greedy(base, 12)
-    assert ext[0] == mlxlm_greedy(longer, 12)
+    assert hit[0] == miss[0] == mlxlm_greedy(base, 8)
+    assert ext[0] == mlxlm_greedy(longer, 8)
     after = engine_f32.stats()
     assert after["prefix_hits"] - before["prefix_hits"] >= 2
     assert after["prefix_misses"] - before["prefix_misses"] >= 1

@@ -188,8 +188,12 @@ class MLXEngine(LLMEngine):
             raise ContextOverflow(
                 f"prompt plus max_tokens ({need} tokens) needs more KV cache than the engine's budget of "
                 f"{self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise kv_budget_bytes", param="max_tokens")
-        if len(self._inflight) >= cfg.max_num_seqs + cfg.max_queue:
-            raise Overloaded(f"the engine is full ({cfg.max_num_seqs} running, {cfg.max_queue} waiting); retry later")
+        # Full: every row and queue slot taken, or (when the KV budget holds fewer rows than
+        # max_num_seqs) the loop reports its queue full.
+        waiting = self._sched.published.get("waiting", 0)
+        if len(self._inflight) >= cfg.max_num_seqs + cfg.max_queue or (waiting and waiting >= cfg.max_queue):
+            raise Overloaded(f"the engine is full ({len(self._inflight) - waiting} running, {waiting} waiting, "
+                             f"queue limit {cfg.max_queue}); retry later", retry_after=1.0)
 
         loop = asyncio.get_running_loop()
         handle = _Handle()
