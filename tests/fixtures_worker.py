@@ -30,8 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the process group, wait, then SIGKILL whatever is left of it."""
+def stop_group(proc: subprocess.Popen, timeout: float = 40.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL whatever is left of it.
+
+    ``ray start --block`` drains its node on SIGTERM for up to
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default) before it exits.
+    """
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -33,7 +33,9 @@ def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
            "--resources-override", '{"gpu_apple_mps": 1}', "--num-cpus", "1", "--node-name", "fake-mac",
            "--label", "site=test", "--memory", "512MiB", "--object-store-memory", "200MiB", "--block",
            "--", "--dashboard-agent-listen-port", str(free_port())]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+    # A bounded drain: SIGTERM still takes Ray's graceful path, but a slow drain cannot stall the suite.
+    env = clean_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="10")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while not [n for n in gcs_nodes(ray_head) if n["id"] not in before and n["alive"]]:

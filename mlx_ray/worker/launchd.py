@@ -38,6 +38,9 @@ def build(label: str, program_args: list[str], env: dict[str, str], log_dir: Pat
         # Restart whenever it exits (crash, head restart, network loss) but not in a tight loop.
         "KeepAlive": True,
         "ThrottleInterval": 30,
+        # On SIGTERM `ray start` drains the node for up to 30 s (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S);
+        # launchd's default is to SIGKILL after 20 s.
+        "ExitTimeOut": 45,
         # Interactive: no App Nap / background throttling of the inference process.
         "ProcessType": "Interactive",
         "WorkingDirectory": str(Path.home()),
