@@ -102,7 +102,8 @@ _GCS_NODES_SCRIPT = r"""
 import json, sys
 from ray._raylet import GcsClient
 nodes = GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10).values()
-print(json.dumps([{"id": n.node_id.hex(), "name": n.node_name, "alive": n.state == 0} for n in nodes]))
+print(json.dumps([{"id": n.node_id.hex(), "name": n.node_name, "alive": n.state == 0,
+                    "death": type(n.death_info).Reason.Name(n.death_info.reason)} for n in nodes]))
 """
 
 

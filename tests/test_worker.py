@@ -60,6 +60,7 @@ def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
     assert not group_alive(proc.pid)
     after = {n["id"]: n for n in gcs_nodes(ray_head)}
     assert not after[node["id"]]["alive"]
+    assert after[node["id"]]["death"] == "EXPECTED_TERMINATION"  # a clean stop, not a lost node
 
 
 @pytest.mark.parametrize("hook,value,named", [
