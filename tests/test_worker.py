@@ -248,3 +248,10 @@ def test_bad_input_is_one_line(args, code, needle):
     res = run_cli("worker", "start", *args, "--dry-run")
     assert res.returncode == code, res.stderr
     assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_systemd_quoting_round_trips():
+    from mlx_ray.worker.systemd import quote, unquote_words
+
+    words = ["/opt/py thon/bin/python", '{"gpu_apple_mps": 1}', "50%", "$HOME", "a\\b", "it's", "", "plain"]
+    assert unquote_words(" ".join(quote(w) for w in words)) == words
