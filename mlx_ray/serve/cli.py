@@ -11,7 +11,6 @@ and then tears the application down. `--print-config` prints the RayService
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sys
@@ -108,18 +107,20 @@ def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
              log_to_driver=False)
 
 
-def deploy(cfg: ServeConfig, app_name: str = APP_NAME) -> str:
+def deploy(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: str = "/",
+           proxy_location: Optional[str] = None) -> str:
     """Start Serve's proxy on cfg.host:cfg.port and deploy without waiting; returns the base URL."""
     from ray import serve
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    opts = {"proxy_location": proxy_location} if proxy_location else {}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, **opts)
     app = build_from_config(cfg)
     try:
-        serve._run(app, name=app_name, route_prefix="/", _blocking=False)
+        serve._run(app, name=app_name, route_prefix=route_prefix, _blocking=False)
     except (AttributeError, TypeError):  # should a future Ray drop the private entry point
-        serve.run(app, name=app_name, route_prefix="/", blocking=False)
+        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    return f"http://{host}:{cfg.port}"
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
 
 
 def wait_ready(cfg: ServeConfig, url: str, app_name: str = APP_NAME, timeout: float = READY_TIMEOUT_S,
@@ -174,7 +175,7 @@ def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = 
     signal.signal(signal.SIGTERM, _stop)
     connect_ray(cfg, address)
     try:
-        url = deploy(cfg)
+        url = deploy(cfg, proxy_location=None if address else "HeadOnly")
         say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         say(f"mlx-ray serve: deploying {', '.join(m.name for m in cfg.models)} (Ray {ray.__version__}) ...")
         wait_ready(cfg, url, timeout=ready_timeout, say=say)

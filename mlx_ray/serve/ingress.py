@@ -115,14 +115,16 @@ class OpenAIIngress:
         except Exception as e:  # noqa: BLE001
             return error_response(e)
 
-    async def list_models(self) -> Response:
+    async def list_models(self, request: Request) -> Response:
         cards = [oai.ModelCard(id=m.name, root=m.model, max_model_len=m.engine.max_model_len) for m in self.cfg.models]
         return JSONResponse(oai.ModelList(data=cards).model_dump())
 
-    async def health(self) -> Response:
+    async def health(self, request: Request) -> Response:
         async def one(name, handle):
             try:
                 return name, await asyncio.wait_for(_await(handle.health.remote()), HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return name, {"ok": False, "error": f"no answer within {HEALTH_TIMEOUT_S:.0f}s (starting or wedged)"}
             except Exception as e:  # noqa: BLE001 - unreachable replica == unhealthy
                 return name, {"ok": False, "error": f"{e.__class__.__name__}: {e}"[:300]}
 
@@ -421,17 +423,32 @@ def _base_app(cfg: ServeConfig) -> FastAPI:
     return app
 
 
-def add_routes(app: FastAPI, target: Any, getter: Callable[[Any, str], Callable] = getattr) -> FastAPI:
+def create_app(ingress: OpenAIIngress) -> FastAPI:
+    """A FastAPI app over an ingress instance (no Serve: unit tests, embedding)."""
+    app = _base_app(ingress.cfg)
     for path, (name, methods) in ROUTES.items():
-        app.add_api_route(path, getter(target, name), methods=methods)
+        app.add_api_route(path, getattr(ingress, name), methods=methods)
     return app
 
 
-def create_app(ingress: OpenAIIngress) -> FastAPI:
-    """A FastAPI app over an ingress instance (no Serve: unit tests, embedding)."""
-    return add_routes(_base_app(ingress.cfg), ingress)
-
-
 def fastapi_app_for_class(cfg: ServeConfig, cls: type = OpenAIIngress) -> FastAPI:
-    """The app `serve.ingress` wraps: routes are the class's methods (Serve binds `self`)."""
-    return add_routes(_base_app(cfg), cls)
+    """The app `serve.ingress` wraps; Serve binds `self` to the replica's instance.
+
+    The endpoints are fresh closures, not the class's functions: Serve rewrites their
+    signatures in place and cloudpickles the app to the replica, which keeps those
+    rewrites only for functions pickled by value (module functions travel by reference).
+    """
+    app = _base_app(cfg)
+    for path, (name, methods) in ROUTES.items():
+        app.add_api_route(path, _endpoint(cls, name), methods=methods)
+    return app
+
+
+def _endpoint(cls: type, name: str):
+    async def endpoint(self, request):
+        return await getattr(self, name)(request)
+
+    endpoint.__name__ = name
+    endpoint.__qualname__ = f"{cls.__qualname__}.{name}"  # how Serve finds class-bound routes
+    endpoint.__annotations__ = {"request": Request}
+    return endpoint

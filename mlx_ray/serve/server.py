@@ -94,7 +94,15 @@ class LLMServer:
 
     async def info(self) -> dict:
         await self.start()
-        return {"name": self.cfg.name, "model": self.cfg.model,
+        node_id = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+        except ImportError:
+            pass
+        return {"name": self.cfg.name, "model": self.cfg.model, "node_id": node_id,
                 "max_model_len": getattr(self.engine, "max_model_len", None)}
 
     async def stats(self) -> dict:

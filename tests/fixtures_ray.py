@@ -1,0 +1,144 @@
+"""Session-scoped Ray fixtures shared by all Ray tests: one two-node cluster, like the real one.
+
+* the head (``ray start --head``) offers no ``gpu_apple_mps``, like the cluster's head;
+* a second node joins with ``--resources '{"gpu_apple_mps": 1}'``, as the Mac worker does.
+
+Both run with ``--block`` under ``setsid`` on free ports with a short temp dir, and
+are stopped by process group at the end of the session (never ``ray stop``: other
+clusters may run on this machine). The test process connects as a driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+RESOURCE = "gpu_apple_mps"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class RayCluster:
+    address: str
+    temp_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def node_ids(self) -> dict[str, str]:
+        """{"head": node_id, "mac": node_id} from the connected driver's view."""
+        import ray
+
+        out = {}
+        for n in ray.nodes():
+            if n.get("Alive"):
+                out["mac" if n["Resources"].get(RESOURCE) else "head"] = n["NodeID"]
+        return out
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _node_args(temp_dir: Path, num_cpus: int) -> list[str]:
+    nm, om, client, agent, agent_grpc, metrics, renv = free_ports(7)
+    # workers' ports: below Linux's ephemeral range (32768+), where free_ports() picks the others
+    lo = random.randrange(20000, 32000, 200)
+    return ["--block", "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+            f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={renv}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 199}", "--node-ip-address=127.0.0.1"]
+
+
+def _spawn(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_nodes(cluster: RayCluster, n: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p, log in zip(cluster.procs, cluster.logs):
+            if p.poll() is not None:
+                raise RuntimeError(f"ray start exited ({p.returncode}): {log.read_text()[-2000:]}")
+        r = subprocess.run(["ray", "status", f"--address={cluster.address}"], capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.count("node_") >= n:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the test Ray cluster did not come up with {n} nodes")
+
+
+def start_two_node_cluster(worker_cpus: int = 2) -> RayCluster:
+    # Ray's socket paths live under temp_dir and must stay short (AF_UNIX limit): /tmp/mrXXXX
+    temp_dir = Path(tempfile.mkdtemp(prefix="mr", dir="/tmp"))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    port = free_ports(1)[0]
+    cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
+    try:
+        head = ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *_node_args(temp_dir, 1)]
+        cluster.logs.append(temp_dir / "head.log")
+        cluster.procs.append(_spawn(head, cluster.logs[-1], env))
+        _wait_nodes(cluster, 1)
+        mac = ["ray", "start", f"--address={cluster.address}", f"--resources={json.dumps({RESOURCE: 1})}",
+               *_node_args(temp_dir, worker_cpus)]
+        cluster.logs.append(temp_dir / "mac.log")
+        cluster.procs.append(_spawn(mac, cluster.logs[-1], env))
+        _wait_nodes(cluster, 2)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A live two-node cluster (head without gpu_apple_mps, 'mac' node with it); the test process is a driver."""
+    import ray
+
+    cluster = start_two_node_cluster()
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        yield cluster
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)

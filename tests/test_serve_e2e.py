@@ -1,0 +1,236 @@
+"""End to end: the official `openai` client -> HTTP -> Ray Serve -> MLXEngine -> the real fixture model.
+
+One two-node Ray cluster (``tests/fixtures_ray.py``: a head without gpu_apple_mps and
+a "Mac" node with it) and one application, deployed once per session:
+
+* ``smol``: the fixture (float32) on MLXEngine with a tiny admission limit
+  (2 running + 1 waiting) so overload is reachable with a handful of requests;
+* ``smol-faulty``: the same model behind ``mlx_ray.serve.testing.FaultInjectingEngine``,
+  the test hook that makes its engine fail like a dead generation loop on demand.
+
+Generations are kept short (a few tokens) so the module stays within minutes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from mlx_ray.serve.config import ServeConfig
+from mlx_ray.serve.testing import FAULT_TRIGGER
+
+pytestmark = pytest.mark.slow
+
+APP = "mlx-ray-test"
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
+LIMIT = {"max_num_seqs": 2, "max_queue": 1, "max_model_len": 512}
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster, mlx_f32):
+    from fixtures_ray import free_ports
+    from mlx_ray.serve.cli import deploy, wait_ready
+
+    cfg = ServeConfig.from_args({
+        "port": free_ports(1)[0],
+        "models": [
+            {"model": str(mlx_f32), "name": "smol", "engine": LIMIT,
+             "placement": {"resource_amount": 0.5, "max_queued_requests": 1}},
+            {"model": str(mlx_f32), "name": "smol-faulty", "engine": LIMIT,
+             "engine_class": "mlx_ray.serve.testing:FaultInjectingEngine",
+             "placement": {"resource_amount": 0.5}},
+        ],
+    })
+    url = deploy(cfg, app_name=APP, proxy_location="HeadOnly")
+    wait_ready(cfg, url, app_name=APP, timeout=300)
+    return url, cfg
+
+
+@pytest.fixture(scope="session")
+def oa(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def handle(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(ServeConfig.from_args({"models": [{"model": "x", "name": name}]})
+                                       .models[0].deployment_name, app_name=APP)
+
+
+def test_replica_lands_on_the_gpu_apple_mps_node(served, ray_cluster):
+    info = handle("smol").info.remote().result(timeout_s=60)
+    nodes = ray_cluster.node_ids()
+    assert info["node_id"] == nodes["mac"] != nodes["head"]
+
+
+def test_chat_stream_equals_non_stream_and_usage(oa, mlx_f32):
+    from transformers import AutoTokenizer
+
+    full = oa.chat.completions.create(model="smol", messages=MSG, max_tokens=8, temperature=0)
+    chunks = list(oa.chat.completions.create(model="smol", messages=MSG, max_tokens=8, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content and "Paris" in text
+    prompt_len = len(AutoTokenizer.from_pretrained(str(mlx_f32)).apply_chat_template(MSG, add_generation_prompt=True))
+    assert full.usage.prompt_tokens == prompt_len == chunks[-1].usage.prompt_tokens
+    assert full.usage.completion_tokens == chunks[-1].usage.completion_tokens
+    assert full.usage.completion_tokens == 8 or full.choices[0].finish_reason == "stop"
+
+
+def test_completions_max_tokens_and_stop(oa):
+    r = oa.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+    text = r.choices[0].text
+    word = text.split()[1]
+    s = oa.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0, stop=[word])
+    assert s.choices[0].finish_reason == "stop"
+    assert s.choices[0].text == text[: text.index(word)]
+    st = list(oa.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                    stream=True))
+    assert "".join(c.choices[0].text for c in st) == text
+
+
+def test_seed_reproducible_and_n2(oa):
+    kw = dict(model="smol", messages=MSG, max_tokens=6, temperature=1.0, seed=1234)
+    a = oa.chat.completions.create(n=2, **kw)
+    b = oa.chat.completions.create(n=2, **kw)
+    assert len(a.choices) == 2 and [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert 2 <= a.usage.completion_tokens <= 12
+
+
+def test_logprobs(oa):
+    r = oa.chat.completions.create(model="smol", messages=MSG, max_tokens=3, temperature=0, logprobs=True,
+                                   top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the best of the top list
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob <= 0 and abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4
+
+
+def test_greedy_identity_with_mlx_ray_generate(oa, mlx_f32):
+    r = oa.chat.completions.create(model="smol", messages=MSG, max_tokens=12, temperature=0)
+    gen = subprocess.run([sys.executable, "-m", "mlx_ray.cli", "generate", "--model", str(mlx_f32), "--prompt",
+                          MSG[0]["content"], "--max-tokens", "12", "--quiet"], capture_output=True, text=True,
+                         timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert r.choices[0].message.content == gen.stdout.rstrip("\n")
+
+
+def _post(url, body, **kw):
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120, **kw)
+
+
+def test_error_statuses(served):
+    url = served[0]
+    r = _post(url, {"model": "nope", "messages": MSG})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = _post(url, {"model": "smol", "messages": MSG, "top_p": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    r = _post(url, {"model": "smol", "messages": MSG, "max_tokens": 100000})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "smol", "prompt": ', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = _post(url, {"model": "smol", "messages": MSG, "max_tokens": 400, "timeout": 0.3, "ignore_eos": True})
+    assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="nope", messages=MSG)
+
+
+def _stats(name="smol"):
+    return handle(name).stats.remote().result(timeout_s=30)
+
+
+def _wait_idle(name="smol", timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = _stats(name)
+        if s["inflight"] == 0 and s["running"] == 0:
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"engine still busy: {_stats(name)}")
+
+
+def test_client_disconnect_frees_the_slot(served):
+    url = served[0]
+    _wait_idle()
+    body = {"model": "smol", "messages": MSG, "max_tokens": 400, "stream": True, "temperature": 0,
+            "ignore_eos": True}  # keep going past the answer
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(4)]
+            assert any(x.startswith("data: {") for x in got)
+            busy = _stats()
+            assert busy["inflight"] == 1
+    idle = _wait_idle(timeout=20)
+    assert idle["inflight"] == 0
+
+
+def test_overload_gets_429_and_admitted_requests_complete(served):
+    url = served[0]
+    _wait_idle()
+    body = {"model": "smol", "messages": MSG, "max_tokens": 6, "temperature": 0}
+    with cf.ThreadPoolExecutor(12) as ex:
+        rs = list(ex.map(lambda _: _post(url, body), range(12)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429, 503}, codes
+    assert codes.count(200) >= LIMIT["max_num_seqs"] and (codes.count(429) + codes.count(503)) >= 1, codes
+    for r in rs:
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        else:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"]
+
+
+def test_engine_fault_500_then_health_503_then_serve_restarts_it(served):
+    url = served[0]
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    r = _post(url, {"model": "smol-faulty", "messages": MSG, "max_tokens": 2, "stop": [FAULT_TRIGGER]})
+    assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+    h = httpx.get(url + "/health", timeout=30)
+    assert h.status_code == 503 and "smol-faulty" in h.json()["error"]["message"]
+    deadline = time.monotonic() + 180  # Serve's health check fails, it replaces the replica
+    while time.monotonic() < deadline and httpx.get(url + "/health", timeout=30).status_code != 200:
+        time.sleep(2)
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    ok = _post(url, {"model": "smol-faulty", "messages": MSG, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_models_endpoint_lists_both(oa):
+    assert sorted(m.id for m in oa.models.list().data) == ["smol", "smol-faulty"]
+
+
+def test_replica_stays_pending_with_a_clear_message_without_the_resource(served, mlx_f32):
+    from ray import serve
+    from mlx_ray.serve.builder import placement_problems
+    from mlx_ray.serve.cli import deploy
+
+    cfg = ServeConfig.from_args({"port": served[1].port, "models": [
+        {"model": str(mlx_f32), "name": "nowhere", "placement": {"resource": "gpu_apple_nowhere"}}]})
+    try:
+        deploy(cfg, app_name="pending", route_prefix="/pending", proxy_location="HeadOnly")
+        time.sleep(8)
+        app = serve.status().applications["pending"]
+        assert "RUNNING" not in str(app.status)
+        dep = app.deployments[cfg.models[0].deployment_name]
+        assert "HEALTHY" != str(dep.status).split(".")[-1]
+        (msg,) = placement_problems(cfg)
+        assert "gpu_apple_nowhere" in msg and "ray start" in msg
+    finally:
+        serve.delete("pending")
