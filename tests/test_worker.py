@@ -255,3 +255,10 @@ def test_systemd_quoting_round_trips():
 
     words = ["/opt/py thon/bin/python", '{"gpu_apple_mps": 1}', "50%", "$HOME", "a\\b", "it's", "", "plain"]
     assert unquote_words(" ".join(quote(w) for w in words)) == words
+
+
+def test_worker_and_doctor_import_neither_mlx_nor_ray():
+    code = ("import sys, mlx_ray.worker.cli, mlx_ray.doctor, mlx_ray.worker.checks, mlx_ray.worker.launchd; "
+            "print(sorted(m for m in ('mlx.core', 'ray', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
