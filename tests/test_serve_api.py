@@ -310,3 +310,45 @@ def test_bad_config_names_the_field():
         ServeConfig.from_args({}, env={})
     cfg = ServeConfig.from_args({}, env={"MODEL_ID": "x/y", "MAX_MODEL_LEN": "2048", "MAX_NUM_SEQS": "8"})
     assert cfg.models[0].engine.max_model_len == 2048 and cfg.models[0].max_ongoing_requests == 8 + 64
+
+
+def test_print_config_is_a_valid_serve_config(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    out = subprocess.run([sys.executable, "-m", "mlx_ray.cli", "serve", "--model", "/models/smol", "--model", "org/other",
+                          "--max-model-len", "2048", "--api-key-file", str(key), "--print-config"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    block = yaml.safe_load(out.stdout)
+    schema = ServeDeploySchema.model_validate(block)
+    (app,) = schema.applications
+    assert app.import_path == "mlx_ray.serve:app"
+    models = [d for d in app.deployments if d.name.startswith("LLMServer:")]
+    assert len(models) == 2
+    assert all(d.ray_actor_options.resources == {"gpu_apple_mps": 1.0} for d in models)
+    assert models[0].max_ongoing_requests == 16 + 64  # the engine's admission limit
+    # the printed args rebuild the same config, and the builder accepts them as Serve would
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray._common.utils import import_attr
+
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+    assert type(built).__name__ == "Application"
+    cfg = ServeConfig.from_args(app.args)
+    assert [m.name for m in cfg.models] == ["/models/smol", "org/other"] and cfg.api_key.get_secret_value() == "k"
+
+
+def test_app_import_path_reads_env_vars(monkeypatch):
+    from mlx_ray.serve import app
+
+    monkeypatch.setenv("MODEL_ID", "org/model")
+    monkeypatch.setenv("MAX_MODEL_LEN", "1024")
+    assert type(app({})).__name__ == "Application"
+    monkeypatch.setenv("MAX_MODEL_LEN", "-3")
+    with pytest.raises(BadRequest, match="max_model_len"):
+        app({})

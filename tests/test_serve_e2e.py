@@ -79,7 +79,8 @@ def test_chat_stream_equals_non_stream_and_usage(oa, mlx_f32):
                                              stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content and "Paris" in text
-    prompt_len = len(AutoTokenizer.from_pretrained(str(mlx_f32)).apply_chat_template(MSG, add_generation_prompt=True))
+    ids = AutoTokenizer.from_pretrained(str(mlx_f32)).apply_chat_template(MSG, add_generation_prompt=True)
+    prompt_len = len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
     assert full.usage.prompt_tokens == prompt_len == chunks[-1].usage.prompt_tokens
     assert full.usage.completion_tokens == chunks[-1].usage.completion_tokens
     assert full.usage.completion_tokens == 8 or full.choices[0].finish_reason == "stop"
@@ -218,19 +219,19 @@ def test_models_endpoint_lists_both(oa):
 
 def test_replica_stays_pending_with_a_clear_message_without_the_resource(served, mlx_f32):
     from ray import serve
-    from mlx_ray.serve.builder import placement_problems
-    from mlx_ray.serve.cli import deploy
+    from mlx_ray.errors import EngineFault
+    from mlx_ray.serve.cli import deploy, wait_ready
 
     cfg = ServeConfig.from_args({"port": served[1].port, "models": [
         {"model": str(mlx_f32), "name": "nowhere", "placement": {"resource": "gpu_apple_nowhere"}}]})
+    said = []
     try:
-        deploy(cfg, app_name="pending", route_prefix="/pending", proxy_location="HeadOnly")
-        time.sleep(8)
+        url = deploy(cfg, app_name="pending", route_prefix="/pending", proxy_location="HeadOnly")
+        with pytest.raises(EngineFault, match="not healthy after"):
+            wait_ready(cfg, url, app_name="pending", timeout=8, say=said.append)
         app = serve.status().applications["pending"]
         assert "RUNNING" not in str(app.status)
-        dep = app.deployments[cfg.models[0].deployment_name]
-        assert "HEALTHY" != str(dep.status).split(".")[-1]
-        (msg,) = placement_problems(cfg)
-        assert "gpu_apple_nowhere" in msg and "ray start" in msg
+        assert str(app.deployments[cfg.models[0].deployment_name].status).endswith("UPDATING")
+        assert len(said) == 1 and "gpu_apple_nowhere" in said[0] and "ray start" in said[0], said
     finally:
-        serve.delete("pending")
+        serve.delete("pending", _blocking=False)

@@ -167,13 +167,15 @@ def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = 
 
     if cfg.port == 0:
         cfg.port = free_port(cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
-    stop = {"flag": False}
 
     def _stop(*_):
-        stop["flag"] = True
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
     connect_ray(cfg, address)
+    # after ray.init, so ours replace Ray's fatal-signal logger; SIGINT too, since a
+    # shell starting us in the background leaves SIGINT ignored
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         url = deploy(cfg, proxy_location=None if address else "HeadOnly")
         say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -182,11 +184,12 @@ def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = 
         print(f"mlx-ray serve: ready at {url}/v1 (models: {', '.join(m.name for m in cfg.models)})", flush=True)
         print(f"try:\n  {curl_example(cfg, url)}", flush=True)
         print("Ctrl-C to stop.", flush=True)
-        while not stop["flag"]:
-            time.sleep(0.5)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the teardown finish
         print("mlx-ray serve: shutting down", file=sys.stderr, flush=True)
         try:
             if address:
