@@ -63,6 +63,31 @@ def kernel(x, wq, s, b, *, bits=4, gs=64):
         return qmm.quantized_matmul(x, wq, s, b, group_size=gs, bits=bits)
 
 
+def isas() -> list[str]:
+    """The SIMD paths this CPU can run (the default one first)."""
+    ext = _ext()
+    found = [ext.isa()]
+    try:
+        for name in ("avx512", "avx2", "scalar"):
+            if name not in found and ext.force_isa(name):
+                found.append(name)
+    finally:
+        ext.force_isa("auto")
+    return found
+
+
+def each_isa(fn):
+    """fn() under every SIMD path; returns {isa: result}."""
+    ext, out = _ext(), {}
+    try:
+        for name in isas():
+            assert ext.force_isa(name)
+            out[name] = mx.eval(r := fn()) or r
+    finally:
+        ext.force_isa("auto")
+    return out
+
+
 def test_kernel_is_built_where_it_can_be():
     """On Linux x86-64 with a compiler, the install must have built the extension."""
     if not (sys.platform.startswith("linux") and platform.machine() == "x86_64" and shutil.which("c++")):
@@ -71,7 +96,7 @@ def test_kernel_is_built_where_it_can_be():
         pytest.skip("kernels disabled by environment")
     st = qmm.status()
     assert st["active"], st["reason"]
-    assert st["isa"] in ("avx2", "scalar")
+    assert st["isa"] in ("avx512", "avx2", "scalar")
 
 
 # ----------------------------------------------------------- correctness
@@ -86,7 +111,14 @@ def test_fixture_shapes(n, k, m):
     wq, s, b = make(n, k)
     x = mx.random.normal((m, k)).astype(mx.bfloat16)
     big = n * k * m > 50_000_000
-    assert rel_err(kernel(x, wq, s, b), reference(x, wq, s, b, big=big)) < TOL[mx.bfloat16]
+    ref = reference(x, wq, s, b, big=big)
+    if m in (1, 16):
+        outs = each_isa(lambda: kernel(x, wq, s, b))
+        outs.pop("scalar", None)  # the portable path is covered on small shapes
+    else:
+        outs = {"default": kernel(x, wq, s, b)}
+    for isa, out in outs.items():
+        assert rel_err(out, ref) < TOL[mx.bfloat16], isa
 
 
 @needs_kernel
@@ -115,10 +147,10 @@ def test_bits_groups_dtypes(bits, gs, dtype, n, k, m):
         pytest.skip("K not a multiple of the group size")
     wq, s, b = make(n, k, bits=bits, gs=gs, dtype=dtype)
     x = mx.random.normal((m, k)).astype(dtype)
-    out = kernel(x, wq, s, b, bits=bits, gs=gs)
     ref = reference(x, wq, s, b, bits=bits, gs=gs)
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert rel_err(out, ref) < TOL[dtype]
+    for isa, out in each_isa(lambda: kernel(x, wq, s, b, bits=bits, gs=gs)).items():
+        assert out.dtype == dtype and out.shape == (m, n), isa
+        assert rel_err(out, ref) < TOL[dtype], isa
 
 
 @needs_kernel
@@ -179,7 +211,7 @@ def test_non_contiguous_weights():
 
 
 @needs_kernel
-def test_thread_count_and_isa_do_not_change_results():
+def test_thread_count_does_not_change_results():
     ext = _ext()
     wq, s, b = make(1000, 768, dtype=mx.float32)
     x = mx.random.normal((7, 768))
@@ -189,13 +221,17 @@ def test_thread_count_and_isa_do_not_change_results():
         one = kernel(x, wq, s, b)
         ext.set_num_threads(3)
         three = kernel(x, wq, s, b)
-        assert mx.array_equal(one, three).item()  # each output is computed by one thread
-        ext.force_isa("scalar")
-        scalar = kernel(x, wq, s, b)
-        assert rel_err(scalar, reference(x, wq, s, b)) < TOL[mx.float32]
     finally:
         ext.set_num_threads(threads)
-        ext.force_isa("auto")
+    assert mx.array_equal(one, three).item()  # each output is computed by one thread
+
+
+@needs_kernel
+def test_isa_selection():
+    ext = _ext()
+    assert "scalar" in isas() and ext.isa() == isas()[0]
+    assert not ext.force_isa("sse9")
+    assert ext.isa() == isas()[0]
 
 
 @needs_kernel

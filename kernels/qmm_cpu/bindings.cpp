@@ -17,15 +17,15 @@ using namespace nb::literals;
 #define MLX_RAY_STR(x) MLX_RAY_STR2(x)
 
 NB_MODULE(_qmm_cpu, m) {
-  m.doc() = "mlx-ray: multithreaded AVX2 affine-quantized matmul for MLX CPU streams";
+  m.doc() = "mlx-ray: multithreaded SIMD affine-quantized matmul for MLX CPU streams";
   m.attr("mlx_version") =
       MLX_RAY_STR(MLX_VERSION_MAJOR) "." MLX_RAY_STR(MLX_VERSION_MINOR) "." MLX_RAY_STR(MLX_VERSION_PATCH);
 
   m.def("quantized_matmul", &mlx_ray::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, nb::kw_only(),
         "group_size"_a = 64, "bits"_a = 4, "stream"_a = nb::none(),
         "x @ dequantize(w).T for MLX's affine layout (transpose=True), on CPU streams.");
-  m.def("isa", &mlx_ray::isa_name, "The SIMD path in use: 'avx2' or 'scalar'.");
-  m.def("force_isa", &mlx_ray::force_isa, "isa"_a, "Select 'auto', 'avx2' or 'scalar'; False if unsupported.");
+  m.def("isa", &mlx_ray::isa_name, "The SIMD path in use: 'avx512', 'avx2' or 'scalar'.");
+  m.def("force_isa", &mlx_ray::force_isa, "isa"_a, "Select 'auto', 'avx512', 'avx2' or 'scalar'; False if unsupported.");
   m.def("blas", &mlx_ray::blas_name, "'openblas' when a fast sgemm is loaded (prefill path), else 'none'.");
   m.def("set_blas_min_m", &mlx_ray::set_blas_min_m, "m"_a, "Rows from which dequantize+sgemm is used; <= 0: never.");
   m.def("blas_min_m", &mlx_ray::blas_min_m);

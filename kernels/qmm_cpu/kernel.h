@@ -6,8 +6,9 @@
 // scale/bias per group of `group_size` elements along K).
 //
 // It is split from the MLX primitive so that each ISA lives in its own
-// translation unit compiled with its own flags (kernel_avx2.cpp is built with
-// -mavx2 -mfma -mf16c and only called after a run-time CPUID check).
+// translation unit compiled with its own flags (kernel_avx2.cpp with
+// -mavx2 -mfma -mf16c, kernel_avx512.cpp with -mavx512f/bw/dq/vl), and each is
+// only called after a run-time CPUID check.
 #pragma once
 
 #include <cstdint>
@@ -148,6 +149,9 @@ void rows_scalar(const Problem&, int, int, int, int);
 int64_t padded_k_avx2(const Problem& p);
 void pack_avx2(const XView&, const Problem&, float*, float*, int, int);
 void rows_avx2(const Problem&, int, int, int, int);
+int64_t padded_k_avx512(const Problem& p);
+void pack_avx512(const XView&, const Problem&, float*, float*, int, int);
+void rows_avx512(const Problem&, int, int, int, int);
 #endif
 
 // Dequantizes rows [n0, n1) of w to float, row-major with leading dim K.

@@ -23,18 +23,25 @@ namespace {
 
 // ---------------------------------------------------------------- ISA / BLAS
 
-enum class Isa { scalar, avx2 };
+enum class Isa { scalar, avx2, avx512 };
 
-bool cpu_has_avx2() {
+bool cpu_has(Isa isa) {
 #if defined(MLX_RAY_HAVE_AVX2_TU)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == Isa::avx2) return avx2;
+  if (isa == Isa::avx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #endif
+  return isa == Isa::scalar;
 }
 
-std::atomic<int> g_isa{cpu_has_avx2() ? int(Isa::avx2) : int(Isa::scalar)};
+Isa best_isa() {
+  return cpu_has(Isa::avx512) ? Isa::avx512 : cpu_has(Isa::avx2) ? Isa::avx2 : Isa::scalar;
+}
+
+std::atomic<int> g_isa{int(best_isa())};
 
 // Only a fast BLAS is worth the dequantize+sgemm detour: the mlx-cpu wheel's
 // bundled netlib BLAS is ~30x slower, so we look for OpenBLAS in the global
@@ -199,7 +206,11 @@ void run(const mx::array& x, const mx::array& w_in, const mx::array& s_in, const
   RowsFn rows = rows_scalar;
   p.Kp = padded_k_scalar(p);
 #if defined(MLX_RAY_HAVE_AVX2_TU)
-  if (g_isa.load() == int(Isa::avx2)) {
+  if (g_isa.load() == int(Isa::avx512)) {
+    pack = pack_avx512;
+    rows = rows_avx512;
+    p.Kp = padded_k_avx512(p);
+  } else if (g_isa.load() == int(Isa::avx2)) {
     pack = pack_avx2;
     rows = rows_avx2;
     p.Kp = padded_k_avx2(p);
@@ -297,20 +308,19 @@ std::vector<mx::Shape> QuantizedMatmulCpu::output_shapes(const std::vector<mx::a
 // ------------------------------------------------------------ configuration
 
 std::string isa_name() {
-  return g_isa.load() == int(Isa::avx2) ? "avx2" : "scalar";
+  const int isa = g_isa.load();
+  return isa == int(Isa::avx512) ? "avx512" : isa == int(Isa::avx2) ? "avx2" : "scalar";
 }
 
-bool force_isa(const std::string& isa) {
-  if (isa == "scalar") {
-    g_isa = int(Isa::scalar);
+bool force_isa(const std::string& name) {
+  if (name == "auto") {
+    g_isa = int(best_isa());
     return true;
   }
-  if (isa == "avx2" || isa == "auto") {
-    const bool ok = cpu_has_avx2();
-    g_isa = ok ? int(Isa::avx2) : int(Isa::scalar);
-    return ok || isa == "auto";
-  }
-  return false;
+  const Isa isa = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::scalar;
+  if ((name != "scalar" && isa == Isa::scalar) || !cpu_has(isa)) return false;
+  g_isa = int(isa);
+  return true;
 }
 
 std::string blas_name() {

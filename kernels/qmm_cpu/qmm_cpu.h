@@ -47,8 +47,8 @@ class QuantizedMatmulCpu : public mx::UnaryPrimitive {
 };
 
 // Run-time configuration and introspection (exposed to Python).
-std::string isa_name();                 // "avx2" or "scalar"
-bool force_isa(const std::string& isa);  // "auto", "scalar", "avx2"; false if unsupported
+std::string isa_name();                 // "avx512", "avx2" or "scalar"
+bool force_isa(const std::string& isa);  // "auto", "avx512", "avx2", "scalar"; false if unsupported
 std::string blas_name();                // "openblas" when a fast sgemm is loaded, else "none"
 void set_blas_min_m(int m);             // rows from which dequantize+sgemm is used (<=0: never)
 int blas_min_m();

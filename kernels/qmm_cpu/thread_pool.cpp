@@ -121,12 +121,23 @@ void ThreadPool::parallel_for(int ntasks, const std::function<void(int)>& fn) {
   }
   cv_.notify_all();
   drain(job);
-  while (job.done.load(std::memory_order_acquire) < ntasks) MLX_RAY_PAUSE();
+  // Spin briefly for the stragglers, then yield: on an oversubscribed machine
+  // a descheduled worker needs this core more than our spinning does.
+  auto wait = [](auto&& ready) {
+    for (int i = 0; !ready(); ++i) {
+      if (i < 4096) {
+        MLX_RAY_PAUSE();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  };
+  wait([&] { return job.done.load(std::memory_order_acquire) >= ntasks; });
   {
     std::lock_guard<std::mutex> lk(mu_);
     job_ = nullptr;
   }
-  while (job.refs.load(std::memory_order_acquire) > 0) MLX_RAY_PAUSE();
+  wait([&] { return job.refs.load(std::memory_order_acquire) == 0; });
 }
 
 }  // namespace mlx_ray::qmm
