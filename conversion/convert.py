@@ -158,8 +158,7 @@ def _build(src, config, spec: QuantSpec, awq, cast, stage: Path, progress: bool)
     model = hfconfig.build_model(norm)
     desc = "AWQ repack" if awq else (spec.tag() if spec.quantized else f"cast to {cast}")
     _log(f"converting {src.spec} ({len(src.shards)} shard(s), {desc}) in {stage}", progress)
-    headers = {s: read_header(s) for s in src.shards}
-    result = ShardWriter(model, spec, cast, awq, progress).run(src.shards, headers, stage)
+    result = ShardWriter(model, spec, cast, awq, progress).run(src.shards, stage)
     from mlx_lm.utils import save_config
 
     save_config(_output_config(config, spec, awq, result.per_layer), config_path=stage / "config.json")

@@ -1,15 +1,15 @@
-"""Shard-by-shard weight conversion with bounded memory.
+"""Tensor-by-tensor weight conversion with bounded memory.
 
-mlx-lm's ``convert`` loads the whole model (lazily), quantizes it with
-``nn.quantize`` and then writes 5 GB shards; how much is resident at once is up
-to MLX's graph evaluation. Here one source shard is processed at a time, each
-tensor is evaluated on its own and dropped once written, and MLX's buffer
-cache is cleared between shards. Peak memory is then about one source shard
-plus its output, whatever the model size (see ``bench/convert_memory.py``).
-
-``Model.sanitize`` is mlx-lm's and runs per shard. A few architectures need
-tensors from several shards at once (e.g. stacking MoE experts); when sanitize
-raises ``KeyError`` the shard is carried over and merged with the next one.
+``mx.load`` is lazy: it reads a safetensors header and returns arrays that are
+read from disk only when evaluated. So every shard is "loaded" at once (no
+data is read), the AWQ repack (:mod:`.awq`) and mlx-lm's ``Model.sanitize``
+run once on the whole lazy dict (so sanitize sees every tensor, e.g. all MoE
+experts it stacks, whichever shard they are in), and then each output tensor is
+evaluated on its own, collected into an output shard no larger than the
+largest source shard, written, and dropped. Peak memory is about one shard
+plus one tensor's temporaries, whatever the model size (see
+``bench/convert_memory.py``); mlx-lm's own ``convert`` quantizes the whole
+model before writing and peaks higher.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from mlx_ray.errors import CorruptModel
@@ -39,10 +39,6 @@ class WriteResult:
     n_tensors: int = 0
 
 
-def _to_numpy(a: mx.array) -> np.ndarray:
-    return np.asarray(a) if a.dtype != mx.bfloat16 else np.asarray(a.astype(mx.float32))
-
-
 def _load(shard: Path) -> dict:
     try:
         return mx.load(str(shard))
@@ -57,10 +53,15 @@ class ShardWriter:
         self.cast = getattr(mx, cast_dtype) if cast_dtype else None
         self.awq = awq_cfg
         self.modules = dict(model.named_modules())
-        self.decide = layer_decider(spec, model) if spec.quantized and not awq_cfg else None
+        # AWQ layers are repacked exactly where MLX has the group size; otherwise (or
+        # with --no-quantize) they become floats and go through the normal path.
+        self.awq_exact = bool(awq_cfg) and spec.quantized and awq_cfg["group_size"] in awq_mod.MLX_GROUPS
+        self.decide = layer_decider(spec, model) if spec.quantized and not self.awq_exact else None
         self.cast_pred = getattr(model, "cast_predicate", None) or (lambda _k: True)
         self.progress = progress
         self.result = WriteResult()
+        self.param_names = {k for k, _ in tree_flatten(model.parameters())}  # lazy: nothing is evaluated
+        self.model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
 
     # -- one tensor ---------------------------------------------------------
     def _quantize(self, path: str, w: mx.array, params: dict) -> dict:
@@ -86,59 +87,57 @@ class ShardWriter:
             v = v.astype(self.cast)
         return {key: v}
 
-    def _requantize_awq(self, prefix: str, w: np.ndarray) -> dict:
-        """Fallback for AWQ group sizes MLX lacks, or --no-quantize: AWQ's floats, then our spec."""
-        arr = mx.array(w)
-        if self.spec.quantized:
-            params = {**self.spec.params()}
-            return self._quantize(prefix, arr, params)
-        return {f"{prefix}.weight": arr.astype(self.cast or mx.float16)}
+    def _known(self, key: str) -> bool:
+        if key in self.param_names:
+            return True
+        head, _, tail = key.rpartition(".")
+        return tail in ("scales", "biases") and f"{head}.weight" in self.param_names  # repacked AWQ
+
+    def _sanitize(self, weights: dict) -> dict:
+        """mlx-lm's sanitize on the whole (lazy) model; every key left must be a model parameter."""
+        fn = getattr(self.model, "sanitize", None)
+        try:
+            out = fn(weights) if fn is not None else weights
+        except KeyError as e:
+            raise CorruptModel(f"incomplete checkpoint: tensor {e} that mlx-lm's {self.model_type} model "
+                               f"needs is missing; re-download it") from e
+        unknown = [k for k in out if not self._known(k)]
+        if unknown:
+            raise CorruptModel(f"checkpoint does not match mlx-lm's {self.model_type} model: {len(unknown)} "
+                               f"unexpected tensor(s) such as {', '.join(unknown[:3])}")
+        return out
 
     # -- the stream ---------------------------------------------------------
-    def run(self, shards: list[Path], headers: dict, out_dir: Path) -> WriteResult:
-        total = sum(sum(int(np.prod(v["shape"])) * _itemsize(v["dtype"]) for k, v in h.items()
-                        if k != "__metadata__") for h in headers.values())
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not self.progress,
-                   leave=False)
-        pending: dict = {}
+    def run(self, shards: list[Path], out_dir: Path) -> WriteResult:
+        weights: dict = {}
+        for shard in shards:
+            weights.update(_load(shard))             # lazy: headers only
+        limit = max(max(s.stat().st_size for s in shards), 64 << 20)
+        if self.awq:
+            weights = awq_mod.transform(weights, self.awq, exact=self.awq_exact)
+        weights = self._sanitize(weights)
+        bar = tqdm(total=sum(v.nbytes for v in weights.values()), unit="B", unit_scale=True, desc="convert",
+                   disable=not self.progress, leave=False)
         parts: list[tuple[Path, list[str]]] = []
+        out: dict = {}
+        size = 0
         try:
-            for i, shard in enumerate(shards):
-                last = i == len(shards) - 1
-                weights = {**pending, **_load(shard)}
-                pending = {}
-                if self.awq:
-                    weights, pending = awq_mod.split_ready(weights, self.awq["zero_point"])
-                    need_float = self.awq["group_size"] not in awq_mod.MLX_GROUPS or not self.spec.quantized
-                    weights = awq_mod.transform(weights, self.awq, _to_numpy, mx.array,
-                                                requantize=self._requantize_awq if need_float else None)
-                if hasattr(self.model, "sanitize"):
-                    try:
-                        weights = self.model.sanitize(weights)
-                    except KeyError:
-                        if last:
-                            raise
-                        pending.update(weights)  # needs tensors from the next shard
-                        continue
-                out: dict = {}
-                for key in list(weights):
-                    v = weights.pop(key)
-                    nbytes = v.nbytes
-                    produced = self._tensor(key, v)
-                    mx.eval(*produced.values())
-                    out.update(produced)
-                    self.result.n_tensors += 1
-                    bar.update(nbytes)
-                del weights
-                if out:
+            for key in list(weights):
+                v = weights.pop(key)
+                nbytes = v.nbytes
+                produced = self._tensor(key, v)
+                del v
+                mx.eval(*produced.values())
+                out.update(produced)
+                size += sum(a.nbytes for a in produced.values())
+                self.result.n_tensors += 1
+                bar.update(nbytes)
+                if size >= limit or not weights:
                     part = out_dir / f".part-{len(parts):05d}.safetensors"
                     _save(part, out)
                     parts.append((part, sorted(out)))
-                del out
-                mx.clear_cache()
-            if pending:
-                raise CorruptModel(f"incomplete checkpoint: {len(pending)} tensor(s) such as "
-                                   f"{next(iter(pending))} could not be matched with their other parts")
+                    out, size = {}, 0
+                    mx.clear_cache()
         finally:
             bar.close()
         return self._finish(parts, out_dir)
@@ -168,9 +167,3 @@ def _save(path: Path, arrays: dict) -> None:
         raise OSError(errno.EIO, str(e), str(path)) from e
 
 
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def _itemsize(dtype: str) -> int:
-    return _ITEMSIZE.get(dtype, 4)

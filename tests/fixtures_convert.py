@@ -66,9 +66,10 @@ def save_hf_dir(out: Path, cfg: dict, tensors: dict, *, shards: int = 1, dtype: 
 
     out.mkdir(parents=True, exist_ok=True)
     tdtype = getattr(torch, dtype)
-    names = list(tensors)
-    groups = [names[i::shards] for i in range(shards)] if shards > 1 else [names]
-    groups = [sorted(g) for g in groups]
+    names = sorted(tensors)  # contiguous chunks in key order, as transformers shards
+    per = -(-len(names) // shards)
+    groups = [names[i:i + per] for i in range(0, len(names), per)]
+    shards = len(groups)
     weight_map = {}
     for i, g in enumerate(groups):
         fname = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"

@@ -153,3 +153,40 @@ def test_invalid_combination_cli_exit_code(tiny_llama_hf, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "mxfp4 needs --q-bits 4 --q-group-size 32" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_moe_experts_split_across_shards(smollm2_hf, tmp_path):
+    """Mixtral stacks its experts in sanitize; with experts spread over 5 shards the result
+    must equal mlx-lm loading the whole source at once."""
+    import mlx.core as mx
+    from fixtures_convert import save_hf_dir, tiny_llama_config, tiny_llama_tensors
+    from mlx_lm.utils import load_model
+
+    from mlx_ray.conversion.convert import convert
+
+    cfg = tiny_llama_config(vocab=1024)
+    cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4,
+               num_experts_per_tok=2)
+    t = tiny_llama_tensors(cfg)
+    rng = np.random.default_rng(1)
+    for n in range(2):
+        p = f"model.layers.{n}."
+        for k in ("gate_proj", "up_proj", "down_proj"):
+            del t[f"{p}mlp.{k}.weight"]
+        t[p + "block_sparse_moe.gate.weight"] = rng.standard_normal((4, 128), dtype=np.float32) * 0.1
+        for e in range(4):
+            for w, shape in (("w1", (256, 128)), ("w3", (256, 128)), ("w2", (128, 256))):
+                t[f"{p}block_sparse_moe.experts.{e}.{w}.weight"] = rng.standard_normal(shape, dtype=np.float32) * .08
+    src = save_hf_dir(tmp_path / "TinyMixtral", cfg, t, shards=5, dtype="float32", tokenizer_from=smollm2_hf)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len({index[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in range(4)} |
+               {index[f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight"] for e in range(4)}) > 1
+
+    out = convert(str(src), cache_dir=tmp_path / "c", quantize=False, dtype="float32", progress=False)
+    ref_model, _ = load_model(src, model_config={"rope_theta": cfg["rope_parameters"]["rope_theta"]})
+    ours, _ = load_model(out)
+    ids = mx.array([IDS])
+    np.testing.assert_array_equal(np.array(ours(ids)), np.array(ref_model(ids)))
+    q = convert(str(src), cache_dir=tmp_path / "c", q_bits=4, progress=False, verify=True)
+    qmap = json.loads((q / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.1.block_sparse_moe.switch_mlp.up_proj.scales" in qmap  # stacked experts quantized
