@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mlx_ray.errors import Conflict, CorruptModel, MlxRayError
+from mlx_ray.errors import BadRequest, Conflict, CorruptModel, MlxRayError
 
 from . import hfconfig, publish
 from .awq import awq_config
@@ -80,6 +80,24 @@ def verify_loads(model_dir: Path) -> None:
         raise CorruptModel("--verify failed: the forward pass produced non-finite logits")
 
 
+def _check_prequantized(config: dict, awq: dict | None, spec: QuantSpec, **asked) -> None:
+    """Only AWQ checkpoints are accepted already quantized, and their quantization is fixed."""
+    qc = config.get("quantization") or config.get("quantization_config") or \
+        (config.get("text_config") or {}).get("quantization_config")
+    if qc and not awq:
+        method = qc.get("quant_method") or ("mlx" if "bits" in qc else "unknown")
+        raise BadRequest(f"source is already quantized ({method}); only AutoAWQ GEMM checkpoints can be "
+                         f"repacked: convert from the original float weights instead")
+    if not awq or not spec.quantized or awq["group_size"] not in (32, 64, 128):
+        return
+    clash = [f"--{k.replace('_', '-')} {v}" for k, v in asked.items()
+             if v is not None and not (k == "q_bits" and v == 4) and not (k == "q_mode" and v == "affine")
+             and not (k == "q_group_size" and v == awq["group_size"])]
+    if clash:
+        raise BadRequest(f"AWQ checkpoints are repacked as-is (4-bit affine, group {awq['group_size']}); drop "
+                         f"{' '.join(clash)}, or pass --no-quantize to dequantize them")
+
+
 def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
          quant_recipe=None, dtype=None, revision=None):
     """Validate everything that can be checked without writing: (source, config, spec, awq, target, cast)."""
@@ -92,6 +110,8 @@ def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q
         raise CorruptModel(f"{src.path / 'config.json'} is not valid JSON: {e}") from e
     hfconfig.model_classes(config)  # unsupported architecture -> one-line BadRequest
     awq = awq_config(config)
+    _check_prequantized(config, awq, spec, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
+                        quant_recipe=quant_recipe)
     for shard in src.shards:
         read_header(shard)
     src_dtype = "float16" if awq else _source_dtype(config)

@@ -184,3 +184,21 @@ def test_awq_no_quantize_and_unsupported_group_fall_back_to_floats(smollm2_hf, t
     assert json.loads((q4 / "config.json").read_text())["quantization"]["group_size"] == 64
     model, _ = load_model(q4)
     assert np.isfinite(np.array(model(mx.array([[1, 2, 3]])).astype(mx.float32))).all()
+
+
+def test_awq_rejects_conflicting_quantization_and_other_prequantized(awq_fixture, tmp_path):
+    import shutil
+
+    from mlx_ray.conversion.convert import convert
+    from mlx_ray.errors import BadRequest
+
+    _, awq_dir, _ = awq_fixture
+    with pytest.raises(BadRequest, match="repacked as-is .* drop --q-bits 8"):
+        convert(str(awq_dir), cache_dir=tmp_path, q_bits=8, progress=False)
+    gptq = tmp_path / "gptq"
+    shutil.copytree(awq_dir, gptq)
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "gptq"
+    (gptq / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BadRequest, match=r"already quantized \(gptq\)"):
+        convert(str(gptq), cache_dir=tmp_path / "c", progress=False)
