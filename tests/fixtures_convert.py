@@ -105,3 +105,9 @@ def run_cli(*argv: str, env: dict | None = None, timeout: float = 300) -> subpro
     """Run ``mlx-ray ARGV`` in a fresh interpreter (real exit codes and stderr)."""
     return subprocess.run([sys.executable, "-m", "mlx_ray.cli", *argv], capture_output=True, text=True,
                           env=env, timeout=timeout)
+
+
+def can_unshare() -> bool:
+    """Whether this process may create a private mount namespace (to mount tmpfs / read-only binds)."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from fixtures_convert import run_cli
+from fixtures_convert import can_unshare, run_cli
 
 from mlx_ray.errors import NotFound
 
@@ -97,12 +97,7 @@ def test_rm(tiny_llama_hf, tmp_path):
     assert r.returncode == 3
 
 
-def _can_unshare() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-m", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -m` to mount the cache read-only")
+@pytest.mark.skipif(not can_unshare(), reason="needs `unshare -m` to mount the cache read-only")
 def test_read_only_cache(cache, tiny_llama_hf, tmp_path):
     ro = tmp_path / "ro"
     shutil.copytree(cache, ro)
