@@ -32,9 +32,9 @@ def source_dir_name(source: str) -> str:
     """``HuggingFaceTB/SmolLM2-135M-Instruct`` -> ``HuggingFaceTB--SmolLM2-135M-Instruct``; a path -> its name."""
     p = Path(source).expanduser()
     if p.exists():
-        from .source import _SNAPSHOT_RE
+        from .source import SNAPSHOT_RE
 
-        m = _SNAPSHOT_RE.search(str(p.resolve()))
+        m = SNAPSHOT_RE.search(str(p.resolve()))
         return f"{m['org']}--{m['name']}" if m else p.resolve().name
     return source.strip("/").replace("/", "--")
 

@@ -29,7 +29,7 @@ from .awq import awq_config
 from .cache import cache_root
 from .manifest import verify_model, write_manifest
 from .quant import QuantSpec, make_spec, normalize_dtype
-from .source import copy_files, read_header, resolve_source, sha256_file
+from .source import Source, copy_files, read_header, resolve_source, sha256_file
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -98,9 +98,22 @@ def _check_prequantized(config: dict, awq: dict | None, spec: QuantSpec, **asked
                          f"{' '.join(clash)}, or pass --no-quantize to dequantize them")
 
 
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before writing: what to read, what to do with it, where it goes."""
+
+    src: Source
+    config: dict              # the source config.json, as is
+    spec: QuantSpec
+    awq: dict | None          # the AWQ settings when the source is an AutoAWQ checkpoint
+    cast: str | None          # dtype of the unquantized tensors (None: keep the source's)
+    tag: str                  # cache variant name, e.g. q4-g64
+    target: Path
+
+
 def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
-         quant_recipe=None, dtype=None, revision=None):
-    """Validate everything that can be checked without writing: (source, config, spec, awq, target, cast)."""
+         quant_recipe=None, dtype=None, revision=None) -> Plan:
+    """Validate everything that can be checked without writing anything."""
     spec = make_spec(quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
                      quant_recipe=quant_recipe, dtype=dtype)
     src = resolve_source(source, revision)
@@ -124,7 +137,7 @@ def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q
     else:
         tag = spec.tag()
     target = Path(out).expanduser() if out else cache_root(cache_dir) / src.name / tag
-    return src, config, spec, awq, target.absolute(), cast
+    return Plan(src, config, spec, awq, cast, tag, target.absolute())
 
 
 def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
@@ -138,9 +151,10 @@ def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None
     ``lock_wait``: seconds to wait for a concurrent convert of the same target
     (None = wait as long as it takes; that convert's result is then returned).
     """
-    src, config, spec, awq, target, cast = plan(
+    p = plan(
         source, out=out, cache_dir=cache_dir, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
         q_mode=q_mode, quant_recipe=quant_recipe, dtype=dtype, revision=revision)
+    target = p.target
     if target.exists() and not force:
         raise Conflict(f"{target} already exists; pass --force to replace it")
     try:
@@ -157,7 +171,7 @@ def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None
         stage = publish.staging_dir(target)
         try:
             stage.mkdir()
-            _build(src, config, spec, awq, cast, stage, progress)
+            _build(p, stage, progress)
             if verify:
                 _log("verifying: load + one forward pass", progress)
                 verify_loads(stage)
@@ -171,26 +185,24 @@ def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None
     return target
 
 
-def _build(src, config, spec: QuantSpec, awq, cast, stage: Path, progress: bool) -> None:
-    from .writer import ShardWriter
-
-    norm = hfconfig.normalize_config(config)
-    model = hfconfig.build_model(norm)
-    desc = "AWQ repack" if awq else (spec.tag() if spec.quantized else f"cast to {cast}")
-    _log(f"converting {src.spec} ({len(src.shards)} shard(s), {desc}) in {stage}", progress)
-    result = ShardWriter(model, spec, cast, awq, progress).run(src.shards, stage)
+def _build(p: Plan, stage: Path, progress: bool) -> None:
     from mlx_lm.utils import save_config
 
-    save_config(_output_config(config, spec, awq, result.per_layer), config_path=stage / "config.json")
-    for f in copy_files(src.path):
+    from .writer import ShardWriter
+
+    model = hfconfig.build_model(hfconfig.normalize_config(p.config))
+    desc = "AWQ repack" if p.awq else (p.tag if p.spec.quantized else f"cast to {p.cast}")
+    _log(f"converting {p.src.spec} ({len(p.src.shards)} shard(s), {desc}) in {stage}", progress)
+    result = ShardWriter(model, p.spec, p.cast, p.awq, progress).run(p.src.shards, stage)
+    save_config(_output_config(p.config, p.spec, p.awq, result.per_layer), config_path=stage / "config.json")
+    for f in copy_files(p.src.path):
         shutil.copyfile(f, stage / f.name)
-    source_files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                    for p in sorted(src.path.iterdir()) if p.is_file()}
-    quant = {**spec.as_dict(), "cast_dtype": cast, "tag": stage.name.split(".tmp-")[0].lstrip("."),
-             "quantized_layers": result.n_quantized}
-    if awq:
-        quant["awq"] = awq
-    write_manifest(stage, name=f"{src.name}/{quant['tag']}",
-                   source={"id": src.repo_id or str(src.path), "spec": src.spec, "path": str(src.path),
-                           "revision": src.revision, "files": source_files},
+    source_files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                    for f in sorted(p.src.path.iterdir()) if f.is_file()}
+    quant = {**p.spec.as_dict(), "cast_dtype": p.cast, "tag": p.tag, "quantized_layers": result.n_quantized}
+    if p.awq:
+        quant["awq"] = p.awq
+    write_manifest(stage, name=f"{p.src.name}/{p.tag}",
+                   source={"id": p.src.repo_id or str(p.src.path), "spec": p.src.spec, "path": str(p.src.path),
+                           "revision": p.src.revision, "files": source_files},
                    quantization=quant)

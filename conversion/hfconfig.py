@@ -69,6 +69,8 @@ def supported_architectures() -> list[str]:
 
 def model_classes(config: dict):
     """(Model, ModelArgs) from mlx-lm, or BadRequest naming the architecture and the supported ones."""
+    # mlx-lm's own lookup (model_type -> module, with its remapping table); private
+    # but it is exactly what mlx_lm.load will do with the output.
     from mlx_lm.utils import _get_classes
 
     model_type = config.get("model_type")

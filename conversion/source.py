@@ -26,7 +26,7 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tikto
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".npz")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", ".gitattributes",
               "README.md", "manifest.json"}
-_SNAPSHOT_RE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})/?$")
+SNAPSHOT_RE = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})/?$")
 
 
 @dataclass
@@ -90,7 +90,7 @@ def resolve_source(spec: str, revision: str | None = None) -> Source:
             raise BadRequest(f"source {spec} is a file; pass the model directory that holds config.json",
                              param="source")
         p = p.resolve()
-        m = _SNAPSHOT_RE.search(str(p))
+        m = SNAPSHOT_RE.search(str(p))
         repo_id = f"{m['org']}/{m['name']}" if m else None
         rev = m["rev"] if m else revision
         src = Source(spec, p, repo_id, rev)
