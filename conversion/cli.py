@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from .quant import AFFINE_BITS, AFFINE_GROUPS, DTYPES, MODES
 
@@ -33,8 +34,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    # Unwind like Ctrl-C so the staging directory and the lock are cleaned up.
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
     from .convert import convert
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     path = convert(args.source, out=args.out, cache_dir=args.cache_dir, quantize=not args.no_quantize,
                    q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode,

@@ -121,23 +121,31 @@ class ShardWriter:
         parts: list[tuple[Path, list[str]]] = []
         out: dict = {}
         size = 0
+
+        def flush() -> None:
+            nonlocal out, size
+            part = out_dir / f".part-{len(parts):05d}.safetensors"
+            _save(part, out)
+            parts.append((part, sorted(out)))
+            out, size = {}, 0
+            mx.clear_cache()
+
         try:
             for key in list(weights):
                 v = weights.pop(key)
                 nbytes = v.nbytes
                 produced = self._tensor(key, v)
                 del v
+                new = sum(a.nbytes for a in produced.values())  # known from shapes, before evaluation
+                if out and size + new > limit:
+                    flush()                              # keep the resident output under one shard
                 mx.eval(*produced.values())
                 out.update(produced)
-                size += sum(a.nbytes for a in produced.values())
+                size += new
                 self.result.n_tensors += 1
                 bar.update(nbytes)
-                if size >= limit or not weights:
-                    part = out_dir / f".part-{len(parts):05d}.safetensors"
-                    _save(part, out)
-                    parts.append((part, sorted(out)))
-                    out, size = {}, 0
-                    mx.clear_cache()
+            if out:
+                flush()
         finally:
             bar.close()
         return self._finish(parts, out_dir)

@@ -75,11 +75,13 @@ def test_crash_mid_write_leaves_nothing_and_next_convert_recovers(tiny_llama_hf,
     assert _hidden(org) == []
 
 
-def test_ctrl_c_mid_write_cleans_up(tiny_llama_hf, tmp_path):
-    p = _child([str(tiny_llama_hf), "--cache-dir", str(tmp_path), "--quiet"], HOOK_SIGNAL="SIGINT")
+@pytest.mark.parametrize("sig,rc", [("SIGINT", 130), ("SIGTERM", 128 + signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_mid_write_cleans_up(tiny_llama_hf, tmp_path, sig, rc):
+    p = _child([str(tiny_llama_hf), "--cache-dir", str(tmp_path), "--quiet"], HOOK_SIGNAL=sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "mlx-ray convert: interrupted"
+    assert p.returncode == rc, err
+    if sig == "SIGINT":
+        assert err.strip().splitlines()[-1] == "mlx-ray convert: interrupted"
     org = tmp_path / "TinyLlama-random"
     assert _visible(org) == [] and _hidden(org) == []  # no model, no temp dir, no lock
 
