@@ -12,24 +12,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source",
                         help="hub repo id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or local HF directory")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--out", help="write exactly this directory instead of a cache entry")
-    where.add_argument("--cache-dir", help="model cache root (default: $MLX_RAY_CACHE or ~/.cache/mlx-ray/models)")
-    parser.add_argument("--q-bits", type=int, default=None,
+    where.add_argument("--out", metavar="DIR", help="write exactly this directory instead of a cache entry")
+    where.add_argument("--cache-dir", metavar="ROOT",
+                       help="model cache root (default: $MLX_RAY_CACHE or ~/.cache/mlx-ray/models)")
+    parser.add_argument("--q-bits", type=int, default=None, metavar="N",
                         help=f"bits per weight (affine: {'/'.join(map(str, AFFINE_BITS))}; default 4)")
-    parser.add_argument("--q-group-size", type=int, default=None,
+    parser.add_argument("--q-group-size", type=int, default=None, metavar="G",
                         help=f"quantization group size (affine: {'/'.join(map(str, AFFINE_GROUPS))}; default 64; "
                              f"mxfp4/mxfp8 need 32, nvfp4 16)")
-    parser.add_argument("--q-mode", default="affine", help=f"quantization mode: {', '.join(MODES)}")
-    parser.add_argument("--quant-recipe", default=None,
-                        help="mixed precision, e.g. mixed_4_6 (6 bits for v_proj/down_proj/lm_head in sensitive layers)")
-    parser.add_argument("--dtype", default=None,
+    parser.add_argument("--q-mode", default="affine", metavar="MODE", help=f"quantization mode: {', '.join(MODES)}")
+    parser.add_argument("--quant-recipe", default=None, metavar="R",
+                        help="mixed precision (mlx-lm's recipes), e.g. mixed_4_6: 6 bits for v_proj/down_proj in "
+                             "sensitive layers and lm_head, 4 elsewhere")
+    parser.add_argument("--dtype", default=None, metavar="D",
                         help=f"dtype of unquantized tensors: {', '.join(DTYPES)} (default: the source's)")
     parser.add_argument("--no-quantize", action="store_true", help="keep full precision (see --dtype)")
-    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--revision", default=None, metavar="REV", help="hub revision (branch, tag or commit)")
     parser.add_argument("--force", action="store_true", help="replace an existing target")
     parser.add_argument("--verify", action="store_true",
                         help="load the result and run one forward pass before publishing")
-    parser.add_argument("--lock-wait", type=float, default=None,
+    parser.add_argument("--lock-wait", type=float, default=None, metavar="SECONDS",
                         help="seconds to wait for a concurrent convert of the same target (default: wait)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
