@@ -88,35 +88,39 @@ def _spawn(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _wait_nodes(cluster: RayCluster, n: int, timeout: float = 90) -> None:
+def _wait_started(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """`ray start --block` prints "Ray runtime started" once the node is up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for p, log in zip(cluster.procs, cluster.logs):
-            if p.poll() is not None:
-                raise RuntimeError(f"ray start exited ({p.returncode}): {log.read_text()[-2000:]}")
-        r = subprocess.run(["ray", "status", f"--address={cluster.address}"], capture_output=True, text=True)
-        if r.returncode == 0 and r.stdout.count("node_") >= n:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "Ray runtime started" in text:
             return
-        time.sleep(1)
-    raise RuntimeError(f"the test Ray cluster did not come up with {n} nodes")
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited ({proc.returncode}): {text[-2000:]}")
+        time.sleep(0.5)
+    raise RuntimeError(f"ray start did not come up in {timeout:.0f}s: {log.read_text(errors='replace')[-2000:]}")
 
 
 def start_two_node_cluster(worker_cpus: int = 2) -> RayCluster:
     # Ray's socket paths live under temp_dir and must stay short (AF_UNIX limit): /tmp/mrXXXX
     temp_dir = Path(tempfile.mkdtemp(prefix="mr", dir="/tmp"))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    # Token auth off for this private test cluster: Ray 2.59+ turns it on for a local head when
+    # ~/.ray/auth_token exists (any embedded Ray on this machine creates it), while a driver
+    # reads RAY_AUTH_MODE when `ray` is first imported, which in pytest is long before this.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_AUTH_TOKEN", None)
     port = free_ports(1)[0]
     cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
     try:
         head = ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *_node_args(temp_dir, 1)]
         cluster.logs.append(temp_dir / "head.log")
         cluster.procs.append(_spawn(head, cluster.logs[-1], env))
-        _wait_nodes(cluster, 1)
+        _wait_started(cluster.procs[-1], cluster.logs[-1])
         mac = ["ray", "start", f"--address={cluster.address}", f"--resources={json.dumps({RESOURCE: 1})}",
                *_node_args(temp_dir, worker_cpus)]
         cluster.logs.append(temp_dir / "mac.log")
         cluster.procs.append(_spawn(mac, cluster.logs[-1], env))
-        _wait_nodes(cluster, 2)
+        _wait_started(cluster.procs[-1], cluster.logs[-1])
     except BaseException:
         cluster.stop()
         raise
@@ -131,6 +135,10 @@ def ray_cluster():
     cluster = start_two_node_cluster()
     try:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+        deadline = time.monotonic() + 60
+        while len(cluster.node_ids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(cluster.node_ids()) == 2, ray.nodes()
         yield cluster
     finally:
         try:
@@ -142,3 +150,4 @@ def ray_cluster():
         ray.shutdown()
         cluster.stop()
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+

@@ -352,3 +352,16 @@ def test_app_import_path_reads_env_vars(monkeypatch):
     monkeypatch.setenv("MAX_MODEL_LEN", "-3")
     with pytest.raises(BadRequest, match="max_model_len"):
         app({})
+
+
+def test_remote_token_auth_env(tmp_path):
+    from mlx_ray.serve.cli import use_token_auth
+
+    assert use_token_auth({}) is False
+    env = {"RAY_AUTH_TOKEN": "abc"}
+    assert use_token_auth(env) and env["RAY_AUTH_MODE"] == "token"
+    with pytest.raises(BadRequest, match="RAY_AUTH_TOKEN_PATH"):
+        use_token_auth({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
+    (tmp_path / "tok").write_text("abc")
+    assert use_token_auth({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")})
+    assert use_token_auth({"RAY_AUTH_TOKEN": "abc", "RAY_AUTH_MODE": "disabled"}) is False  # the user's choice wins

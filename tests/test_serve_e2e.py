@@ -235,3 +235,24 @@ def test_replica_stays_pending_with_a_clear_message_without_the_resource(served,
         assert len(said) == 1 and "gpu_apple_nowhere" in said[0] and "ray start" in said[0], said
     finally:
         serve.delete("pending", _blocking=False)
+
+
+def test_prometheus_metrics_are_exported(served, ray_cluster):
+    """Ray's metrics agent on the model's node exports our ray.serve.metrics (reported every few seconds)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] == ray_cluster.node_ids()["mac"])
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    want = ["mlx_ray_requests_total", "mlx_ray_generation_tokens_total", "mlx_ray_time_to_first_token_seconds",
+            "mlx_ray_inter_token_latency_seconds", "mlx_ray_requests_waiting", "mlx_ray_kv_cache_usage_ratio"]
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(url, timeout=10).text
+        missing = [w for w in want if w not in text]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not missing, missing
+    line = next(x for x in text.splitlines()
+                if not x.startswith("#") and "mlx_ray_generation_tokens_total" in x and 'model="smol"' in x)
+    assert float(line.rsplit(" ", 1)[1]) > 0

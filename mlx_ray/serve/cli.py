@@ -11,6 +11,7 @@ and then tears the application down. `--print-config` prints the RayService
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -98,13 +99,24 @@ def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
     import ray
 
     if address:
-        # Token auth (Ray >= 2.52): Ray reads RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH itself.
+        use_token_auth(os.environ)
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         return
     resources = {m.placement.resource: max(1.0, m.placement.resource_amount)
                  for m in cfg.models if m.placement.resource}
     ray.init(address="local", include_dashboard=False, resources=resources, logging_level="WARNING",
              log_to_driver=False)
+
+
+def use_token_auth(env) -> bool:
+    """Token auth (Ray >= 2.52): Ray reads RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH itself, but only
+    in RAY_AUTH_MODE=token; turn that on when a token is given. Returns whether it is on."""
+    path = env.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise BadRequest(f"RAY_AUTH_TOKEN_PATH={path} does not exist; point it at the cluster's token file")
+    if env.get("RAY_AUTH_TOKEN") or path:
+        env.setdefault("RAY_AUTH_MODE", "token")
+    return env.get("RAY_AUTH_MODE") == "token"
 
 
 def deploy(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: str = "/",

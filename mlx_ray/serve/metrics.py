@@ -7,7 +7,10 @@ class stays usable on its own.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
+
+log = logging.getLogger("mlx_ray.serve")
 
 TTFT_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
 ITL_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56]
@@ -27,6 +30,7 @@ def _metric(kind: str, name: str, description: str, tags: dict, buckets: Optiona
         if not ray.is_initialized():
             return _Noop()
         keys = tuple(tags)
+        tags = dict(tags)  # Serve's set_default_tags adds its own tags to the dict it is given
         if kind == "counter":
             obj = m.Counter(name, description=description, tag_keys=keys)
         elif kind == "gauge":
@@ -35,7 +39,8 @@ def _metric(kind: str, name: str, description: str, tags: dict, buckets: Optiona
             obj = m.Histogram(name, description=description, boundaries=buckets, tag_keys=keys)
         obj.set_default_tags(tags)
         return obj
-    except Exception:  # metrics must never take serving down
+    except Exception as e:  # metrics must never take serving down
+        log.warning("metric %s disabled: %s: %s", name, e.__class__.__name__, e)
         return _Noop()
 
 
