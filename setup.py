@@ -73,6 +73,7 @@ class OptionalCMakeBuild(build_ext):
             status = f"built {target.name}"
         except Exception as exc:  # noqa: BLE001 - any failure must leave the install working
             status = f"not built: {exc}"
+            target.unlink(missing_ok=True)  # never ship a stale binary from an earlier in-tree build
             lines.append(traceback.format_exc())
             print(f"WARNING: mlx-ray kernel {ext.name} {status}; using MLX's own ops instead", file=sys.stderr)
         for log in logs:

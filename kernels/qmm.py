@@ -64,13 +64,15 @@ def _env_disabled() -> str | None:
     return None
 
 
-def _build_hint() -> str:
-    """The first line of the install-time build log, if the build left one."""
+def _not_built_reason(exc: ImportError) -> str:
+    """Why the extension is missing: the install-time build log's verdict when the build failed."""
     try:
         first = _BUILD_LOG.read_text().splitlines()[0]
     except (OSError, IndexError):
-        return _REBUILD_HINT
-    return f"{first} (see {_BUILD_LOG}); {_REBUILD_HINT}"
+        first = ""
+    if first.startswith("not built"):
+        return f"extension {first} (log: {_BUILD_LOG}); {_REBUILD_HINT}"
+    return f"extension not importable ({exc}); {_REBUILD_HINT}"
 
 
 def _import_extension() -> ModuleType:
@@ -107,7 +109,7 @@ def _compute_state() -> _State:
     try:
         ext = _import_extension()
     except ImportError as exc:
-        return _State(False, f"extension not built ({exc}): {_build_hint()}")
+        return _State(False, _not_built_reason(exc))
     if ext.mlx_version != mx.__version__.split(".dev")[0]:
         return _State(False, f"built against mlx {ext.mlx_version} but mlx {mx.__version__} is installed; "
                              f"{_REBUILD_HINT}")

@@ -327,7 +327,7 @@ def test_fallback_when_extension_is_absent(fresh_state):
 
     fresh_state.setattr(qmm, "_import_extension", missing)
     st = qmm.status()
-    assert not st["active"] and "not built" in st["reason"] and "simulated" in st["reason"]
+    assert not st["active"] and "not importable" in st["reason"] and "simulated" in st["reason"]
     _assert_reference_path()
     with pytest.raises(RuntimeError, match="unavailable"):
         with qmm.force("kernel"):
