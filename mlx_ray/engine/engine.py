@@ -198,8 +198,7 @@ class MLXEngine(LLMEngine):
         loop = asyncio.get_running_loop()
         handle = _Handle()
         tok = self._tokenizer
-        stops = [] if s.ignore_eos else sorted(tok.eos_token_ids)
-        stops += [t for t in s.stop_token_ids if t not in stops]
+        stops = set(s.stop_token_ids) | (set() if s.ignore_eos else set(tok.eos_token_ids))
         seq = Seq(
             req=request,
             sink=lambda ev: loop.call_soon_threadsafe(self._deliver, rid, handle, ev),

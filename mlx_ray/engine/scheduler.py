@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import StopSequences
 
 from ..errors import DeadlineExceeded, EngineFault, MlxRayError
+from .batching import EngineBatchGenerator
 from .memory import batch_kv_bound
 from .prefix_cache import PrefixCache
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob
@@ -50,12 +51,13 @@ class Seq:
     text: TextStream
     sampler: Callable
     processors: list
-    stop_ids: list[int]
+    stop_ids: set[int]
     reserve: int  # tokens this row may grow to (prompt + max_tokens)
     uid: Optional[int] = None
     cached: int = 0
     generated: int = 0
     done: bool = False
+    skip_first: bool = True  # the generator's first response is the last prompt token
     buf_ids: list[int] = field(default_factory=list)
     buf_text: str = ""
     buf_lp: list[TokenLogprob] = field(default_factory=list)
@@ -78,7 +80,7 @@ class Scheduler:
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps=0, requests_finished=0,
                              requests_failed=0, batch_failures=0)
         self.published: dict[str, Any] = {}
-        self._gen: Optional[BatchGenerator] = None
+        self._gen: Optional[EngineBatchGenerator] = None
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
 
@@ -96,8 +98,8 @@ class Scheduler:
         self.cmds.put(("stop", None))
 
     # -- the loop --------------------------------------------------------------------
-    def _new_generator(self) -> BatchGenerator:
-        return BatchGenerator(
+    def _new_generator(self) -> EngineBatchGenerator:
+        return EngineBatchGenerator(
             self.model,
             completion_batch_size=self.cfg.max_num_seqs,
             prefill_batch_size=min(8, self.cfg.max_num_seqs),
@@ -194,7 +196,7 @@ class Scheduler:
             all_tokens=[list(prompt[:n])],
             samplers=[seq.sampler],
             logits_processors=[seq.processors],
-            stop_sequences=[StopSequences([[t] for t in seq.stop_ids])],
+            stop_sequences=[StopSequences()],  # stop tokens are matched in _on_token
         )
         seq.uid, seq.cached = uid, n
         self.active[uid] = seq
@@ -215,22 +217,25 @@ class Scheduler:
             self._fail_batch(e)
             return
         self.counters["steps"] += 1
-        self.counters["generation_tokens_total"] += len(responses)
-        # Logprobs of every request that asked, evaluated together.
-        lazy = {}
+        fresh = []
         for r in responses:
             seq = self.active.get(r.uid)
-            if seq is not None and seq.req.sampling.logprobs:
+            if seq is not None and seq.skip_first:  # the prompt's last token, computed in this step
+                seq.skip_first = False
+            elif seq is not None:
+                fresh.append((seq, r))
+        self.counters["generation_tokens_total"] += len(fresh)
+        # Logprobs of every request that asked, evaluated together.
+        lazy = {}
+        for seq, r in fresh:
+            if seq.req.sampling.logprobs:
                 n = seq.req.sampling.top_logprobs
                 lazy[r.uid] = (r.logprobs[r.token], *(top_logprobs(r.logprobs, n) if n else ()))
         if lazy:
             mx.eval(list(lazy.values()))
         stopped_here = []
         now = time.monotonic()
-        for r in responses:
-            seq = self.active.get(r.uid)
-            if seq is None:
-                continue
+        for seq, r in fresh:
             try:
                 reason = self._on_token(seq, r, lazy.get(r.uid), now)
             except Exception as e:  # this request's text handling broke: fail it alone
@@ -241,7 +246,7 @@ class Scheduler:
                 continue
             if reason is None:
                 continue
-            if r.finish_reason is None:  # a stop string: the generator does not know yet
+            if r.finish_reason is None:  # a stop token or string: the generator does not know yet
                 stopped_here.append(r.uid)
             elif r.prompt_cache is not None:
                 self.prefix.insert(r.all_tokens, r.prompt_cache)
@@ -251,7 +256,7 @@ class Scheduler:
 
     def _on_token(self, seq: Seq, r, lp, now: float) -> Optional[str]:
         seq.generated += 1
-        if r.finish_reason == "stop":  # EOS or a stop token id: not part of the text
+        if r.token in seq.stop_ids:  # EOS or a stop token id: not part of the text
             text, reason = seq.text.finish(), "stop"
         else:
             text = seq.text.add(r.token)

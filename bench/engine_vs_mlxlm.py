@@ -1,0 +1,388 @@
+"""Benchmark: the mlx-ray engine against mlx-lm (``mlx_lm.generate`` and ``mlx_lm.server``).
+
+    python bench/engine_vs_mlxlm.py [--model PATH] [--levels 1,4,16,32] [--json out.json]
+
+* **Single stream**: decode tok/s of one greedy request, engine vs mlx-lm's own
+  generation loop (``stream_generate``, what ``mlx_lm.generate`` runs), same
+  prompt, timed the same way (tokens after the first / time after the first).
+* **Concurrency sweep**: closed-loop load at each level against the engine
+  (in process, the way the Serve replica embeds it) and against
+  ``mlx_lm.server`` (started here on loopback with ``setsid`` on a free port,
+  same model path, same BLAS preload), through ``mlx_ray.bench.openai_load``.
+  Each side runs in its own worker process started with ``setsid`` (the
+  engine with its load generator; mlx_lm.server plus its load generator), so
+  with the kernel's per-session CPU autogroups both sides get the same CPU
+  share on a shared machine; with ``--repeats`` the sides alternate. Metrics: aggregate output tok/s, TTFT and inter-token
+  latency p50/p99, peak resident memory of the serving process (sampled).
+
+Both sides decode greedily with the same prompts, so they produce the same
+tokens. The machine is shared and noisy: repeat with ``--repeats`` and read
+medians. Without ``--model`` the fixture is converted to float32 (or q4-g64
+with ``--q4``) in a temporary cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from mlx_ray.bench.openai_load import RequestResult, arun_load, summarize
+from mlx_ray.bench.table import markdown_table
+from mlx_ray.blas import env_with_fast_blas, loaded_blas, reexec_with_fast_blas
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works, step by step.",
+    "Describe the water cycle to a ten-year-old.",
+    "Write a letter to a friend about your summer holiday by the sea.",
+    "What are the main causes of the French Revolution? Explain in detail.",
+    "Give me a recipe for a vegetable soup with instructions.",
+    "Describe a walk through a busy market in a large city.",
+    "Explain the difference between weather and climate with examples.",
+    "Write a poem about autumn leaves and the passing of time.",
+    "How do bees make honey? Describe the whole process.",
+    "Tell me about the history of the bicycle.",
+    "Write a dialogue between a cat and a dog about breakfast.",
+    "Explain why the sky is blue in simple words.",
+    "Describe your ideal weekend in the mountains.",
+    "What should a beginner know before learning to play the guitar?",
+    "Write a short fairy tale about a brave little mouse.",
+]
+
+
+# -- helpers -------------------------------------------------------------------------------
+class PeakRSS:
+    """Samples the resident memory of a process (and its children) in a thread; keeps the peak.
+    Also records the CPU seconds the process used meanwhile (``cpu_s``)."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.proc, self.interval, self.peak, self.cpu_s = psutil.Process(pid), interval, 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(True))
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def _cpu(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def __enter__(self):
+        self._cpu0 = self._cpu()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.cpu_s = self._cpu() - self._cpu0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixture_model(q4: bool) -> Path:
+    from mlx_ray.conversion.convert import convert
+    from mlx_ray.fixtures import smollm2_hf_dir
+
+    cache = Path(tempfile.gettempdir()) / "mlx-ray-bench-cache"
+    kw = dict(quantize=True, q_bits=4, q_group_size=64) if q4 else dict(quantize=False, dtype="float32")
+    try:
+        return Path(convert(str(smollm2_hf_dir()), cache_dir=cache, **kw))
+    except Exception as e:  # already converted by an earlier run
+        from mlx_ray.conversion.cache import resolve_model
+
+        name = "SmolLM2-135M-Instruct/" + ("q4-g64" if q4 else "f32")
+        print(f"(reusing {name}: {e})", file=sys.stderr)
+        return resolve_model(name, cache)
+
+
+# -- the engine side -------------------------------------------------------------------------
+async def engine_request(engine, rid: str, ids: list[int], max_tokens: int) -> RequestResult:
+    """One request, measured exactly like openai_load measures an HTTP stream (content chunks)."""
+    from mlx_ray.engine.protocol import GenerationRequest, SamplingParams, TokenEvent
+
+    res, t0, last = RequestResult(ok=False), time.perf_counter(), None
+    async for ev in engine.generate(GenerationRequest(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0))):
+        now = time.perf_counter()
+        if isinstance(ev, TokenEvent):
+            if ev.text:
+                if res.ttft is None:
+                    res.ttft = now - t0
+                else:
+                    res.gaps.append(now - last)
+                last = now
+            continue
+        res.ok = ev.error is None
+        res.output_tokens, res.prompt_tokens = ev.completion_tokens, ev.prompt_tokens
+        res.error_kind = ev.error.kind if ev.error else None
+    res.latency = time.perf_counter() - t0
+    return res
+
+
+async def engine_load(engine, prompts: list[list[int]], concurrency: int, n: int, max_tokens: int) -> dict:
+    todo = list(range(n))
+    results: list[RequestResult] = []
+
+    async def worker():
+        while todo:
+            i = todo.pop(0)
+            results.append(await engine_request(engine, f"bench-{concurrency}-{i}-{time.monotonic_ns()}",
+                                                prompts[i % len(prompts)], max_tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
+    return summarize(results, time.perf_counter() - t0, concurrency)
+
+
+def single_stream(engine, model_dir: Path, ids: list[int], max_tokens: int, repeats: int) -> dict:
+    """Decode tok/s of one greedy request: engine vs mlx-lm's generation loop, same prompt and timing."""
+    from mlx_lm import load, stream_generate
+
+    model, tok = load(str(model_dir))
+
+    def rate(stamps: list[float]) -> float:
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+
+    def mlxlm_once():
+        stamps = [time.perf_counter() for _ in stream_generate(model, tok, prompt=ids, max_tokens=max_tokens)]
+        return rate(stamps), len(stamps)
+
+    async def engine_once():
+        from mlx_ray.engine.protocol import GenerationRequest, SamplingParams, TokenEvent
+
+        stamps = []
+        req = GenerationRequest(f"single-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+        async for ev in engine.generate(req):
+            if isinstance(ev, TokenEvent):
+                stamps += [time.perf_counter()] * len(ev.token_ids)
+        return rate(stamps), len(stamps)
+
+    mlxlm_once()  # warm-up
+    ours, theirs = [], []
+    for _ in range(repeats):  # alternate, so drift in machine load hits both
+        ours.append(asyncio.run(engine_once()))
+        theirs.append(mlxlm_once())
+    del model
+    return {"engine_decode_tok_s": statistics.median(r for r, _ in ours),
+            "mlx_lm_decode_tok_s": statistics.median(r for r, _ in theirs),
+            "tokens": ours[0][1], "mlx_lm_tokens": theirs[0][1], "repeats": repeats,
+            "engine_runs": [r for r, _ in ours], "mlx_lm_runs": [r for r, _ in theirs]}
+
+
+# -- the mlx_lm.server side ------------------------------------------------------------------
+class MlxLmServer:
+    def __init__(self, model_dir: Path, decode_concurrency: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = str(model_dir)  # requests must name the exact path the server was started with
+        self.log = tempfile.NamedTemporaryFile(prefix="mlx_lm_server_", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", self.model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--decode-concurrency", str(decode_concurrency), "--log-level", "WARNING"]
+        # Same session (autogroup) as the worker that loads it; the driver kills the worker's group.
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlx_lm.server exited ({self.proc.returncode}); see {self.log.name}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlx_lm.server not ready after {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- one side, in its own session ----------------------------------------------------------
+def run_side(args) -> dict:
+    """The sweep for one side (``--side engine|server``); prints nothing but the JSON file."""
+    import mlx.core as mx
+
+    from mlx_ray.engine.engine import MLXEngine
+    from mlx_ray.engine.protocol import EngineConfig
+
+    levels = [int(x) for x in args.levels.split(",")]
+    out = {}
+    if args.side == "server":
+        server = MlxLmServer(Path(args.model), max(levels))
+        try:
+            server.wait_ready()
+            asyncio.run(arun_load(server.url, server.model, 1, 1, PROMPTS[:1], max_tokens=8))  # warm-up
+            for c in levels:
+                with PeakRSS(server.proc.pid) as mem:
+                    r = asyncio.run(arun_load(server.url, server.model, c, requests_for(args, c), PROMPTS,
+                                              max_tokens=args.max_tokens))
+                out[c] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s)
+        finally:
+            server.stop()
+        return out
+    engine = MLXEngine(args.model, EngineConfig(max_num_seqs=max(levels), max_queue=max(levels) * 4,
+                                                prefill_chunk=args.prefill_chunk))
+    asyncio.run(engine.start())
+    try:
+        prompts_ids = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+        asyncio.run(engine_load(engine, prompts_ids, 1, 1, 8))  # warm-up
+        for c in levels:
+            mx.reset_peak_memory()
+            with PeakRSS(os.getpid()) as mem:
+                r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens))
+            out[c] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s, mlx_peak_bytes=mx.get_peak_memory())
+        out["engine_stats"] = engine.stats()
+    finally:
+        asyncio.run(engine.shutdown())
+    return out
+
+
+def requests_for(args, c: int) -> int:
+    return max(args.min_requests, args.requests_per_slot * c)
+
+
+def spawn_side(args, side: str, model_dir: Path) -> dict:
+    """Run one side in a worker process with its own session; kill its whole group afterwards."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--model", str(model_dir),
+           "--levels", args.levels, "--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk),
+           "--requests-per-slot", str(args.requests_per_slot), "--min-requests", str(args.min_requests)]
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env_with_fast_blas())
+    try:
+        if proc.wait() != 0:
+            raise RuntimeError(f"the {side} worker failed ({proc.returncode})")
+        return json.loads(out.read_text())
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind (e.g. mlx_lm.server)
+        except ProcessLookupError:
+            pass
+        out.unlink(missing_ok=True)
+
+
+# -- the driver --------------------------------------------------------------------------------
+def run(args) -> dict:
+    from mlx_ray.engine.engine import MLXEngine
+    from mlx_ray.engine.protocol import EngineConfig
+
+    model_dir = Path(args.model) if args.model else fixture_model(args.q4)
+    engine = MLXEngine(model_dir, EngineConfig(max_num_seqs=1))
+    asyncio.run(engine.start())
+    ids = engine.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    report = {"model": str(model_dir), "dtype": engine.info.dtype, "blas": loaded_blas(), "max_tokens": args.max_tokens,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                          "load_avg_at_start": os.getloadavg()},
+              "levels": {}}
+    print(f"model {model_dir} ({engine.info.dtype}), BLAS {report['blas']}, load avg {os.getloadavg()[0]:.1f}",
+          file=sys.stderr)
+    try:
+        report["single_stream"] = single_stream(engine, model_dir, ids, args.single_tokens, args.repeats)
+    finally:
+        asyncio.run(engine.shutdown())
+    print("single stream:", {k: v for k, v in report["single_stream"].items() if not k.endswith("runs")},
+          file=sys.stderr)
+    sides = ["engine"] + ([] if args.skip_server else ["mlx_lm.server"])
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(args.repeats):
+        for side in sides:
+            r = spawn_side(args, "engine" if side == "engine" else "server", model_dir)
+            report.setdefault("engine_stats", r.pop("engine_stats", None))
+            runs[side].append(r)
+            print(f"[{rep + 1}/{args.repeats}] {side}: " + ", ".join(
+                f"c={c} {v['output_tok_s']:.1f} tok/s ({v['cpu_s']:.0f} CPU s)" for c, v in r.items()), file=sys.stderr)
+    for c in args.levels.split(","):
+        report["levels"][int(c)] = {s: median_run([r[c] for r in runs[s]]) for s in sides}
+    report["machine"]["load_avg_at_end"] = os.getloadavg()
+    return report
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median aggregate tok/s (kept whole so its latencies stay consistent)."""
+    ranked = sorted(runs, key=lambda r: r["output_tok_s"])
+    out = dict(ranked[len(ranked) // 2])
+    out["all_output_tok_s"] = [r["output_tok_s"] for r in runs]
+    return out
+
+
+def table(report: dict) -> str:
+    rows = []
+    for c, sides in report["levels"].items():
+        for side, r in sides.items():
+            rows.append([c, side, r["output_tok_s"], r["ttft_s"]["p50"], r["ttft_s"]["p99"], r["itl_s"]["p50"],
+                         r["itl_s"]["p99"], r["peak_rss_bytes"] / 2**20, r["errors"]])
+    t = markdown_table(["conc.", "server", "out tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s",
+                        "peak RSS MiB", "errors"], rows)
+    s = report["single_stream"]
+    head = (f"single stream decode: engine {s['engine_decode_tok_s']:.1f} tok/s, mlx_lm.generate "
+            f"{s['mlx_lm_decode_tok_s']:.1f} tok/s (median of {s['repeats']})\n")
+    ratios = []
+    for c, sides in report["levels"].items():
+        if "mlx_lm.server" in sides:
+            e, m = sides["engine"], sides["mlx_lm.server"]
+            ratios.append(f"c={c}: throughput x{e['output_tok_s'] / m['output_tok_s']:.2f}, "
+                          f"TTFT p99 {e['ttft_s']['p99']:.2f} vs {m['ttft_s']['p99']:.2f} s")
+    return head + t + ("\n" + "\n".join(ratios) if ratios else "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="MLX model directory (default: the fixture, converted)")
+    p.add_argument("--q4", action="store_true", help="without --model: use the fixture at q4-g64")
+    p.add_argument("--levels", default="1,4,16,32", help="concurrency levels (default 1,4,16,32)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--single-tokens", type=int, default=128, help="tokens of the single-stream run (default 128)")
+    p.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
+    p.add_argument("--min-requests", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); medians are reported")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--skip-server", action="store_true", help="engine only")
+    p.add_argument("--json", help="write the full report here")
+    p.add_argument("--side", choices=["engine", "server"], help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--side-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    reexec_with_fast_blas()
+    if args.side:
+        Path(args.side_out).write_text(json.dumps(run_side(args), default=str))
+        return 0
+    report = run(args)
+    print(table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
