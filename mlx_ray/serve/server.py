@@ -50,13 +50,14 @@ class LLMServer:
 
     def __init__(self, model_config: dict | ModelConfig, stream_batching_interval_ms: float = 10.0,
                  engine: Optional[LLMEngine] = None):
-        self.cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
-        self.engine = engine if engine is not None else build_engine(self.cfg)
-        self.interval = stream_batching_interval_ms / 1000.0
-        self.metrics = ServerMetrics(self.cfg.name)
+        self._gauge_task: Optional[asyncio.Task] = None
         self._started = False
         self._start_lock: Optional[asyncio.Lock] = None
-        self._gauge_task: Optional[asyncio.Task] = None
+        self.cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
+        self.interval = stream_batching_interval_ms / 1000.0
+        self.metrics = ServerMetrics(self.cfg.name)
+        # The model loads in start() (Serve's first health check), off the constructor.
+        self.engine = engine if engine is not None else build_engine(self.cfg)
 
     async def start(self) -> None:
         if self._started:
