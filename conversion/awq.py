@@ -28,9 +28,11 @@ import numpy as np
 
 from mlx_ray.errors import BadRequest, CorruptModel
 
+from .quant import AFFINE_GROUPS
+
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])      # AutoAWQ: nibble i <- column ORDER[i]
 UNORDER = np.argsort(ORDER)                      # column c <- nibble UNORDER[c] = [0, 4, 1, 5, 2, 6, 3, 7]
-MLX_GROUPS = (32, 64, 128)
+MLX_GROUPS = AFFINE_GROUPS  # the group sizes MLX affine quantization supports
 
 
 def awq_config(config: dict) -> dict | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from mlx_ray.errors import BadRequest, Conflict, CorruptModel, MlxRayError
 
 from . import hfconfig, publish
-from .awq import awq_config
+from .awq import MLX_GROUPS, awq_config
 from .cache import cache_root
 from .manifest import verify_model, write_manifest
 from .quant import QuantSpec, make_spec, normalize_dtype
@@ -45,13 +45,15 @@ def _source_dtype(config: dict) -> str | None:
         return None
 
 
-def _output_config(config: dict, spec: QuantSpec, awq: dict | None, per_layer: dict) -> dict:
+def _output_config(config: dict, spec: QuantSpec, awq: dict | None, cast: str | None, per_layer: dict) -> dict:
     cfg = hfconfig.normalize_config(config)
+    if cast:  # the dtype the unquantized tensors were written in
+        cfg["torch_dtype"] = cfg["dtype"] = cast
     for k in ("quantization", "quantization_config"):
         cfg.pop(k, None)
         if isinstance(cfg.get("text_config"), dict):
             cfg["text_config"].pop(k, None)
-    if awq and spec.quantized and awq["group_size"] in (32, 64, 128):
+    if awq and spec.quantized and awq["group_size"] in MLX_GROUPS:
         q = {"group_size": awq["group_size"], "bits": 4, "mode": "affine"}
     elif spec.quantized:
         q = spec.params()
@@ -88,7 +90,7 @@ def _check_prequantized(config: dict, awq: dict | None, spec: QuantSpec, **asked
         method = qc.get("quant_method") or ("mlx" if "bits" in qc else "unknown")
         raise BadRequest(f"source is already quantized ({method}); only AutoAWQ GEMM checkpoints can be "
                          f"repacked: convert from the original float weights instead")
-    if not awq or not spec.quantized or awq["group_size"] not in (32, 64, 128):
+    if not awq or not spec.quantized or awq["group_size"] not in MLX_GROUPS:
         return
     clash = [f"--{k.replace('_', '-')} {v}" for k, v in asked.items()
              if v is not None and not (k == "q_bits" and v == 4) and not (k == "q_mode" and v == "affine")
@@ -132,7 +134,7 @@ def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q
     if not spec.quantized:
         spec = dataclasses.replace(spec, dtype=cast or "float32")
         tag = spec.tag()
-    elif awq and awq["group_size"] in (32, 64, 128):
+    elif awq and awq["group_size"] in MLX_GROUPS:
         tag = f"awq-q4-g{awq['group_size']}" + (f"-{spec.tag().rsplit('-', 1)[-1]}" if spec.dtype else "")
     else:
         tag = spec.tag()
@@ -194,7 +196,7 @@ def _build(p: Plan, stage: Path, progress: bool) -> None:
     desc = "AWQ repack" if p.awq else (p.tag if p.spec.quantized else f"cast to {p.cast}")
     _log(f"converting {p.src.spec} ({len(p.src.shards)} shard(s), {desc}) in {stage}", progress)
     result = ShardWriter(model, p.spec, p.cast, p.awq, progress).run(p.src.shards, stage)
-    save_config(_output_config(p.config, p.spec, p.awq, result.per_layer), config_path=stage / "config.json")
+    save_config(_output_config(p.config, p.spec, p.awq, p.cast, result.per_layer), config_path=stage / "config.json")
     for f in copy_files(p.src.path):
         shutil.copyfile(f, stage / f.name)
     source_files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}

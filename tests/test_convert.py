@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 PROMPTS = ["The quick brown fox", "What is the capital of France?", "def fibonacci(n):"]
-GREEDY_TOKENS = 12
+GREEDY_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
