@@ -245,7 +245,7 @@ mx::array quantized_matmul(
     int bits,
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
+  if (stream.device.type != mx::Device::DeviceType::cpu) {
     // Never run on GPU devices: MLX's own Metal/CUDA kernels serve there.
     return mx::quantized_matmul(x, w, scales, biases, true, group_size, bits, "affine", stream);
   }
