@@ -226,3 +226,14 @@ def test_full_disk_leaves_nothing(tiny_llama_hf, tmp_path):
     assert r.stderr.count("\n") == 1 and "no space left" in r.stderr
     listing = r.stdout.split("rc=1", 1)[1].split()
     assert "f32" not in listing and not any(x.startswith(".f32") for x in listing), listing
+
+
+def test_out_writes_exactly_there_and_is_guarded_too(tiny_llama_hf, tmp_path):
+    from mlx_ray.conversion.convert import convert
+    from mlx_ray.conversion.manifest import verify_model
+
+    out = convert(str(tiny_llama_hf), out=tmp_path / "exact", quantize=False, dtype="float16", progress=False)
+    assert out == tmp_path / "exact" and verify_model(out) == []
+    with pytest.raises(Conflict):
+        convert(str(tiny_llama_hf), out=tmp_path / "exact", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exact"]
