@@ -101,7 +101,9 @@ void parallel_ranges(int n, int align, F&& body) {
   auto& pool = ThreadPool::instance();
   const int T = pool.num_threads();
   const int units = (n + align - 1) / align;
-  const int ntasks = std::max(1, std::min(units, T == 1 ? 1 : 4 * T));
+  // Fine-grained tasks, claimed dynamically: a worker that gets descheduled on a
+  // busy machine holds back only a small piece of the product.
+  const int ntasks = std::max(1, std::min(units, T == 1 ? 1 : 16 * T));
   const int per = (units + ntasks - 1) / ntasks;
   const int real = (units + per - 1) / per;
   pool.parallel_for(real, [&](int t) {
