@@ -137,14 +137,15 @@ def test_dequantize_reference_agrees():
     assert rel_err(reference(x, wq, s, b, big=True), reference(x, wq, s, b)) < 1e-5
 
 
+PROBLEMS = {"decode": (192, 768, 1), "tails": (100, 352, 5), "m33": (64, 1536, 33)}  # n, k, m
+COMBOS = [pytest.param(bits, gs, dt, *nkm, id=f"{name}-{bits}b-g{gs}-{dn}")
+          for name, nkm in PROBLEMS.items() for bits in (2, 4, 8) for gs in (32, 64, 128)
+          for dn, dt in DTYPES.items() if nkm[1] % gs == 0]
+
+
 @needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("n,k,m", [(192, 768, 1), (100, 352, 5), (64, 1536, 33)], ids=["decode", "tails", "m33"])
+@pytest.mark.parametrize("bits,gs,dtype,n,k,m", COMBOS)
 def test_bits_groups_dtypes(bits, gs, dtype, n, k, m):
-    if k % gs:
-        pytest.skip("K not a multiple of the group size")
     wq, s, b = make(n, k, bits=bits, gs=gs, dtype=dtype)
     x = mx.random.normal((m, k)).astype(dtype)
     ref = reference(x, wq, s, b, bits=bits, gs=gs)
