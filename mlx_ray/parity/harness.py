@@ -81,6 +81,25 @@ def _latency(gens, prompt_ids, mem) -> dict:
             "decode_tok_s": median(decs) if decs else None, **mem}
 
 
+_REFERENCE_MEMO: dict = {}  # one torch reference per process: comparing several MLX variants reuses it
+
+
+def _torch_reference(hf, device, dtype, prompt_ids, ref_ids, max_new, eos):
+    """The torch side's results; memoised in-process on everything that determines them."""
+    key = (str(Path(hf).resolve()) if Path(hf).exists() else hf, device, dtype,
+           tuple(map(tuple, prompt_ids)), tuple(ref_ids), max_new, tuple(sorted(eos)))
+    if key in _REFERENCE_MEMO:
+        info, *rest = _REFERENCE_MEMO[key]
+        return ({**info, "reused": True}, *rest)
+    side = backends.load_torch(hf, device, dtype)
+    info = dict(side.info)
+    result = (info, *_run_side(side, prompt_ids, ref_ids, max_new, eos, desc="torch"))
+    backends.free(side)
+    _REFERENCE_MEMO.clear()
+    _REFERENCE_MEMO[key] = result
+    return result
+
+
 def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None = None,
                torch_dtype: str = "float32", max_new_tokens: int = 32, ppl_tokens: int = 512,
                thresholds_file: str | None = None) -> dict:
@@ -98,17 +117,18 @@ def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None
         torch_vocab = AutoConfig.from_pretrained(hf).get_text_config().vocab_size
     except OSError as e:
         raise BadRequest(f"transformers cannot load {hf!r}: {str(e).splitlines()[0]}") from None
-    mlx_tok = load_tokenizer(mlx_path)
+    try:
+        mlx_tok = load_tokenizer(mlx_path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on a bad tokenizer.json
+        raise BadRequest(f"cannot load the MLX model's tokenizer from {mlx_path}: {str(e).splitlines()[0]}") from None
     prompt_ids = check_tokenizers(torch_tok, mlx_tok, plist, ref_text)
     mlx_config = json.loads((mlx_path / "config.json").read_text())
     width = check_vocab_sizes(torch_vocab, _mlx_vocab_size(mlx_config), len(torch_tok.get_vocab()))
     ref_ids = torch_tok.encode(ref_text)[:ppl_tokens]
     eos = set(mlx_tok.eos_token_ids or []) | ({torch_tok.eos_token_id} if torch_tok.eos_token_id is not None else set())
 
-    t_side = backends.load_torch(hf, device, torch_dtype)
-    t_info = dict(t_side.info)
-    t_gens, t_lps, t_ref, t_mem = _run_side(t_side, prompt_ids, ref_ids, max_new_tokens, eos, desc="torch")
-    backends.free(t_side)
+    t_info, t_gens, t_lps, t_ref, t_mem = _torch_reference(hf, device, torch_dtype, prompt_ids, ref_ids,
+                                                           max_new_tokens, eos)
 
     m_side = backends.load_mlx(str(mlx_path))
     m_info = dict(m_side.info)

@@ -20,7 +20,8 @@ def header(r: dict) -> list[str]:
     v = env["versions"]
     return [
         f"- torch: `{t['path']}` on **{t['device']}**, {t['dtype']} (torch {v['torch']}, transformers "
-        f"{v['transformers']}{', %d threads' % t['threads'] if t.get('threads') else ''})",
+        f"{v['transformers']}{', %d threads' % t['threads'] if t.get('threads') else ''}"
+        f"{'; reference reused from an earlier run in this process' if t.get('reused') else ''})",
         f"- MLX: `{m['path']}` on **{m['device']}**, {m['quantization']} ({m['dtype']} activations; mlx {v['mlx']}, "
         f"mlx-lm {v['mlx-lm']}; BLAS: {env['mlx_blas']}"
         f"{'; CPU quantized-matmul kernel' if m.get('cpu_kernel') else ''})",

@@ -12,23 +12,46 @@ identical-prefix length ÷ continuation length; ``-`` means not checked):
 
 | level | top-1 ≥ | top-5 overlap ≥ | KL mean ≤ | KL p99 ≤ | max abs logprob diff ≤ | ppl ratio ≤ | greedy prefix ≥ |
 |-------|---------|-----------------|-----------|----------|------------------------|-------------|-----------------|
-| f32   | 0.999   | 0.99            | 1e-4      | 1e-3     | 0.05                   | 1.001       | 1.0             |
-| bf16  | 0.95    | 0.90            | 0.01      | 0.05     | -                      | 1.02        | 0.25            |
-| q8    | 0.95    | 0.90            | 0.01      | 0.06     | -                      | 1.02        | 0.25            |
-| q6    | 0.93    | 0.88            | 0.02      | 0.12     | -                      | 1.04        | 0.2             |
-| q5    | 0.90    | 0.85            | 0.04      | 0.25     | -                      | 1.06        | 0.1             |
-| q4    | 0.80    | 0.75            | 0.15      | 0.9      | -                      | 1.25        | -               |
-| q3    | 0.60    | 0.55            | 0.6       | 3.0      | -                      | 1.8         | -               |
-| q2    | 0.30    | 0.30            | 2.0       | 8.0      | -                      | 5.0         | -               |
+| f32   | 0.999   | 0.99            | 1e-4      | 1e-3     | 0.01                   | 1.001       | 1.0             |
+| bf16  | 0.97    | 0.93            | 0.005     | 0.025    | -                      | 1.01        | 0.5             |
+| q8    | 0.92    | 0.90            | 0.02      | 0.1      | -                      | 1.03        | 0.3             |
+| q6    | Q6TOP1  | Q6TOP5          | Q6KL      | Q6P99    | -                      | Q6PPL       | -               |
+| q5    | Q5TOP1  | Q5TOP5          | Q5KL      | -        | -                      | Q5PPL       | -               |
+| q4    | 0.45    | 0.50            | 1.5       | -        | -                      | 1.8         | -               |
+| q3    | Q3TOP1  | Q3TOP5          | Q3KL      | -        | -                      | Q3PPL       | -               |
+| q2    | 0.10    | 0.10            | 6.0       | -        | -                      | 10          | -               |
 
-How they were set: measured on SmolLM2-135M-Instruct (the test fixture)
-against float32 torch on CPU, with the built-in prompts; each bound leaves a
-margin of roughly 2-3x on the KL figures and several points on the agreement
-figures over what was measured (the measured values are in the README). A
-135M model is more sensitive to quantization than a 7B one, so bounds set on
-it are loose for larger models; q5 and q2 are interpolated/extrapolated, not
-measured. f32 is strict by design: the RoPE-theta config bug (top-1 0.86,
-max diff 10) and a scaled layer both fail it, and both fail q4 too.
+How they were set: measured on SmolLM2-135M-Instruct (the test fixture) on
+CPU against float32 torch with the built-in prompts, then widened: about 3x
+on the KL figures, several points on the agreement figures, and enough that
+the two-prompt, few-token runs of the test suite stay inside. Measured
+(533 teacher-forced positions):
+
+| level | top-1 | top-5 | KL mean | KL p99 | ppl ratio | greedy prefix |
+|-------|-------|-------|---------|--------|-----------|---------------|
+| f32   | 1.0   | 1.0   | 1e-11   | 1e-10  | 0.9999    | 1.0 (max abs diff 2.7e-4) |
+| bf16  | 0.991 | 0.970 | 0.0015  | 0.0070 | 1.0013    | 1.0           |
+| q8    | 0.961 | 0.956 | 0.0053  | 0.035  | 1.0069    | 0.69          |
+MEASURED_Q6
+| q4    | 0.619 | 0.648 | 0.58    | 2.9    | 1.45      | 0.04          |
+MEASURED_Q3
+
+Quantized levels are loose because this fixture is unusually sensitive: a
+135M model with 576-wide layers whose weights came from a Q4_1 (group 32)
+GGUF, so a group-64 4-bit grid cannot hold them. Larger models sit much
+closer to torch; tighten the bounds for them with ``--thresholds``. q5 and
+q2 are interpolated/extrapolated, not measured. KL p99 is not checked from
+q5 down: on the few positions of a short run it is the single worst token.
+Config bugs are what the f32 level is for: the RoPE-theta bug (top-1 0.86,
+max diff 10) and a scaled layer both fail it, so check a conversion at f32
+(or bf16) first, then bound its quantized variants.
+
+On MLX's Linux CPU backend, bf16 ``mx.quantized_matmul`` loses precision
+(3.6% relative error on a random 576-wide q8 matmul, against 6e-7 in
+float32); mlx-ray's CPU kernel (``mlx_ray.kernels.qmm``, bits 2/4/8)
+accumulates in float32 and is what the q8/q4 figures above ran through. Bits
+3/5/6 fall back to MLX's op, so their CPU figures include that loss; on Metal
+they do not.
 
 Override with ``--thresholds FILE`` (JSON or YAML): either a flat mapping of
 metric names to values (applied to the run's level), or a mapping of level
@@ -46,22 +69,22 @@ METRICS = ("top1_min", "top5_min", "kl_mean_max", "kl_p99_max", "max_abs_diff_ma
            "greedy_prefix_min")
 
 DEFAULTS: dict[str, dict[str, float | None]] = {
-    "f32": dict(top1_min=0.999, top5_min=0.99, kl_mean_max=1e-4, kl_p99_max=1e-3, max_abs_diff_max=0.05,
+    "f32": dict(top1_min=0.999, top5_min=0.99, kl_mean_max=1e-4, kl_p99_max=1e-3, max_abs_diff_max=0.01,
                 ppl_ratio_max=1.001, greedy_prefix_min=1.0),
-    "bf16": dict(top1_min=0.95, top5_min=0.90, kl_mean_max=0.01, kl_p99_max=0.05, max_abs_diff_max=None,
-                 ppl_ratio_max=1.02, greedy_prefix_min=0.25),
-    "q8": dict(top1_min=0.95, top5_min=0.90, kl_mean_max=0.01, kl_p99_max=0.06, max_abs_diff_max=None,
-               ppl_ratio_max=1.02, greedy_prefix_min=0.25),
-    "q6": dict(top1_min=0.93, top5_min=0.88, kl_mean_max=0.02, kl_p99_max=0.12, max_abs_diff_max=None,
-               ppl_ratio_max=1.04, greedy_prefix_min=0.2),
-    "q5": dict(top1_min=0.90, top5_min=0.85, kl_mean_max=0.04, kl_p99_max=0.25, max_abs_diff_max=None,
-               ppl_ratio_max=1.06, greedy_prefix_min=0.1),
-    "q4": dict(top1_min=0.80, top5_min=0.75, kl_mean_max=0.15, kl_p99_max=0.9, max_abs_diff_max=None,
-               ppl_ratio_max=1.25, greedy_prefix_min=None),
-    "q3": dict(top1_min=0.60, top5_min=0.55, kl_mean_max=0.6, kl_p99_max=3.0, max_abs_diff_max=None,
+    "bf16": dict(top1_min=0.97, top5_min=0.93, kl_mean_max=0.005, kl_p99_max=0.025, max_abs_diff_max=None,
+                 ppl_ratio_max=1.01, greedy_prefix_min=0.5),
+    "q8": dict(top1_min=0.92, top5_min=0.90, kl_mean_max=0.02, kl_p99_max=0.1, max_abs_diff_max=None,
+               ppl_ratio_max=1.03, greedy_prefix_min=0.3),
+    "q6": dict(top1_min=0.80, top5_min=0.80, kl_mean_max=0.3, kl_p99_max=2.0, max_abs_diff_max=None,
+               ppl_ratio_max=1.2, greedy_prefix_min=None),
+    "q5": dict(top1_min=0.60, top5_min=0.65, kl_mean_max=0.8, kl_p99_max=None, max_abs_diff_max=None,
+               ppl_ratio_max=1.5, greedy_prefix_min=None),
+    "q4": dict(top1_min=0.45, top5_min=0.50, kl_mean_max=1.5, kl_p99_max=None, max_abs_diff_max=None,
                ppl_ratio_max=1.8, greedy_prefix_min=None),
-    "q2": dict(top1_min=0.30, top5_min=0.30, kl_mean_max=2.0, kl_p99_max=8.0, max_abs_diff_max=None,
-               ppl_ratio_max=5.0, greedy_prefix_min=None),
+    "q3": dict(top1_min=0.25, top5_min=0.25, kl_mean_max=3.0, kl_p99_max=None, max_abs_diff_max=None,
+               ppl_ratio_max=4.0, greedy_prefix_min=None),
+    "q2": dict(top1_min=0.10, top5_min=0.10, kl_mean_max=6.0, kl_p99_max=None, max_abs_diff_max=None,
+               ppl_ratio_max=10.0, greedy_prefix_min=None),
 }
 ORDER = list(DEFAULTS)  # strictest first
 
@@ -100,13 +123,18 @@ def load_overrides(path: str | None) -> dict:
         raise BadRequest(f"--thresholds {p}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise BadRequest(f"--thresholds {p}: expected a mapping")
+    for level in DEFAULTS:  # validate now, before any model is loaded
+        thresholds_for(level, data)
     return data
 
 
 def thresholds_for(level: str, overrides: dict) -> dict:
     t = dict(DEFAULTS[level])
     flat = {k: v for k, v in overrides.items() if k not in DEFAULTS}
-    layer = {**flat, **(overrides.get(level) or {})}
+    per_level = overrides.get(level) or {}
+    if not isinstance(per_level, dict):
+        raise BadRequest(f"--thresholds: {level} must map metric names to numbers")
+    layer = {**flat, **per_level}
     unknown = sorted(set(layer) - set(METRICS))
     if unknown:
         raise BadRequest(f"--thresholds: unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
