@@ -35,12 +35,14 @@ class PlacementConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per replica (0 on Apple Silicon: Metal is not a Ray GPU).")
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling_config is set).")
     autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, ...).")
-    max_queued_requests: int = Field(4, description="Requests Serve holds for this model beyond its admission limit before answering 429; -1: unlimited.")
+    max_queued_requests: Optional[int] = Field(None, description=(
+        "Requests each caller (the ingress) holds for this model while no replica has room, before answering 429; "
+        "-1: unlimited; default: the engine's max_queue (at least 16), so bursts are absorbed while Serve probes replicas."))
 
     @field_validator("max_queued_requests")
     @classmethod
-    def _queued(cls, v: int) -> int:
-        if v != -1 and v < 1:
+    def _queued(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v != -1 and v < 1:
             raise ValueError("must be -1 (no limit) or a positive integer")
         return v
 
@@ -77,6 +79,11 @@ class ModelConfig(BaseModel):
         return self.engine.max_num_seqs + self.engine.max_queue
 
     @property
+    def max_queued_requests(self) -> int:
+        q = self.placement.max_queued_requests
+        return q if q is not None else max(16, self.engine.max_queue)
+
+    @property
     def deployment_name(self) -> str:
         """A Serve deployment name derived from the served name (Serve forbids some characters)."""
         return "LLMServer:" + re.sub(r"[^A-Za-z0-9_.\-]+", "_", self.name)[-80:]
@@ -85,7 +92,7 @@ class ModelConfig(BaseModel):
         opts: dict[str, Any] = {
             "name": self.deployment_name,
             "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.placement.max_queued_requests,
+            "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": self.placement.ray_actor_options(),
             "health_check_period_s": 5,
             "health_check_timeout_s": 30,

@@ -1,0 +1,40 @@
+"""`mlx-ray serve` as a user runs it: embedded Ray, the fixture model, the printed curl line, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_mlx_ray_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(mlx_f32, tmp_path):
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_ray.cli", "serve", "--model", str(mlx_f32), "--port", "0",
+                                 "--max-num-seqs", "2"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C to stop" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        text = log.read_text()
+        assert "ready at http://127.0.0.1:" in text
+        curl = next(line.strip() for line in text.splitlines() if line.strip().startswith("curl "))
+        answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
+        body = json.loads(answer.stdout)
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert "shutting down" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
