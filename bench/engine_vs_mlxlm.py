@@ -13,7 +13,8 @@
   engine with its load generator; mlx_lm.server plus its load generator), so
   with the kernel's per-session CPU autogroups both sides get the same CPU
   share on a shared machine; with ``--repeats`` the sides alternate. Metrics: aggregate output tok/s, TTFT and inter-token
-  latency p50/p99, peak resident memory of the serving process (sampled).
+  latency p50/p99, peak resident memory of the serving process (kernel
+  high-water mark), output tokens per CPU second of the side.
 
 Both sides decode greedily with the same prompts, so they produce the same
 tokens. The machine is shared and noisy: repeat with ``--repeats`` and read
@@ -34,7 +35,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -66,37 +66,36 @@ PROMPTS = [
 
 
 # -- helpers -------------------------------------------------------------------------------
-class PeakRSS:
-    """Samples the resident memory of a process (and its children) in a thread; keeps the peak.
-    Also records the CPU seconds the process used meanwhile (``cpu_s``)."""
+class Usage:
+    """CPU seconds and peak resident memory of a set of processes over a ``with`` block.
 
-    def __init__(self, pid: int, interval: float = 0.1):
-        self.proc, self.interval, self.peak, self.cpu_s = psutil.Process(pid), interval, 0, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    The peak is the kernel's high-water mark (``VmHWM``: since process start, so
+    it never decreases across levels); nothing is sampled, so measuring costs the
+    measured process nothing. CPU covers every process of the side (the engine
+    with its in-process client; mlx_lm.server plus the worker running its client).
+    """
 
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                rss = self.proc.memory_info().rss + sum(c.memory_info().rss for c in self.proc.children(True))
-                self.peak = max(self.peak, rss)
-            except psutil.Error:
-                pass
-            self._stop.wait(self.interval)
+    def __init__(self, *pids: int):
+        self.procs = [psutil.Process(p) for p in pids]
+        self.peak, self.cpu_s = 0, 0.0
 
     def _cpu(self) -> float:
-        t = self.proc.cpu_times()
-        return t.user + t.system
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.procs))
 
     def __enter__(self):
         self._cpu0 = self._cpu()
-        self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
         self.cpu_s = self._cpu() - self._cpu0
+        self.peak = max(peak_rss(p.pid) for p in self.procs[:1])
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return psutil.Process(pid).memory_info().rss
 
 
 def free_port() -> int:
@@ -244,7 +243,7 @@ def run_side(args) -> dict:
             server.wait_ready()
             asyncio.run(arun_load(server.url, server.model, 1, 1, PROMPTS[:1], max_tokens=8))  # warm-up
             for c in levels:
-                with PeakRSS(server.proc.pid) as mem:
+                with Usage(server.proc.pid, os.getpid()) as mem:
                     r = asyncio.run(arun_load(server.url, server.model, c, requests_for(args, c), PROMPTS,
                                               max_tokens=args.max_tokens))
                 out[c] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s)
@@ -259,7 +258,7 @@ def run_side(args) -> dict:
         asyncio.run(engine_load(engine, prompts_ids, 1, 1, 8))  # warm-up
         for c in levels:
             mx.reset_peak_memory()
-            with PeakRSS(os.getpid()) as mem:
+            with Usage(os.getpid()) as mem:
                 r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens))
             out[c] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s, mlx_peak_bytes=mx.get_peak_memory())
         out["engine_stats"] = engine.stats()
@@ -342,9 +341,10 @@ def table(report: dict) -> str:
     for c, sides in report["levels"].items():
         for side, r in sides.items():
             rows.append([c, side, r["output_tok_s"], r["ttft_s"]["p50"], r["ttft_s"]["p99"], r["itl_s"]["p50"],
-                         r["itl_s"]["p99"], r["peak_rss_bytes"] / 2**20, r["errors"]])
+                         r["itl_s"]["p99"], r["peak_rss_bytes"] / 2**20,
+                         r["output_tokens"] / r["cpu_s"] if r.get("cpu_s") else None, r["errors"]])
     t = markdown_table(["conc.", "server", "out tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s",
-                        "peak RSS MiB", "errors"], rows)
+                        "peak RSS MiB", "tok/CPU-s", "errors"], rows)
     s = report["single_stream"]
     head = (f"single stream decode: engine {s['engine_decode_tok_s']:.1f} tok/s, mlx_lm.generate "
             f"{s['mlx_lm_decode_tok_s']:.1f} tok/s (median of {s['repeats']})\n")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
+from .. import blas
 from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
 from . import loader, sampling
 from .memory import PREFIX_SHARE, batch_kv_bound, default_kv_budget
@@ -116,6 +117,9 @@ class MLXEngine(LLMEngine):
         self._sched = Scheduler(self._model, self.config, self.kv_budget_bytes, self.info.kv_bytes_per_token,
                                 self.prefix_cache_bytes)
         self._sched.start()
+        if blas.wanted_library() and not blas.preload_active():
+            log.warning("MLX runs with the reference BLAS (slow); start Python with LD_PRELOAD=%s "
+                        "(the mlx-ray CLI and Ray workers do this themselves)", blas.wanted_library())
         log.info("engine started: %s (%s, %s), kv budget %.0f MiB, prefix cache %.0f MiB", self.model_id,
                  self.info.dtype, self.info.device, self.kv_budget_bytes / 2**20, self.prefix_cache_bytes / 2**20)
 
@@ -143,8 +147,9 @@ class MLXEngine(LLMEngine):
     def stats(self) -> dict:
         sched = self._sched
         out = dict(sched.published) if sched is not None else {}
-        out.setdefault("running", 0)
-        out.setdefault("waiting", 0)
+        # Live sizes (len() of the loop's containers is atomic); the rest is as of the last step.
+        out["running"] = len(sched.active) if sched is not None else 0
+        out["waiting"] = len(sched.waiting) if sched is not None else 0
         out["inflight"] = len(self._inflight)
         out["kv_budget_bytes"] = self.kv_budget_bytes
         return out
@@ -190,7 +195,7 @@ class MLXEngine(LLMEngine):
                 f"{self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise kv_budget_bytes", param="max_tokens")
         # Full: every row and queue slot taken, or (when the KV budget holds fewer rows than
         # max_num_seqs) the loop reports its queue full.
-        waiting = self._sched.published.get("waiting", 0)
+        waiting = len(self._sched.waiting)
         if len(self._inflight) >= cfg.max_num_seqs + cfg.max_queue or (waiting and waiting >= cfg.max_queue):
             raise Overloaded(f"the engine is full ({len(self._inflight) - waiting} running, {waiting} waiting, "
                              f"queue limit {cfg.max_queue}); retry later", retry_after=1.0)
@@ -201,7 +206,8 @@ class MLXEngine(LLMEngine):
         stops = set(s.stop_token_ids) | (set() if s.ignore_eos else set(tok.eos_token_ids))
         seq = Seq(
             req=request,
-            sink=lambda ev: loop.call_soon_threadsafe(self._deliver, rid, handle, ev),
+            loop=loop,
+            deliver=lambda ev: self._deliver(rid, handle, ev),
             text=TextStream(tok.detokenizer, s.stop),
             sampler=sampling.make_sampler(s, cfg.seed),
             processors=sampling.make_logits_processors(s, len(prompt)),

@@ -9,7 +9,8 @@ long prompt never stalls the others for more than a chunk. Requests join and
 leave the batch at any step.
 
 The loop is the only code that touches MLX state after loading; the async
-side (``engine.py``) talks to it through a command queue and per-request sinks.
+side (``engine.py``) talks to it through a command queue; events go back to
+each request's event loop, one ``call_soon_threadsafe`` per loop and step.
 A failed step (e.g. an allocation failure) fails the requests of that batch and
 the loop continues with a fresh batch; a failure of one request's text
 handling fails that request only.
@@ -47,7 +48,8 @@ class Seq:
     """One request as the loop sees it."""
 
     req: GenerationRequest
-    sink: Callable[[Event], None]  # thread-safe delivery to the request's consumer
+    loop: Any  # the consumer's asyncio loop
+    deliver: Callable[[Event], None]  # runs on that loop
     text: TextStream
     sampler: Callable
     processors: list
@@ -80,6 +82,7 @@ class Scheduler:
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps=0, requests_finished=0,
                              requests_failed=0, batch_failures=0)
         self.published: dict[str, Any] = {}
+        self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
         self._gen: Optional[EngineBatchGenerator] = None
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
@@ -114,6 +117,7 @@ class Scheduler:
                 self._admit()
                 if self.active:
                     self._step()
+                self._send()
                 self.heartbeat = time.monotonic()
                 self._publish()
             reason = EngineFault("the engine shut down; retry on another replica")
@@ -125,6 +129,7 @@ class Scheduler:
             self._finish(seq, "error", reason)
         self.active.clear()
         self.waiting.clear()
+        self._send()
         if self._gen is not None:
             self._gen.close()
         self._publish()
@@ -292,10 +297,16 @@ class Scheduler:
         self._deliver(seq, FinishEvent(reason, len(seq.req.prompt_token_ids), seq.generated, seq.cached, error))
 
     def _deliver(self, seq: Seq, ev: Event) -> None:
-        try:
-            seq.sink(ev)
-        except Exception:  # the consumer's event loop is gone; nothing to tell
-            log.debug("dropped an event for %s", seq.req.request_id, exc_info=True)
+        self._outbox.setdefault(seq.loop, []).append((seq.deliver, ev))
+
+    def _send(self) -> None:
+        """Hand this iteration's events to their loops: one wake-up per loop, not per event."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, items)
+            except RuntimeError:  # the consumer's event loop is closed; nothing to tell
+                log.debug("dropped %d events for a closed event loop", len(items))
 
     def _fail_batch(self, e: Exception) -> None:
         """A step failed (e.g. allocation failure): fail the running rows, start a fresh batch."""
@@ -327,3 +338,8 @@ class Scheduler:
             prefix_cache_budget_bytes=self.prefix.max_bytes,
             prefix_cache_entries=len(self.prefix),
         )
+
+
+def _run_all(items: list) -> None:
+    for deliver, ev in items:
+        deliver(ev)
