@@ -3,10 +3,11 @@
 Every iteration it takes commands (submit, cancel, stop), expires deadlines,
 admits waiting requests while the batch has a free row and the KV bound
 (``memory.batch_kv_bound``) stays inside the budget, and runs one step of
-mlx-lm's ``BatchGenerator``: one decode step for every running row plus one
-prefill chunk (``prefill_chunk`` tokens) for the prompts being processed, so a
-long prompt never stalls the others for more than a chunk. Requests join and
-leave the batch at any step.
+mlx-lm's ``BatchGenerator`` (as adapted in ``batching.py``): one decode step for
+every running row plus one prefill chunk (``prefill_chunk`` tokens per prompt,
+up to 8 prompts together) for the prompts being processed, so a long prompt
+never stalls the others for more than a chunk. Requests join and leave the
+batch at any step; prompt prefixes come from the prefix cache when they can.
 
 The loop is the only code that touches MLX state after loading; the async
 side (``engine.py``) talks to it through a command queue; events go back to
@@ -84,7 +85,6 @@ class Scheduler:
         self.published: dict[str, Any] = {}
         self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
         self._gen: Optional[EngineBatchGenerator] = None
-        self._stopping = False
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
 
     # -- called from other threads -------------------------------------------------
