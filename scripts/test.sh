@@ -7,4 +7,4 @@ bash scripts/setup.sh
 LIB=$(python3 -c "from mlx_ray.blas import wanted_library as w; print(w() or '')")
 if [[ -n "$LIB" ]]; then export LD_PRELOAD="$LIB${LD_PRELOAD:+:$LD_PRELOAD}"; fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pytest -q -ra "$@"
+python3 -m pytest -q -ra --durations=25 "$@"
