@@ -28,7 +28,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--model", help="MLX model: cache name or directory")
     parser.add_argument("--hf", help="HF source for the torch side (default: the model's conversion manifest)")
     parser.add_argument("--backends", default="mlx,torch", help="comma list of mlx, torch (default both)")
-    parser.add_argument("--prompt-lengths", default="128,512", help="comma list (default 128,512)")
+    parser.add_argument("--prompt-lengths", default="128,256", help="comma list (default 128,256)")
     parser.add_argument("--batch-sizes", default="1,4", help="comma list (default 1,4)")
     parser.add_argument("--gen-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per shape; figures are medians (default 3)")

@@ -32,7 +32,7 @@ class BenchConfig:
     model: str
     hf: str | None = None
     backends: tuple[str, ...] = ("mlx", "torch")
-    prompt_lengths: tuple[int, ...] = (128, 512)
+    prompt_lengths: tuple[int, ...] = (128, 256)
     batch_sizes: tuple[int, ...] = (1, 4)
     gen_tokens: int = 32
     repeats: int = 3
