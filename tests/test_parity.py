@@ -182,3 +182,13 @@ def test_threshold_override_file_changes_the_verdict(f32_report, tmp_path):
     limits = thresholds.thresholds_for("f32", thresholds.load_overrides(str(f)))
     failed = [c["name"] for c in thresholds.evaluate(r, limits) if not c["passed"]]
     assert failed == ["top1_min"]
+
+
+def test_documented_table_matches_defaults():
+    rows = [line for line in thresholds.__doc__.splitlines() if line.startswith("| ") and "≥" not in line]
+    table = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in rows)
+             if cells[0] in thresholds.DEFAULTS and len(cells) == 8}
+    assert set(table) == set(thresholds.DEFAULTS)
+    for level, cells in table.items():
+        documented = [None if c == "-" else float(c) for c in cells]
+        assert documented == [thresholds.DEFAULTS[level][m] for m in thresholds.METRICS], level

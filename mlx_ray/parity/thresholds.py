@@ -15,10 +15,10 @@ identical-prefix length ÷ continuation length; ``-`` means not checked):
 | f32   | 0.999   | 0.99            | 1e-4      | 1e-3     | 0.01                   | 1.001       | 1.0             |
 | bf16  | 0.97    | 0.93            | 0.005     | 0.025    | -                      | 1.01        | 0.5             |
 | q8    | 0.92    | 0.90            | 0.02      | 0.1      | -                      | 1.03        | 0.3             |
-| q6    | Q6TOP1  | Q6TOP5          | Q6KL      | Q6P99    | -                      | Q6PPL       | -               |
-| q5    | Q5TOP1  | Q5TOP5          | Q5KL      | -        | -                      | Q5PPL       | -               |
+| q6    | 0.80    | 0.80            | 0.3       | 2.0      | -                      | 1.2         | -               |
+| q5    | 0.60    | 0.65            | 0.8       | -        | -                      | 1.5         | -               |
 | q4    | 0.45    | 0.50            | 1.5       | -        | -                      | 1.8         | -               |
-| q3    | Q3TOP1  | Q3TOP5          | Q3KL      | -        | -                      | Q3PPL       | -               |
+| q3    | 0.25    | 0.25            | 3.0       | -        | -                      | 4.0         | -               |
 | q2    | 0.10    | 0.10            | 6.0       | -        | -                      | 10          | -               |
 
 How they were set: measured on SmolLM2-135M-Instruct (the test fixture) on
