@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-RAY = str(Path(sys.executable).parent / "ray")
+from mlx_ray.worker.command import ray_executable
+
+RAY = ray_executable()
 
 
 def free_port() -> int:
