@@ -15,14 +15,14 @@ identical-prefix length ÷ continuation length; ``-`` means not checked):
 | f32   | 0.999   | 0.99            | 1e-4      | 1e-3     | 0.01                   | 1.001       | 1.0             |
 | bf16  | 0.97    | 0.93            | 0.005     | 0.025    | -                      | 1.01        | 0.5             |
 | q8    | 0.92    | 0.90            | 0.02      | 0.1      | -                      | 1.03        | 0.3             |
-| q6    | 0.80    | 0.80            | 0.3       | 2.0      | -                      | 1.2         | -               |
+| q6    | 0.70    | 0.70            | 0.5       | 2.5      | -                      | 1.25        | -               |
 | q5    | 0.60    | 0.65            | 0.8       | -        | -                      | 1.5         | -               |
 | q4    | 0.45    | 0.50            | 1.5       | -        | -                      | 1.8         | -               |
-| q3    | 0.25    | 0.25            | 3.0       | -        | -                      | 4.0         | -               |
-| q2    | 0.10    | 0.10            | 6.0       | -        | -                      | 10          | -               |
+| q3    | 0.15    | 0.20            | 5.0       | -        | -                      | 8.0         | -               |
+| q2    | 0.05    | 0.05            | 10        | -        | -                      | 20          | -               |
 
 How they were set: measured on SmolLM2-135M-Instruct (the test fixture) on
-CPU against float32 torch with the built-in prompts, then widened: about 3x
+CPU against float32 torch with the built-in prompts, then widened: 2-3x
 on the KL figures, several points on the agreement figures, and enough that
 the two-prompt, few-token runs of the test suite stay inside. Measured
 (533 teacher-forced positions):
@@ -32,9 +32,12 @@ the two-prompt, few-token runs of the test suite stay inside. Measured
 | f32   | 1.0   | 1.0   | 1e-11   | 1e-10  | 0.9999    | 1.0 (max abs diff 2.7e-4) |
 | bf16  | 0.991 | 0.970 | 0.0015  | 0.0070 | 1.0013    | 1.0           |
 | q8    | 0.961 | 0.956 | 0.0053  | 0.035  | 1.0069    | 0.69          |
-MEASURED_Q6
+| q6 *  | 0.808 | 0.800 | 0.157   | 0.81   | 1.087     | 0.28          |
 | q4    | 0.619 | 0.648 | 0.58    | 2.9    | 1.45      | 0.04          |
-MEASURED_Q3
+| q3 *  | 0.262 | 0.303 | 2.33    | 6.6    | 3.86      | 0.0           |
+
+(*) q6 and q3 ran through MLX's own CPU op (see below), with 16 and 8 new
+tokens and 256 and 128 reference tokens (413-453 positions).
 
 Quantized levels are loose because this fixture is unusually sensitive: a
 135M model with 576-wide layers whose weights came from a Q4_1 (group 32)
@@ -75,16 +78,16 @@ DEFAULTS: dict[str, dict[str, float | None]] = {
                  ppl_ratio_max=1.01, greedy_prefix_min=0.5),
     "q8": dict(top1_min=0.92, top5_min=0.90, kl_mean_max=0.02, kl_p99_max=0.1, max_abs_diff_max=None,
                ppl_ratio_max=1.03, greedy_prefix_min=0.3),
-    "q6": dict(top1_min=0.80, top5_min=0.80, kl_mean_max=0.3, kl_p99_max=2.0, max_abs_diff_max=None,
-               ppl_ratio_max=1.2, greedy_prefix_min=None),
+    "q6": dict(top1_min=0.70, top5_min=0.70, kl_mean_max=0.5, kl_p99_max=2.5, max_abs_diff_max=None,
+               ppl_ratio_max=1.25, greedy_prefix_min=None),
     "q5": dict(top1_min=0.60, top5_min=0.65, kl_mean_max=0.8, kl_p99_max=None, max_abs_diff_max=None,
                ppl_ratio_max=1.5, greedy_prefix_min=None),
     "q4": dict(top1_min=0.45, top5_min=0.50, kl_mean_max=1.5, kl_p99_max=None, max_abs_diff_max=None,
                ppl_ratio_max=1.8, greedy_prefix_min=None),
-    "q3": dict(top1_min=0.25, top5_min=0.25, kl_mean_max=3.0, kl_p99_max=None, max_abs_diff_max=None,
-               ppl_ratio_max=4.0, greedy_prefix_min=None),
-    "q2": dict(top1_min=0.10, top5_min=0.10, kl_mean_max=6.0, kl_p99_max=None, max_abs_diff_max=None,
-               ppl_ratio_max=10.0, greedy_prefix_min=None),
+    "q3": dict(top1_min=0.15, top5_min=0.20, kl_mean_max=5.0, kl_p99_max=None, max_abs_diff_max=None,
+               ppl_ratio_max=8.0, greedy_prefix_min=None),
+    "q2": dict(top1_min=0.05, top5_min=0.05, kl_mean_max=10.0, kl_p99_max=None, max_abs_diff_max=None,
+               ppl_ratio_max=20.0, greedy_prefix_min=None),
 }
 ORDER = list(DEFAULTS)  # strictest first
 
