@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import BadRequest, MlxRayError
+from .errors import MlxRayError
 
 # name -> (module, one-line help, needs MLX (so re-exec with the fast BLAS first))
 COMMANDS: dict[str, tuple[str, str, bool]] = {
@@ -75,10 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-def die_usage(msg: str) -> None:
-    """For subcommands: raise a usage error (exit code 2, one line)."""
-    raise BadRequest(msg)
+def entry() -> None:
+    """Console-script entry. After an MLX command has finished and flushed its
+    output, leave with ``os._exit``: MLX's and torch's worker threads can abort
+    the interpreter's teardown (seen here as exit 134/139 *after* a command had
+    succeeded), which must not turn a success into a crash code. ``serve`` keeps
+    the normal exit, because Ray's shutdown hooks must run."""
+    import os
+
+    argv = sys.argv[1:]
+    rc = main(argv)
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]][2] and argv[0] != "serve":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -20,9 +20,11 @@ from mlx_ray.fixtures import install_into_hub_cache
 print("hub cache snapshot:", install_into_hub_cache(Path("$HF_HOME") / "hub"))
 PY
 
-QUANT_ARGS=${QUANT_ARGS:---q-bits 4 --q-group-size 64}
+# q4 with groups of 32: the fixture (itself from a Q4_1 GGUF) keeps its answers best there.
+QUANT_ARGS=${QUANT_ARGS:---q-bits 4 --q-group-size 32}
+MODEL=${MODEL:-HuggingFaceTB--SmolLM2-135M-Instruct/q4-g32}  # the cache name convert gives it
 mlx-ray convert "$REPO" $QUANT_ARGS --verify || [[ $? -eq 4 ]]  # 4: already converted
-MODEL=$(mlx-ray models list --json | python3 -c "import json,sys; print(json.load(sys.stdin)[0]['name'])")
+mlx-ray models list
 echo "== mlx-ray generate ($MODEL)"
 mlx-ray generate --model "$MODEL" --prompt "What is the capital of France?" --max-tokens 16 --temp 0
 
