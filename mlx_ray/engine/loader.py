@@ -57,12 +57,15 @@ def resolve_path(model: str | Path) -> Path:
 
 
 def _config_overrides(config: dict) -> dict:
-    """Config keys mlx-lm would otherwise misread (FACTS.md: RoPE theta silently defaults to 10000)."""
-    over: dict[str, Any] = {}
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" not in config and "rope_theta" in rope:
-        over["rope_theta"] = rope["rope_theta"]
-        log.warning("config.json has rope_parameters but no top-level rope_theta; using %s", rope["rope_theta"])
+    """Keys mlx-lm would otherwise misread, for models not converted by mlx-ray
+    (FACTS.md: RoPE theta silently defaults to 10000). The converter's own
+    normalization decides which; this only applies it at load time."""
+    from mlx_ray.conversion.hfconfig import normalize_config
+
+    fixed = normalize_config(config)
+    over = {k: v for k, v in fixed.items() if k != "torch_dtype" and config.get(k) != v}
+    if over:
+        log.warning("config.json needs normalizing for mlx-lm (%s); `mlx-ray convert` writes it fixed", ", ".join(over))
     return over
 
 
