@@ -50,16 +50,16 @@ class _State:
     ext: ModuleType | None = None
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # _get_state -> _compute_state -> extension_state
 _state: _State | None = None
-_forced: str | None = None  # None (auto), "kernel" or "reference"
 
 
-def _env_disabled() -> str | None:
+def _env_disabled(name: str = NAME) -> str | None:
+    """Why kernel ``name`` is switched off by the environment, or None."""
     if os.environ.get("MLX_RAY_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
         return "disabled by MLX_RAY_KERNELS=0"
     names = {n.strip() for n in os.environ.get("MLX_RAY_KERNELS_DISABLE", "").split(",")}
-    if NAME in names:
+    if name in names:
         return f"disabled by MLX_RAY_KERNELS_DISABLE={os.environ['MLX_RAY_KERNELS_DISABLE']}"
     return None
 
@@ -102,10 +102,8 @@ def _configure(ext: ModuleType) -> None:
         ext.set_spin_us(int(spin))
 
 
-def _compute_state() -> _State:
-    disabled = _env_disabled()
-    if disabled:
-        return _State(False, disabled)
+def _extension_state() -> _State:
+    """The compiled extension (shared by every CPU kernel): importable, same MLX, self-test passed."""
     try:
         ext = _import_extension()
     except ImportError as exc:
@@ -120,6 +118,29 @@ def _compute_state() -> _State:
     if problem:
         return _State(False, f"{problem}; {_REBUILD_HINT}")
     _configure(ext)
+    return _State(True, "", ext)
+
+
+_ext_state: _State | None = None
+
+
+def extension_state() -> _State:
+    global _ext_state
+    if _ext_state is None:
+        with _lock:
+            if _ext_state is None:
+                _ext_state = _extension_state()
+    return _ext_state
+
+
+def _compute_state() -> _State:
+    disabled = _env_disabled()
+    if disabled:
+        return _State(False, disabled)
+    st = extension_state()
+    if not st.active:
+        return st
+    ext = st.ext
     return _State(True, f"{ext.isa()} kernel, {ext.num_threads()} threads, prefill via "
                         f"{'OpenBLAS sgemm' if ext.blas() == 'openblas' else 'the kernel (no OpenBLAS loaded)'}",
                   ext)
@@ -136,9 +157,9 @@ def _get_state() -> _State:
 
 def reset() -> None:
     """Forget the cached state (re-reads the environment switches on next use)."""
-    global _state
+    global _state, _ext_state
     with _lock:
-        _state = None
+        _state = _ext_state = None
 
 
 def _on_cpu() -> bool:
@@ -154,29 +175,37 @@ def status() -> dict:
     if st.ext is not None:
         info.update(isa=st.ext.isa(), threads=st.ext.num_threads(), blas=st.ext.blas(),
                     blas_min_m=st.ext.blas_min_m())
-    if _forced:
-        info["forced"] = _forced
+    if force.value:
+        info["forced"] = force.value
     return info
 
 
-@contextlib.contextmanager
-def force(impl: str | None) -> Iterator[None]:
-    """Test hook: ``"kernel"``, ``"reference"`` or ``None`` (automatic) inside the block."""
-    global _forced
-    if impl not in (None, "kernel", "reference"):
-        raise ValueError(f"impl must be 'kernel', 'reference' or None, not {impl!r}")
-    if impl == "kernel" and not _get_state().active:
-        raise RuntimeError(f"{NAME} kernel unavailable: {_get_state().reason}")
-    previous, _forced = _forced, impl
-    try:
-        yield
-    finally:
-        _forced = previous
+class Forcing:
+    """Test hook shared by the kernels: ``with force("kernel" | "reference" | None): ...``."""
+
+    def __init__(self, name: str, get_state):
+        self.name, self._get_state = name, get_state
+        self.value: str | None = None  # None (auto), "kernel" or "reference"
+
+    @contextlib.contextmanager
+    def __call__(self, impl: str | None) -> Iterator[None]:
+        if impl not in (None, "kernel", "reference"):
+            raise ValueError(f"impl must be 'kernel', 'reference' or None, not {impl!r}")
+        if impl == "kernel" and not self._get_state().active:
+            raise RuntimeError(f"{self.name} kernel unavailable: {self._get_state().reason}")
+        previous, self.value = self.value, impl
+        try:
+            yield
+        finally:
+            self.value = previous
+
+
+force = Forcing(NAME, lambda: _get_state())
 
 
 def _kernel_for(w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
                 transpose: bool) -> ModuleType | None:
-    if _forced == "reference":
+    if force.value == "reference":
         return None
     st = _state if _state is not None else _get_state()
     if not st.active or not transpose or biases is None:
@@ -226,6 +255,17 @@ def _patchable(module: nn.Module) -> bool:
             and module.group_size in SUPPORTED_GROUP_SIZES)
 
 
+def swap_classes(model: nn.Module, table: dict, patchable) -> int:
+    """Give every module whose exact type is a key of ``table`` (and ``patchable``) the mapped class."""
+    count = 0
+    for _, module in model.named_modules():
+        patched = table.get(type(module))
+        if patched is not None and patchable(module):
+            module.__class__ = patched
+            count += 1
+    return count
+
+
 def patch_model(model: nn.Module) -> int:
     """Route a loaded model's affine QuantizedLinear / QuantizedEmbedding layers through the kernel.
 
@@ -234,24 +274,9 @@ def patch_model(model: nn.Module) -> int:
     and every call still dispatches, so the off switches keep working. Returns
     the number of layers patched (0 when the kernel does not apply).
     """
-    if not status()["active"]:
-        return 0
-    count = 0
-    for _, module in model.named_modules():
-        patched = _PATCHES.get(type(module))
-        if patched is not None and _patchable(module):
-            module.__class__ = patched
-            count += 1
-    return count
+    return swap_classes(model, _PATCHES, _patchable) if status()["active"] else 0
 
 
 def unpatch_model(model: nn.Module) -> int:
     """Undo :func:`patch_model`; returns the number of layers restored."""
-    back = {v: k for k, v in _PATCHES.items()}
-    count = 0
-    for _, module in model.named_modules():
-        original = back.get(type(module))
-        if original is not None:
-            module.__class__ = original
-            count += 1
-    return count
+    return swap_classes(model, {v: k for k, v in _PATCHES.items()}, lambda _: True)

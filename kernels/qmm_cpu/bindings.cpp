@@ -24,6 +24,10 @@ NB_MODULE(_qmm_cpu, m) {
   m.def("quantized_matmul", &mlx_ray::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, nb::kw_only(),
         "group_size"_a = 64, "bits"_a = 4, "stream"_a = nb::none(),
         "x @ dequantize(w).T for MLX's affine layout (transpose=True), on CPU streams.");
+  m.def("dense_matmul", &mlx_ray::dense_matmul, "x"_a, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ w.T for float weights on CPU streams (decode-sized M; batch-invariant rows).");
+  m.def("set_dense_max_m", &mlx_ray::set_dense_max_m, "m"_a, "Rows up to which dense_matmul is used; <= 0: never.");
+  m.def("dense_max_m", &mlx_ray::dense_max_m);
   m.def("isa", &mlx_ray::isa_name, "The SIMD path in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("force_isa", &mlx_ray::force_isa, "isa"_a, "Select 'auto', 'avx512', 'avx2' or 'scalar'; False if unsupported.");
   m.def("blas", &mlx_ray::blas_name, "'openblas' when a fast sgemm is loaded (prefill path), else 'none'.");

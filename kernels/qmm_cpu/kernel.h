@@ -154,6 +154,25 @@ void pack_avx512(const XView&, const Problem&, float*, float*, int, int);
 void rows_avx512(const Problem&, int, int, int, int);
 #endif
 
+// Dense small-M matmul (dense_simd.h): out[M][N] = x[M][K] @ w[N][K].T.
+struct DenseProblem {
+  int M, N, K;
+  const float* x;  // packed float32 rows
+  int64_t x_ld;    // floats between rows of x
+  const char* w;   // rows contiguous along K
+  DT w_dt;
+  int64_t w_ld;    // elements between rows of w
+  void* out;       // [M][N] row-major
+  DT out_dt;
+};
+// Computes all M rows of out for columns [n0, n1).
+using DenseRowsFn = void (*)(const DenseProblem&, int n0, int n1);
+void dense_rows_scalar(const DenseProblem&, int, int);
+#if defined(MLX_RAY_HAVE_AVX2_TU)
+void dense_rows_avx2(const DenseProblem&, int, int);
+void dense_rows_avx512(const DenseProblem&, int, int);
+#endif
+
 // Dequantizes rows [n0, n1) of w to float, row-major with leading dim K.
 void dequantize_rows(const Problem& p, float* dst, int n0, int n1);
 

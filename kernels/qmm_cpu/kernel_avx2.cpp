@@ -13,6 +13,9 @@ struct Avx2 : X86Scalar {
   static constexpr int NR1 = 4;  // rows of W per tile when M == 1
   static constexpr int NR = 2;   // rows of W per tile when M > 1
   static constexpr int MR = 4;   // rows of x per tile
+  static constexpr int DNR1 = 4;  // dense kernel: rows of W per tile when M == 1
+  static constexpr int DNR = 2;   // dense kernel: rows of W per tile when M > 1
+  static constexpr int DMR = 4;   // dense kernel: rows of x per tile
 
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
@@ -82,6 +85,8 @@ struct Avx2 : X86Scalar {
 }  // namespace
 }  // namespace mlx_ray::qmm
 
+#include "dense_simd.h"
 #include "kernel_simd.h"
 
 MLX_RAY_KERNEL_ENTRY_POINTS(avx2, Avx2)
+MLX_RAY_DENSE_ENTRY_POINTS(avx2, Avx2)

@@ -15,6 +15,9 @@ struct Avx512 : X86Scalar {
   static constexpr int NR1 = 4;  // rows of W per tile when M == 1
   static constexpr int NR = 4;   // rows of W per tile when M > 1
   static constexpr int MR = 4;   // rows of x per tile
+  static constexpr int DNR1 = 8;  // dense kernel: rows of W per tile when M == 1
+  static constexpr int DNR = 6;   // dense kernel: rows of W per tile when M > 1
+  static constexpr int DMR = 4;   // dense kernel: rows of x per tile
 
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
@@ -62,6 +65,8 @@ struct Avx512 : X86Scalar {
 }  // namespace
 }  // namespace mlx_ray::qmm
 
+#include "dense_simd.h"
 #include "kernel_simd.h"
 
 MLX_RAY_KERNEL_ENTRY_POINTS(avx512, Avx512)
+MLX_RAY_DENSE_ENTRY_POINTS(avx512, Avx512)

@@ -76,3 +76,23 @@ void dequantize_rows(const Problem& p, float* dst, int n0, int n1) {
 }
 
 }  // namespace mlx_ray::qmm
+
+namespace mlx_ray::qmm {
+
+// Same order as the SIMD kernels' single accumulator would give per lane is not
+// attempted here; the scalar path only needs to be batch-invariant (it is:
+// one sequential sum per output) and correct.
+void dense_rows_scalar(const DenseProblem& p, int n0, int n1) {
+  const int64_t ws = dt_size(p.w_dt);
+  for (int n = n0; n < n1; ++n) {
+    const char* wr = p.w + int64_t(n) * p.w_ld * ws;
+    for (int m = 0; m < p.M; ++m) {
+      const float* xr = p.x + int64_t(m) * p.x_ld;
+      float acc = 0.f;
+      for (int k = 0; k < p.K; ++k) acc += load_f(wr + k * ws, p.w_dt) * xr[k];
+      store_f(p.out, int64_t(m) * p.N + n, p.out_dt, acc);
+    }
+  }
+}
+
+}  // namespace mlx_ray::qmm

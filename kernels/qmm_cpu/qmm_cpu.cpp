@@ -230,6 +230,84 @@ void run(const mx::array& x, const mx::array& w_in, const mx::array& s_in, const
   parallel_ranges(p.N, 4, [&](int a, int b) { rows(p, a, b, 0, p.M); });
 }
 
+// Rows from which MLX's own matmul (OpenBLAS sgemm) is used instead of the
+// dense kernel; measured by bench/kernel_micro.py --dense on the shapes here.
+std::atomic<int> g_dense_max_m{[] {
+  const char* env = std::getenv("MLX_RAY_DENSE_MAX_M");
+  return env ? std::atoi(env) : 32;
+}()};
+
+void run_dense(const mx::array& x, const mx::array& w, mx::array& out) {
+  DenseProblem p{};
+  p.N = int(w.shape(0));
+  p.K = int(w.shape(1));
+  p.M = p.N ? int(out.size() / p.N) : 0;
+  if (p.M == 0 || p.N == 0) return;
+  std::vector<char> w_copy;
+  if (w.strides(1) == 1) {
+    p.w = w.data<char>();
+    p.w_ld = w.strides(0);
+  } else {
+    w_copy = gather_2d(w);
+    p.w = w_copy.data();
+    p.w_ld = p.K;
+  }
+  p.w_dt = to_dt(w.dtype());
+  p.out = out.data<void>();
+  p.out_dt = to_dt(out.dtype());
+  // Activations as contiguous float32 rows: used in place when they already are.
+  Buf xf;
+  const bool direct = x.dtype() == mx::float32 && x.flags().row_contiguous;
+  if (direct) {
+    p.x = x.data<float>();
+  } else {
+    xf = alloc_f(int64_t(p.M) * p.K);
+    const DT xdt = to_dt(x.dtype());
+    const int64_t isz = x.itemsize();
+    const int nd = int(x.ndim()) - 1;
+    std::vector<int64_t> idx(std::max(nd, 0), 0);
+    for (int m = 0; m < p.M; ++m) {
+      int64_t off = 0;
+      for (int d = 0; d < nd; ++d) off += idx[d] * x.strides(d);
+      const char* src = x.data<char>() + off * isz;
+      for (int k = 0; k < p.K; ++k) xf.get()[int64_t(m) * p.K + k] = load_f(src + k * x.strides(nd) * isz, xdt);
+      for (int d = nd - 1; d >= 0; --d) {
+        if (++idx[d] < x.shape(d)) break;
+        idx[d] = 0;
+      }
+    }
+    p.x = xf.get();
+  }
+  p.x_ld = p.K;
+  DenseRowsFn rows = dense_rows_scalar;
+  int align = 1;
+#if defined(MLX_RAY_HAVE_AVX2_TU)
+  if (g_isa.load() == int(Isa::avx512)) {
+    rows = dense_rows_avx512;
+    align = 24;  // whole tiles of both the M == 1 (8 rows) and M > 1 (6 rows) paths
+  } else if (g_isa.load() == int(Isa::avx2)) {
+    rows = dense_rows_avx2;
+    align = 4;
+  }
+#endif
+  parallel_ranges(p.N, align, [&](int a, int b) { rows(p, a, b); });
+}
+
+// Allocates `out` and queues `body(inputs, out)` on the stream's CPU command
+// encoder, as MLX's own CPU ops do (the encoder keeps the buffers alive).
+template <class Body>
+void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, mx::array& out, Body body) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream);
+  std::vector<mx::array> ins;
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+    ins.push_back(mx::array::unsafe_weak_copy(in));
+  }
+  enc.set_output_array(out);
+  enc.dispatch([ins = std::move(ins), out = mx::array::unsafe_weak_copy(out), body]() mutable { body(ins, out); });
+}
+
 void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("[mlx_ray.qmm_cpu] " + msg);
 }
@@ -279,17 +357,10 @@ mx::array quantized_matmul(
 }
 
 void QuantizedMatmulCpu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) enc.set_input_array(in);
-  enc.set_output_array(out);
-  enc.dispatch([out = mx::array::unsafe_weak_copy(out),
-                x = mx::array::unsafe_weak_copy(inputs[0]),
-                w = mx::array::unsafe_weak_copy(inputs[1]),
-                s = mx::array::unsafe_weak_copy(inputs[2]),
-                b = mx::array::unsafe_weak_copy(inputs[3]),
-                gs = group_size_,
-                bits = bits_]() mutable { run(x, w, s, b, out, gs, bits); });
+  const int gs = group_size_, bits = bits_;
+  enqueue(stream(), inputs, out, [gs, bits](std::vector<mx::array>& in, mx::array& o) {
+    run(in[0], in[1], in[2], in[3], o, gs, bits);
+  });
 }
 
 void QuantizedMatmulCpu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
@@ -305,6 +376,49 @@ std::vector<mx::Shape> QuantizedMatmulCpu::output_shapes(const std::vector<mx::a
   auto shape = inputs[0].shape();
   shape.back() = inputs[1].shape(0);
   return {shape};
+}
+
+// ------------------------------------------------------------- dense op
+
+mx::array dense_matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device.type != mx::Device::DeviceType::cpu) {
+    return mx::matmul(x, mx::transpose(w, stream), stream);
+  }
+  check(w.ndim() == 2, "w must be a 2-D array (out_features, in_features).");
+  check(x.ndim() >= 1, "x must have at least one dimension.");
+  std::ostringstream msg;
+  msg << "x has " << x.shape(-1) << " features but w has " << w.shape(1) << ".";
+  check(x.shape(-1) == w.shape(1), msg.str());
+  for (auto t : {x.dtype(), w.dtype()}) {
+    check(t == mx::float32 || t == mx::float16 || t == mx::bfloat16, "x and w must be float32, float16 or bfloat16.");
+  }
+  auto out_shape = x.shape();
+  out_shape.back() = w.shape(0);
+  return mx::array(std::move(out_shape), mx::promote_types(x.dtype(), w.dtype()),
+                   std::make_shared<DenseMatmulCpu>(stream), {x, w});
+}
+
+void DenseMatmulCpu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  enqueue(stream(), inputs, out, [](std::vector<mx::array>& in, mx::array& o) { run_dense(in[0], in[1], o); });
+}
+
+void DenseMatmulCpu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mlx_ray.dense_cpu] this primitive runs on CPU streams only.");
+}
+
+std::vector<mx::Shape> DenseMatmulCpu::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
+}
+
+void set_dense_max_m(int m) {
+  g_dense_max_m = m;
+}
+
+int dense_max_m() {
+  return g_dense_max_m.load();
 }
 
 // ------------------------------------------------------------ configuration

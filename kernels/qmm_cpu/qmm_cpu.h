@@ -46,6 +46,27 @@ class QuantizedMatmulCpu : public mx::UnaryPrimitive {
   int bits_;
 };
 
+// out = x @ w.T for float weights (f32/bf16/f16), float32 accumulation; for
+// decode-sized M (the Python dispatch sends larger M to MLX's matmul). On a
+// non-CPU stream it returns MLX's own matmul.
+mx::array dense_matmul(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+
+class DenseMatmulCpu : public mx::UnaryPrimitive {
+ public:
+  explicit DenseMatmulCpu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MlxRayDenseMatmulCpu";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+};
+void set_dense_max_m(int m);  // rows up to which the Python dispatch uses dense_matmul
+int dense_max_m();
+
 // Run-time configuration and introspection (exposed to Python).
 std::string isa_name();                 // "avx512", "avx2" or "scalar"
 bool force_isa(const std::string& isa);  // "auto", "avx512", "avx2", "scalar"; false if unsupported

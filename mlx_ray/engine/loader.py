@@ -37,7 +37,7 @@ class ModelInfo:
     max_model_len: int
     dtype: str
     device: str
-    cpu_kernel: bool  # mlx_ray.kernels.qmm patched the model
+    cpu_kernel: bool  # mlx_ray.kernels (qmm, dense) patched the model
 
 
 def resolve_path(model: str | Path) -> Path:
@@ -96,18 +96,20 @@ def probe(model: nn.Module) -> tuple[int, int]:
 
 
 def _patch_cpu_kernel(model: nn.Module) -> bool:
+    """Route matmuls through mlx-ray's CPU kernels (quantized and float weights); True if any layer was."""
     if mx.default_device() != mx.cpu and mx.metal.is_available():
         return False
     try:
-        from mlx_ray.kernels.qmm import patch_model
+        from mlx_ray.kernels import dense, qmm
     except ImportError:
         return False
-    try:
-        patched = patch_model(model)
-        return patched is None or bool(patched)  # None: patched in place; else a count
-    except Exception as e:  # a kernel bug must not stop the model from loading
-        log.warning("CPU quantized-matmul kernel not applied: %s", e)
-        return False
+    patched = 0
+    for kernel in (qmm, dense):
+        try:
+            patched += kernel.patch_model(model)
+        except Exception as e:  # a kernel bug must not stop the model from loading
+            log.warning("CPU kernel %s not applied: %s", kernel.NAME, e)
+    return patched > 0
 
 
 def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
