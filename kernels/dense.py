@@ -31,6 +31,9 @@ import mlx.nn as nn
 from . import qmm
 
 NAME = "dense_cpu"
+# Largest M at which the kernel beat OpenBLAS sgemm on every float32 shape of
+# bench/kernel_dense.py here (bf16 weights win up to M >= 64: MLX converts them per call).
+DEFAULT_MAX_M = 32
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 _state: qmm._State | None = None
 
@@ -45,9 +48,7 @@ def _compute_state() -> qmm._State:
     ext = st.ext
     if not hasattr(ext, "dense_matmul"):
         return qmm._State(False, f"the installed extension predates dense_matmul; {qmm._REBUILD_HINT}")
-    max_m = os.environ.get("MLX_RAY_DENSE_MAX_M")
-    if max_m:
-        ext.set_dense_max_m(int(max_m))
+    ext.set_dense_max_m(int(os.environ.get("MLX_RAY_DENSE_MAX_M") or DEFAULT_MAX_M))
     return qmm._State(True, f"{ext.isa()} kernel, {ext.num_threads()} threads, M <= {ext.dense_max_m()}", ext)
 
 

@@ -149,7 +149,6 @@ def test_zero_rows_and_columns():
     assert kernel(x, w[:0]).shape == (2, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="K == 0 divides by zero in dense_rows_impl's chunk size (SIGFPE) on the SIMD paths")
 def test_zero_features_does_not_crash():
     """x (2, 0) @ w (3, 0).T is a (2, 3) array of zeros; run in a child so a crash cannot take pytest down."""
     code = ("import mlx.core as mx; from mlx_ray.kernels import dense; "
@@ -283,15 +282,14 @@ def test_under_compile_and_on_a_second_stream():
 
 @pytest.fixture
 def fresh_state(monkeypatch):
-    """Re-read the switches for one test; restore the environment, the threshold and the state afterwards."""
-    max_m = EXT.dense_max_m()
+    """Re-read the switches for one test; restore the environment and the state afterwards."""
     dense.reset()
     try:
         yield monkeypatch
     finally:
         monkeypatch.undo()
-        EXT.set_dense_max_m(max_m)  # MLX_RAY_DENSE_MAX_M sets the extension's global
         dense.reset()
+        dense.status()  # re-applies MLX_RAY_DENSE_MAX_M or the default to the extension
 
 
 def _which(x, w) -> str:
@@ -341,6 +339,9 @@ def test_max_m_from_environment(fresh_state):
     assert st["active"] and st["max_m"] == 4 and "M <= 4" in st["reason"]
     assert _which(make((4, 577), seed=25), W) == "kernel"
     assert _which(make((5, 577), seed=26), W) == "mlx"
+    fresh_state.delenv("MLX_RAY_DENSE_MAX_M")
+    dense.reset()
+    assert dense.status()["max_m"] == EXT.dense_max_m() == dense.DEFAULT_MAX_M
 
 
 def test_max_m_zero_means_never(fresh_state):

@@ -230,12 +230,9 @@ void run(const mx::array& x, const mx::array& w_in, const mx::array& s_in, const
   parallel_ranges(p.N, 4, [&](int a, int b) { rows(p, a, b, 0, p.M); });
 }
 
-// Rows from which MLX's own matmul (OpenBLAS sgemm) is used instead of the
-// dense kernel; measured by bench/kernel_micro.py --dense on the shapes here.
-std::atomic<int> g_dense_max_m{[] {
-  const char* env = std::getenv("MLX_RAY_DENSE_MAX_M");
-  return env ? std::atoi(env) : 32;
-}()};
+// Rows up to which the Python dispatch (kernels/dense.py, which sets it from
+// MLX_RAY_DENSE_MAX_M) uses the dense kernel rather than MLX's matmul.
+std::atomic<int> g_dense_max_m{32};
 
 void run_dense(const mx::array& x, const mx::array& w, mx::array& out) {
   DenseProblem p{};
@@ -243,6 +240,10 @@ void run_dense(const mx::array& x, const mx::array& w, mx::array& out) {
   p.K = int(w.shape(1));
   p.M = p.N ? int(out.size() / p.N) : 0;
   if (p.M == 0 || p.N == 0) return;
+  if (p.K == 0) {  // an empty sum
+    std::memset(out.data<char>(), 0, out.nbytes());
+    return;
+  }
   std::vector<char> w_copy;
   if (w.strides(1) == 1) {
     p.w = w.data<char>();

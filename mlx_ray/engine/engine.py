@@ -13,6 +13,7 @@ the loop itself only speaks token ids.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -71,6 +72,10 @@ class MLXEngine(LLMEngine):
                                        else int(PREFIX_SHARE * self.kv_budget_bytes))
             self._tokenizer, self.info = tokenizer, info
             self._model = model
+            # The model's modules and arrays and the tokenizer are long-lived: move them out of the
+            # cyclic GC's generations so its collections during generation stop rescanning them
+            # (perf showed gc_collect_main at 1.5-2.7% of a decode step; vLLM freezes after init too).
+            gc.freeze()
 
     @property
     def tokenizer(self):

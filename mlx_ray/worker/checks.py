@@ -77,25 +77,28 @@ def check_blas() -> Check:
 
 
 def check_kernels() -> Check:
+    """mlx-ray's CPU kernels (quantized and float-weight matmul): built, self-tested, switched on."""
     try:
-        from mlx_ray.kernels import qmm
+        from mlx_ray.kernels import dense, qmm
     except ImportError as e:
-        return Check("kernels", WARN, f"CPU quantized-matmul kernel not installed ({e})",
-                     "build it: pip install -e . (needs cmake and a C++ compiler)")
-    try:
-        st = qmm.status()
-    except Exception as e:  # noqa: BLE001
-        return Check("kernels", WARN, f"qmm kernel status failed: {type(e).__name__}: {e}", "rebuild: pip install -e .")
-    st = st if isinstance(st, dict) else {"active": bool(st), "reason": str(st)}
-    name = st.get("name", "qmm")
-    detail = ", ".join(f"{k} {st[k]}" for k in ("isa", "threads", "blas") if k in st)
-    msg = f"{name} {'active' if st.get('active') else 'inactive'}: {st.get('reason', '?')}"
+        return Check("kernels", WARN, f"CPU kernels not installed ({e})",
+                     "build them: pip install -e . (needs cmake and a C++ compiler)")
+    states = []
+    for kernel in (qmm, dense):
+        try:
+            states.append(kernel.status())
+        except Exception as e:  # noqa: BLE001
+            states.append({"name": kernel.NAME, "active": False, "reason": f"status failed: {type(e).__name__}: {e}"})
+    first = states[0]
+    detail = ", ".join(f"{k} {first[k]}" for k in ("isa", "threads", "blas") if k in first)
+    msg = "; ".join(f"{st['name']} {'active' if st['active'] else 'inactive'}: {st['reason']}" for st in states)
     msg += f" ({detail})" if detail else ""
-    if st.get("active"):
+    if all(st["active"] for st in states):
         return Check("kernels", PASS, msg)
-    if sys.platform == "darwin":  # on the GPU MLX's own Metal kernels serve; the CPU kernel is not needed
+    if sys.platform == "darwin":  # on the GPU MLX's own Metal kernels serve; the CPU kernels are not needed
         return Check("kernels", SKIP, msg)
-    return Check("kernels", WARN, msg, "rebuild the kernel: pip install -e . (needs cmake and a C++ compiler)")
+    return Check("kernels", WARN, msg, "rebuild the kernels: pip install -e . (needs cmake and a C++ compiler); "
+                                       "or unset MLX_RAY_KERNELS / MLX_RAY_KERNELS_DISABLE")
 
 
 def check_torch() -> Check:
