@@ -72,6 +72,19 @@ def env_with_fast_blas(env: dict | None = None) -> dict:
     return env
 
 
+def preloaded_by_env() -> bool:
+    """True on Linux when LD_PRELOAD carries OpenBLAS (which every child process would inherit)."""
+    return sys.platform.startswith("linux") and "libopenblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def env_without_fast_blas() -> dict:
+    """A copy of os.environ for a child that must not get the preload (torch: OpenBLAS interposed
+    into torch's process slowed its CPU decode 5.8x here), and must not re-exec itself with it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", _REEXEC_MARK)}
+    env["MLX_RAY_BLAS"] = "reference"
+    return env
+
+
 def runtime_env_vars() -> dict:
     """Env vars for a Ray runtime_env so that MLX workers on Linux get the fast BLAS."""
     lib = wanted_library()

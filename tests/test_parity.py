@@ -71,6 +71,17 @@ def test_f32_matches_torch_f32(f32_report):
     assert abs(r["perplexity"]["ratio"] - 1) < 1e-3
 
 
+def test_torch_side_runs_without_the_mlx_blas_preload(f32_report):
+    """Interposed into torch's process, MLX's OpenBLAS slowed torch 5.8x: the harness runs torch in a child."""
+    from mlx_ray import blas
+
+    if not blas.preloaded_by_env():
+        pytest.skip("OpenBLAS is not preloaded in this run (scripts/test.sh preloads it)")
+    _, r, _ = f32_report
+    assert r["environment"]["mlx_blas"].startswith("openblas")
+    assert not r["torch"]["process_blas"].startswith("openblas"), r["torch"]["process_blas"]
+
+
 def test_report_names_devices_versions_and_blas(f32_report):
     _, r, out = f32_report
     assert r["torch"]["device"] == "cpu" and r["torch"]["dtype"] == "float32"

@@ -11,7 +11,6 @@ a lower bound on the bytes moved).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from statistics import median
 
 from tqdm import tqdm
 
+from .. import blas
 from ..errors import BadRequest, EngineFault
 from ..parity import backends
 from ..parity.prompts import data_path
@@ -118,7 +118,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         else:
             dtype = cfg.torch_dtype or (mlx_dtype if mlx_dtype in backends.TORCH_DTYPES else None) \
                 or _float_dtype(mlx_config)
-            if _blas_preloaded():
+            if blas.preloaded_by_env():
                 child = _torch_without_preload(cfg, hf, dtype, bandwidth)
                 report["backends"][name] = child["backends"]["torch"]
                 report["rows"] += child["rows"]
@@ -131,18 +131,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     return report
 
 
-def _blas_preloaded() -> bool:
-    return sys.platform.startswith("linux") and "libopenblas" in os.environ.get("LD_PRELOAD", "")
-
-
 def _torch_without_preload(cfg: BenchConfig, hf: str, dtype: str, bandwidth: float) -> dict:
     """Run the torch side in a child process without the OpenBLAS LD_PRELOAD.
 
     MLX on Linux needs the preload, but interposed into torch's process it slowed
     torch's CPU decode of the fixture 5.8x here (27.4 -> 4.7 tok/s), which would
     make every MLX/torch ratio a lie. So each side runs with its own BLAS."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLX_RAY_BLAS_REEXEC")}
-    env["MLX_RAY_BLAS"] = "reference"
+    env = blas.env_without_fast_blas()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "torch.json"
         argv = [sys.executable, "-m", "mlx_ray.cli", "bench", "--backends", "torch", "--model", str(cfg.model),

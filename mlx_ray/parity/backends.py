@@ -135,8 +135,11 @@ def load_torch(source: str, device: str | None = None, dtype: str = "float32") -
                        f"{str(e).splitlines()[0]}", param="hf") from None
     model.to(dev).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    from ..blas import loaded_blas
+
     info = {"path": source, "device": dev, "dtype": dtype, "quantization": dtype, "weight_bytes": int(weight_bytes),
-            "threads": torch.get_num_threads() if dev == "cpu" else None}
+            "threads": torch.get_num_threads() if dev == "cpu" else None,
+            "process_blas": loaded_blas()}  # MLX's OpenBLAS preload must not be in torch's process
     return Side("torch", model, tok, info)
 
 

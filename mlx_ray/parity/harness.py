@@ -13,13 +13,18 @@ rarely holds a float32 torch copy and the MLX copy of a large model at once):
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from statistics import median
 
 from tqdm import tqdm
 
-from ..errors import BadRequest
+from .. import blas, errors
+from ..errors import BadRequest, EngineFault
 from . import backends, metrics, thresholds
 from .prompts import Prompt, data_path, load_prompts
 from .runners import runner_for
@@ -91,13 +96,41 @@ def _torch_reference(hf, device, dtype, prompt_ids, ref_ids, max_new, eos):
     if key in _REFERENCE_MEMO:
         info, *rest = _REFERENCE_MEMO[key]
         return ({**info, "reused": True}, *rest)
+    args = (hf, device, dtype, prompt_ids, ref_ids, max_new, eos)
+    result = _torch_in_child(args) if blas.preloaded_by_env() else torch_in_process(*args)
+    _REFERENCE_MEMO.clear()
+    _REFERENCE_MEMO[key] = result
+    return result
+
+
+def torch_in_process(hf, device, dtype, prompt_ids, ref_ids, max_new, eos):
     side = backends.load_torch(hf, device, dtype)
     info = dict(side.info)
     result = (info, *_run_side(side, prompt_ids, ref_ids, max_new, eos, desc="torch"))
     backends.free(side)
-    _REFERENCE_MEMO.clear()
-    _REFERENCE_MEMO[key] = result
     return result
+
+
+def _torch_in_child(args: tuple):
+    """The torch side in a child process without MLX's OpenBLAS LD_PRELOAD (``torch_child.py``).
+
+    Interposed into torch's process, that OpenBLAS slowed torch's CPU decode 5.8x
+    here, which would make the latency section's torch figures a lie (the
+    log-probs were unaffected). Results come back pickled: token ids, timings
+    and float32 log-prob arrays, all plain data."""
+    with tempfile.TemporaryDirectory(prefix="mlx-ray-parity-") as tmp:
+        inp, out = Path(tmp) / "args.pkl", Path(tmp) / "result.pkl"
+        inp.write_bytes(pickle.dumps(args))
+        proc = subprocess.run([sys.executable, "-m", "mlx_ray.parity.torch_child", str(inp), str(out)],
+                              env=blas.env_without_fast_blas(), stdout=subprocess.DEVNULL)
+        if proc.returncode != 0 or not out.exists():
+            raise EngineFault(f"the torch side failed in its own process (exit {proc.returncode}); "
+                              "its messages are above")
+        kind, value = pickle.loads(out.read_bytes())
+    if kind == "error":  # the child's MlxRayError, as the same class
+        name, message = value
+        raise getattr(errors, name, EngineFault)(message)
+    return value
 
 
 def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None = None,
