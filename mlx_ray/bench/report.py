@@ -16,7 +16,7 @@ def _mmm(d: dict, scale: float = 1.0) -> str:
 def describe(report: dict) -> str:
     env, lines = report["environment"], []
     for name, info in report["backends"].items():
-        extra = f", BLAS {env['mlx_blas']}" + (", CPU qmm kernel" if info.get("cpu_kernel") else "") \
+        extra = f", BLAS {env['mlx_blas']}" + (", mlx-ray CPU kernels" if info.get("cpu_kernel") else "") \
             if name == "mlx" else (f", {info['threads']} threads" if info.get("threads") else "")
         lines.append(f"- {name}: `{info['path']}` on {info['device']}, {info['quantization']} "
                      f"({info['weight_bytes'] / 2**20:.0f} MiB of weights{extra})")
