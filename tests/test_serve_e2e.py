@@ -256,3 +256,55 @@ def test_prometheus_metrics_are_exported(served, ray_cluster):
     line = next(x for x in text.splitlines()
                 if not x.startswith("#") and "mlx_ray_generation_tokens_total" in x and 'model="smol"' in x)
     assert float(line.rsplit(" ", 1)[1]) > 0
+
+
+def _start_cli_on_cluster(ray_cluster, mlx_f32, *extra):
+    from fixtures_ray import free_ports
+
+    cmd = [sys.executable, "-m", "mlx_ray.cli", "serve", "--address", ray_cluster.address, "--model", str(mlx_f32),
+           "--served-model-name", "remote-smol", "--resource", "none", "--num-cpus", "0", "--max-model-len", "512",
+           "--port", str(free_ports(1)[0]), *extra]
+    env = {**__import__("os").environ, "RAY_AUTH_MODE": "disabled"}  # the test cluster runs without token auth
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_cli_deploys_next_to_a_running_app_on_a_remote_cluster(served, oa, ray_cluster, mlx_f32):
+    """`mlx-ray serve --address` against a cluster whose Serve already runs another app, as a RayService would."""
+    import signal
+
+    from ray import serve
+
+    served_port = served[1].port
+    proc = _start_cli_on_cluster(ray_cluster, mlx_f32, "--app-name", "remote", "--route-prefix", "/remote")
+    try:
+        url, deadline = None, time.monotonic() + 300
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "ready at " in line:
+                url = line.split("ready at ", 1)[1].split()[0]
+        assert url, f"never ready: rc={proc.poll()} {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
+        # The cluster's Serve keeps its own port: the printed URL must be where it really listens.
+        assert url == f"http://127.0.0.1:{served_port}/remote/v1", url
+        remote = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        out = remote.chat.completions.create(model="remote-smol", messages=MSG, max_tokens=4, temperature=0)
+        assert out.choices[0].message.content and out.usage.completion_tokens >= 1
+        assert {m.id for m in oa.models.list().data} >= {"smol"}  # the other app still answers at "/"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    assert rc == 0, proc.stderr.read()[-2000:]
+    apps = serve.status().applications
+    assert "remote" not in apps and "RUNNING" in str(apps[APP].status)  # only its own app was deleted
+
+
+def test_cli_refuses_a_route_prefix_taken_on_the_cluster(served, ray_cluster, mlx_f32):
+    proc = _start_cli_on_cluster(ray_cluster, mlx_f32, "--app-name", "clash")  # route prefix "/" is taken
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("mlx-ray serve: error: route prefix / is already used"), err
+    from ray import serve
+
+    assert "clash" not in serve.status().applications

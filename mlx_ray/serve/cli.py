@@ -36,6 +36,9 @@ def configure_parser(p) -> None:
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one)")
     p.add_argument("--address", help="Ray cluster to deploy to (default: an embedded local Ray)")
+    p.add_argument("--app-name", default=APP_NAME, help=f"Serve application name (default {APP_NAME})")
+    p.add_argument("--route-prefix", default="/",
+                   help="HTTP route prefix of the application (default /; use another one next to existing apps)")
     p.add_argument("--api-key-file", metavar="F", help="require this bearer key (first line of F)")
     p.add_argument("--max-model-len", type=int, help="context limit for every model")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded together per model")
@@ -86,7 +89,10 @@ def main(args) -> int:
 
             print(yaml.safe_dump(block, sort_keys=False), end="")
         return 0
-    return run(cfg, address=args.address, ready_timeout=args.ready_timeout)
+    if not args.route_prefix.startswith("/"):
+        raise BadRequest(f"--route-prefix must start with '/', got {args.route_prefix!r}")
+    return run(cfg, address=args.address, ready_timeout=args.ready_timeout, app_name=args.app_name,
+               route_prefix=args.route_prefix)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -121,18 +127,42 @@ def use_token_auth(env) -> bool:
 
 def deploy(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: str = "/",
            proxy_location: Optional[str] = None) -> str:
-    """Start Serve's proxy on cfg.host:cfg.port and deploy without waiting; returns the base URL."""
+    """Start Serve's proxy on cfg.host:cfg.port and deploy without waiting; returns the base URL.
+
+    On a cluster where Serve already runs (a RayService, say), ``serve.start``
+    keeps that instance's HTTP options: the URL then uses the port Serve really
+    listens on, and a route prefix already taken is refused with a hint."""
     from ray import serve
 
     opts = {"proxy_location": proxy_location} if proxy_location else {}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, **opts)
+    host, port = cfg.host, serve_http_port(default=cfg.port)
     app = build_from_config(cfg)
     try:
-        serve._run(app, name=app_name, route_prefix=route_prefix, _blocking=False)
-    except (AttributeError, TypeError):  # should a future Ray drop the private entry point
-        serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
+        try:
+            serve._run(app, name=app_name, route_prefix=route_prefix, _blocking=False)
+        except (AttributeError, TypeError):  # should a future Ray drop the private entry point
+            serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+    except Exception as e:  # noqa: BLE001 - Serve wraps its refusal in a RayTaskError
+        if "is being used by application" in str(e):
+            raise BadRequest(f"route prefix {route_prefix} is already used by another Serve application on this "
+                             "cluster; pass --route-prefix /another (and --app-name)") from None
+        raise
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def serve_http_port(default: int) -> int:
+    """The port Serve's proxies listen on (an already running Serve keeps its own, whatever we asked).
+
+    Serve has no public getter for it; the controller client's ``http_config``
+    (Ray 2.53-2.60) holds it. Falls back to ``default``."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return int(_get_global_client().http_config.port)
+    except Exception:  # noqa: BLE001
+        return default
 
 
 def wait_ready(cfg: ServeConfig, url: str, app_name: str = APP_NAME, timeout: float = READY_TIMEOUT_S,
@@ -173,7 +203,8 @@ def curl_example(cfg: ServeConfig, url: str) -> str:
     return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
 
 
-def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = READY_TIMEOUT_S) -> int:
+def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = READY_TIMEOUT_S,
+        app_name: str = APP_NAME, route_prefix: str = "/") -> int:
     import ray
     from ray import serve
 
@@ -184,15 +215,20 @@ def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = 
         raise KeyboardInterrupt
 
     connect_ray(cfg, address)
+    deployed = None
     # after ray.init, so ours replace Ray's fatal-signal logger; SIGINT too, since a
     # shell starting us in the background leaves SIGINT ignored
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        url = deploy(cfg, proxy_location=None if address else "HeadOnly")
+        url = deploy(cfg, app_name=app_name, route_prefix=route_prefix,
+                     proxy_location=None if address else "HeadOnly")
+        deployed = app_name
         say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if not url.startswith(f"http://{cfg.host}:{cfg.port}") and cfg.host not in ("0.0.0.0", "::"):
+            say(f"mlx-ray serve: Serve already runs on this cluster; its HTTP options stand ({url}), not --port")
         say(f"mlx-ray serve: deploying {', '.join(m.name for m in cfg.models)} (Ray {ray.__version__}) ...")
-        wait_ready(cfg, url, timeout=ready_timeout, say=say)
+        wait_ready(cfg, url, app_name=app_name, timeout=ready_timeout, say=say)
         print(f"mlx-ray serve: ready at {url}/v1 (models: {', '.join(m.name for m in cfg.models)})", flush=True)
         print(f"try:\n  {curl_example(cfg, url)}", flush=True)
         print("Ctrl-C to stop.", flush=True)
@@ -202,12 +238,13 @@ def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = 
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the teardown finish
-        print("mlx-ray serve: shutting down", file=sys.stderr, flush=True)
+        if deployed or not address:
+            print("mlx-ray serve: shutting down", file=sys.stderr, flush=True)
         try:
-            if address:
-                serve.delete(APP_NAME)
-            else:
+            if not address:
                 serve.shutdown()
+            elif deployed:  # only our application: the cluster and its other apps stay up
+                serve.delete(deployed)
         finally:
             ray.shutdown()
     return 0
