@@ -48,7 +48,11 @@ def _compute_state() -> qmm._State:
     ext = st.ext
     if not hasattr(ext, "dense_matmul"):
         return qmm._State(False, f"the installed extension predates dense_matmul; {qmm._REBUILD_HINT}")
-    ext.set_dense_max_m(int(os.environ.get("MLX_RAY_DENSE_MAX_M") or DEFAULT_MAX_M))
+    raw = os.environ.get("MLX_RAY_DENSE_MAX_M") or str(DEFAULT_MAX_M)
+    try:
+        ext.set_dense_max_m(int(raw))
+    except ValueError:
+        return qmm._State(False, f"MLX_RAY_DENSE_MAX_M must be an integer (rows; 0: never), got {raw!r}")
     return qmm._State(True, f"{ext.isa()} kernel, {ext.num_threads()} threads, M <= {ext.dense_max_m()}", ext)
 
 

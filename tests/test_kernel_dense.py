@@ -333,6 +333,12 @@ def test_non_float_weights_use_mlx():
     assert equal(dense.matmul_t(x, w), x @ w.T)
 
 
+def test_bad_max_m_is_a_clear_inactive_state(fresh_state):
+    fresh_state.setenv("MLX_RAY_DENSE_MAX_M", "lots")
+    st = dense.status()
+    assert not st["active"] and "MLX_RAY_DENSE_MAX_M must be an integer" in st["reason"] and "'lots'" in st["reason"]
+
+
 def test_max_m_from_environment(fresh_state):
     fresh_state.setenv("MLX_RAY_DENSE_MAX_M", "4")
     st = dense.status()
