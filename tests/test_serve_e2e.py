@@ -69,6 +69,12 @@ def test_replica_lands_on_the_gpu_apple_mps_node(served, ray_cluster):
     info = handle("smol").info.remote().result(timeout_s=60)
     nodes = ray_cluster.node_ids()
     assert info["node_id"] == nodes["mac"] != nodes["head"]
+    # The replica process got the OpenBLAS preload through its runtime_env, and the CPU kernels.
+    from mlx_ray.blas import wanted_library
+
+    if wanted_library():
+        assert info["blas"].startswith("openblas"), info
+    assert info["kernels"].get("dense_cpu") is True, info
 
 
 def test_chat_stream_equals_non_stream_and_usage(oa, mlx_f32):

@@ -104,7 +104,7 @@ class LLMServer:
         except ImportError:
             pass
         return {"name": self.cfg.name, "model": self.cfg.model, "node_id": node_id,
-                "max_model_len": getattr(self.engine, "max_model_len", None)}
+                "max_model_len": getattr(self.engine, "max_model_len", None), **_runtime_facts()}
 
     async def stats(self) -> dict:
         await self.start()
@@ -250,3 +250,22 @@ class LLMServer:
     def __del__(self):  # Serve tears replicas down without awaiting anything
         if self._gauge_task is not None:
             self._gauge_task.cancel()
+
+
+def _runtime_facts() -> dict:
+    """What decides CPU speed inside this replica process (Ray sets its own thread env vars)."""
+    import os
+
+    from ..blas import loaded_blas
+
+    facts = {"blas": loaded_blas(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    try:
+        from mlx_ray.kernels import dense, qmm
+
+        facts["kernels"] = {k.NAME: k.status().get("active") for k in (qmm, dense)}
+        st = dense.status()
+        facts["kernel_threads"] = st.get("threads")
+    except ImportError:
+        facts["kernels"] = {}
+    return facts
