@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from kernel_micro import machine, timeit
+from kernel_micro import active_status, machine, timeit
 
 from mlx_ray.blas import reexec_with_fast_blas
 
@@ -68,9 +68,8 @@ def main(argv=None) -> int:
     from mlx_ray.bench.table import markdown_table
     from mlx_ray.kernels import dense
 
-    st = dense.status()
-    if not st["active"]:
-        print(f"dense_cpu kernel inactive: {st['reason']}", file=sys.stderr)
+    st = active_status(dense)
+    if st is None:
         return 1
     ext = dense._get_state().ext
     report = {"machine": machine(), "kernel": st, "load_before": os.getloadavg(), "rows": []}

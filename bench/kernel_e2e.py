@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kernel_micro import active_status
+
 from mlx_ray.blas import loaded_blas, reexec_with_fast_blas
 
 PROMPT = "What is the capital of France?"
@@ -119,9 +121,8 @@ def main(argv=None) -> int:
     from mlx_ray.bench.table import markdown_table
     from mlx_ray.kernels import qmm
 
-    st = qmm.status()
-    if not st["active"]:
-        print(f"qmm_cpu kernel inactive: {st['reason']}", file=sys.stderr)
+    st = active_status(qmm)
+    if st is None:
         return 1
     model_dir = args.model or fixture_q4()
     model, tokenizer = load(str(model_dir))

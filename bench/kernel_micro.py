@@ -42,6 +42,15 @@ SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096), (143
 OUT = Path(__file__).parent / "out" / "kernel_micro.json"
 
 
+def active_status(kernel) -> dict | None:
+    """The kernel's status when it is active; else None, having said why on stderr."""
+    st = kernel.status()
+    if not st["active"]:
+        print(f"{st['name']} kernel inactive: {st['reason']}", file=sys.stderr)
+        return None
+    return st
+
+
 def timeit(fn, reps: int) -> tuple[float, float, float]:
     """(median wall, min wall, median process CPU) seconds of fn(), after one warm-up call.
 
@@ -193,9 +202,8 @@ def main(argv=None) -> int:
 
     from mlx_ray.kernels import qmm
 
-    st = qmm.status()
-    if not st["active"]:
-        print(f"qmm_cpu kernel inactive: {st['reason']}", file=sys.stderr)
+    st = active_status(qmm)
+    if st is None:
         return 1
     report = {"machine": machine(), "kernel": st, "load_before": os.getloadavg(), "bits": args.bits,
               "group_size": args.group_size, "dtype": "bfloat16"}

@@ -25,6 +25,7 @@ Switches (read when the state is first computed; :func:`reset` re-reads them):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class _State:
     ext: ModuleType | None = None
 
 
-_lock = threading.RLock()  # _get_state -> _compute_state -> extension_state
+_lock = threading.Lock()
 _state: _State | None = None
 
 
@@ -121,16 +122,10 @@ def _extension_state() -> _State:
     return _State(True, "", ext)
 
 
-_ext_state: _State | None = None
-
-
+@functools.lru_cache(maxsize=None)
 def extension_state() -> _State:
-    global _ext_state
-    if _ext_state is None:
-        with _lock:
-            if _ext_state is None:
-                _ext_state = _extension_state()
-    return _ext_state
+    """:func:`_extension_state`, computed once (until :func:`reset`)."""
+    return _extension_state()
 
 
 def _compute_state() -> _State:
@@ -157,9 +152,10 @@ def _get_state() -> _State:
 
 def reset() -> None:
     """Forget the cached state (re-reads the environment switches on next use)."""
-    global _state, _ext_state
+    global _state
     with _lock:
-        _state = _ext_state = None
+        _state = None
+        extension_state.cache_clear()
 
 
 def _on_cpu() -> bool:

@@ -60,7 +60,7 @@ def loaded_blas() -> str:
 
 
 def preload_active() -> bool:
-    return "libopenblas" in os.environ.get("LD_PRELOAD", "") or loaded_blas().startswith("openblas")
+    return preloaded_by_env() or loaded_blas().startswith("openblas")
 
 
 def env_with_fast_blas(env: dict | None = None) -> dict:

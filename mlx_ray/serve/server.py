@@ -262,10 +262,7 @@ def _runtime_facts() -> dict:
              "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     try:
         from mlx_ray.kernels import dense, qmm
-
-        facts["kernels"] = {k.NAME: k.status().get("active") for k in (qmm, dense)}
-        st = dense.status()
-        facts["kernel_threads"] = st.get("threads")
     except ImportError:
-        facts["kernels"] = {}
-    return facts
+        return {**facts, "kernels": {}}
+    states = [k.status() for k in (qmm, dense)]
+    return {**facts, "kernels": {st["name"]: st["active"] for st in states}, "kernel_threads": states[0].get("threads")}
