@@ -60,7 +60,10 @@ def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
     assert not group_alive(proc.pid)
     after = {n["id"]: n for n in gcs_nodes(ray_head)}
     assert not after[node["id"]]["alive"]
-    assert after[node["id"]]["death"] == "EXPECTED_TERMINATION"  # a clean stop, not a lost node
+    # A clean stop, not a lost node (UNEXPECTED_TERMINATION). Ray's SIGTERM path drains the node first;
+    # which of these two it records depends on whether the drain was acknowledged before the exit
+    # (seen: EXPECTED_TERMINATION in most runs, AUTOSCALER_DRAIN_PREEMPTED in one CI run).
+    assert after[node["id"]]["death"] in ("EXPECTED_TERMINATION", "AUTOSCALER_DRAIN_PREEMPTED"), after[node["id"]]
 
 
 @pytest.mark.parametrize("hook,value,named", [
