@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "serve": ("mlx_ray.serve.cli", "serve models through Ray Serve with an OpenAI-compatible API", True),
     "parity": ("mlx_ray.parity.cli", "compare the MLX path against the PyTorch path (logits, greedy, perplexity)", True),
     "bench": ("mlx_ray.bench.cli", "benchmark MLX against PyTorch, or load-test an OpenAI endpoint", True),
+    "package": ("mlx_ray.serve.package", "write mlx-ray's code as a zip for a RayService's py_modules (stock head)", False),
     "worker": ("mlx_ray.worker.cli", "join this machine to a Ray cluster (ray start, launchd, systemd)", False),
     "doctor": ("mlx_ray.doctor", "check this machine: backends, BLAS, kernels, Ray head, model cache", False),
 }

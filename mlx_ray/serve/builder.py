@@ -5,6 +5,10 @@ mlx_ray.serve:app`` or ``mlx_ray.serve:build_app``, with ``args`` or env vars):
 one ``LLMServer`` deployment per model, each placed on the custom resource
 (``gpu_apple_mps`` by default) with ``max_ongoing_requests`` equal to its
 engine's admission limit, behind one ``OpenAIIngress`` FastAPI deployment.
+
+Where each part runs (see ``package.py``): the build and the ingress need only
+mlx-ray's pure-Python code, so a stock Ray head runs them from the application's
+``py_modules``; the model replicas run the Mac worker's own install.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..blas import runtime_env_vars
-from .config import ServeConfig
-from .ingress import OpenAIIngress, fastapi_app_for_class
+from .config import ServeConfig, env_form
+from .ingress import OpenAIIngress, asgi_app_builder
+from .package import check_package_uri
 from .server import LLMServer
 
 APP_NAME = "mlx-ray"
@@ -21,8 +26,13 @@ IMPORT_PATH = "mlx_ray.serve:app"
 INGRESS_NAME = "OpenAIIngress"
 
 
-def worker_runtime_env(extra_env: Optional[dict] = None) -> dict:
-    """runtime_env of the model replicas: on Linux, MLX needs the OpenBLAS preload at process start."""
+def replica_runtime_env(extra_env: Optional[dict] = None) -> dict:
+    """runtime_env of the model replicas: on Linux, MLX needs the OpenBLAS preload at process start.
+
+    They also inherit the application's py_modules (Serve merges runtime_envs and
+    Ray 2.53-2.60 accept no way to opt out in a config); the package's
+    ``__init__`` then hands over to the worker's own install (``package.py``).
+    """
     env = {**runtime_env_vars(), **(extra_env or {})}
     return {"env_vars": env} if env else {}
 
@@ -35,12 +45,12 @@ def build_app(args: Optional[dict] = None):
 def build_from_config(cfg: ServeConfig, runtime_env: Optional[dict] = None):
     from ray import serve
 
-    runtime_env = worker_runtime_env() if runtime_env is None else runtime_env
+    runtime_env = replica_runtime_env() if runtime_env is None else runtime_env
     servers: dict[str, Any] = {}
     for m in cfg.models:
         dep = serve.deployment(LLMServer).options(**m.deployment_options(runtime_env))
         servers[m.name] = dep.bind(m.model_dump(mode="json"), cfg.stream_batching_interval_ms)
-    ingress_cls = serve.ingress(fastapi_app_for_class(cfg, OpenAIIngress))(OpenAIIngress)
+    ingress_cls = serve.ingress(asgi_app_builder(cfg.to_args()))(OpenAIIngress)
     ingress = serve.deployment(ingress_cls).options(
         name=INGRESS_NAME,
         num_replicas=cfg.ingress_num_replicas,
@@ -50,26 +60,38 @@ def build_from_config(cfg: ServeConfig, runtime_env: Optional[dict] = None):
     return ingress.bind(servers, cfg.to_args())
 
 
-def serve_config_v2(cfg: ServeConfig, app_name: str = APP_NAME) -> dict:
+def serve_config_v2(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: str = "/",
+                    package_uri: Optional[str] = None, env_vars: bool = False) -> dict:
     """The `serveConfigV2` application block for a RayService (or `serve deploy`).
 
-    The API key itself is never printed: an inline key is replaced by reading env API_KEY,
-    which the operator sets from a Kubernetes secret.
+    ``package_uri``: where the cluster fetches `mlx-ray package`'s zip, for a head
+    without mlx-ray (the app's ``py_modules``).
+    ``env_vars``: name the model with ``MODEL_ID``, ``MAX_MODEL_LEN``, ... in the
+    app's ``runtime_env`` instead of ``args``, as many clusters' configs do.
+    The API key itself is never printed: an inline key is replaced by reading env
+    API_KEY, which the operator sets from a Kubernetes secret.
     """
     args = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"api_key", "host", "port"})
+    env: dict[str, str] = {}
+    if env_vars:
+        env, args = env_form(args), {}
+    if cfg.api_key is not None and cfg.api_key_file is None:
+        env["API_KEY"] = "<set from a secret>"
     deployments = []
     for m in cfg.models:
-        opts = m.deployment_options()
+        opts = m.deployment_options(replica_runtime_env())
         deployments.append({k: v for k, v in opts.items() if k in (
             "name", "num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
             "ray_actor_options", "health_check_period_s", "health_check_timeout_s")})
     deployments.append({"name": INGRESS_NAME, "num_replicas": cfg.ingress_num_replicas,
                         "max_ongoing_requests": cfg.ingress_max_ongoing_requests})
-    env = dict(runtime_env_vars())
-    if cfg.api_key is not None and cfg.api_key_file is None:
-        env["API_KEY"] = "<set from a secret>"
-    block = {"name": app_name, "route_prefix": "/", "import_path": IMPORT_PATH,
-             "runtime_env": {"env_vars": env}, "args": args, "deployments": deployments}
+    runtime_env: dict[str, Any] = {}
+    if package_uri:
+        runtime_env["py_modules"] = [check_package_uri(package_uri)]
+    if env:
+        runtime_env["env_vars"] = env
+    block = {"name": app_name, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
+             **({"runtime_env": runtime_env} if runtime_env else {}), "args": args, "deployments": deployments}
     return {"applications": [block]}
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,7 @@ from typing import Optional
 from ..errors import BadRequest, EngineFault
 from .builder import APP_NAME, build_from_config, placement_problems, serve_config_v2
 from .config import ServeConfig, read_config_file
+from .package import stage_module_dir
 
 READY_TIMEOUT_S = 600.0
 
@@ -47,6 +49,11 @@ def configure_parser(p) -> None:
     p.add_argument("--num-cpus", type=float, help="CPUs per model replica")
     p.add_argument("--print-config", action="store_true", help="print the serveConfigV2 application block and exit")
     p.add_argument("--json", action="store_true", help="with --print-config: JSON instead of YAML")
+    p.add_argument("--package-uri", metavar="URI",
+                   help="with --print-config: where the cluster fetches `mlx-ray package`'s zip (https://, s3://, "
+                        "gs://, file://), for a head without mlx-ray")
+    p.add_argument("--env-vars", action="store_true",
+                   help="with --print-config: name the model with env vars (MODEL_ID, MAX_MODEL_LEN, ...) instead of args")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S, help="seconds to wait for the app to be healthy")
 
 
@@ -80,8 +87,11 @@ def config_from_args(args) -> ServeConfig:
 
 def main(args) -> int:
     cfg = config_from_args(args)
+    if not args.route_prefix.startswith("/"):
+        raise BadRequest(f"--route-prefix must start with '/', got {args.route_prefix!r}")
     if args.print_config:
-        block = serve_config_v2(cfg)
+        block = serve_config_v2(cfg, app_name=args.app_name, route_prefix=args.route_prefix,
+                                package_uri=args.package_uri, env_vars=args.env_vars)
         if args.json:
             print(json.dumps(block, indent=2))
         else:
@@ -89,8 +99,8 @@ def main(args) -> int:
 
             print(yaml.safe_dump(block, sort_keys=False), end="")
         return 0
-    if not args.route_prefix.startswith("/"):
-        raise BadRequest(f"--route-prefix must start with '/', got {args.route_prefix!r}")
+    if args.package_uri or args.env_vars:
+        raise BadRequest("--package-uri and --env-vars go with --print-config (a deploy from here ships the code itself)")
     return run(cfg, address=args.address, ready_timeout=args.ready_timeout, app_name=args.app_name,
                route_prefix=args.route_prefix)
 
@@ -106,7 +116,12 @@ def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
 
     if address:
         use_token_auth(os.environ)
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        # The ingress may land on a node without mlx-ray (a stock head): ship our pure-Python
+        # code with the job (Ray uploads it at init); where mlx-ray is installed it hands over
+        # to that install (package.py).
+        with tempfile.TemporaryDirectory(prefix="mlx-ray-pkg-") as tmp:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False,
+                     runtime_env={"py_modules": [str(stage_module_dir(tmp))]})
         return
     resources = {m.placement.resource: max(1.0, m.placement.resource_amount)
                  for m in cfg.models if m.placement.resource}

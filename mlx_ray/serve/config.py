@@ -234,6 +234,28 @@ def _short_form(args: dict, env) -> Optional[dict]:
     return {"models": [m], **top}
 
 
+def env_form(args: dict) -> dict[str, str]:
+    """The env vars that `from_args({})` turns back into these args (one model, the keys above)."""
+    models = args.get("models") or []
+    if len(models) != 1:
+        raise BadRequest("--env-vars names one model (MODEL_ID); several models need the args form")
+    m = dict(models[0])
+    env = {"MODEL_ID": str(m.pop("model"))}
+    name = m.pop("name", None)
+    if name and name != env["MODEL_ID"]:
+        env["SERVED_MODEL_NAME"] = str(name)
+    pairs = [(f"{section}.{key}", keys.get(key), val)
+             for section, keys in (("engine", _ENGINE_KEYS), ("placement", _PLACEMENT_KEYS))
+             for key, val in (m.pop(section, None) or {}).items()]
+    pairs += [(f"models[0].{key}", None, val) for key, val in m.items()]
+    pairs += [(key, _TOP_KEYS.get(key), val) for key, val in args.items() if key != "models"]
+    left = sorted(where for where, var, val in pairs if var is None or val is None)
+    if left:
+        raise BadRequest(f"--env-vars: no env var carries {', '.join(left)}; use the args form")
+    env.update({var: str(val) for _, var, val in pairs})
+    return env
+
+
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"

@@ -425,30 +425,40 @@ def _base_app(cfg: ServeConfig) -> FastAPI:
 
 def create_app(ingress: OpenAIIngress) -> FastAPI:
     """A FastAPI app over an ingress instance (no Serve: unit tests, embedding)."""
-    app = _base_app(ingress.cfg)
-    for path, (name, methods) in ROUTES.items():
-        app.add_api_route(path, getattr(ingress, name), methods=methods)
-    return app
+    return _routes_app(ingress.cfg, lambda: ingress)
 
 
-def fastapi_app_for_class(cfg: ServeConfig, cls: type = OpenAIIngress) -> FastAPI:
-    """The app `serve.ingress` wraps; Serve binds `self` to the replica's instance.
+def asgi_app_builder(config: dict) -> Callable[[], FastAPI]:
+    """What `serve.ingress` wraps: a builder *function* that makes the app inside the replica.
 
-    The endpoints are fresh closures, not the class's functions: Serve rewrites their
-    signatures in place and cloudpickles the app to the replica, which keeps those
-    rewrites only for functions pickled by value (module functions travel by reference).
+    Serve takes a function as it is on every Ray from 2.53 to the newest, but
+    cloudpickles an app object, which fails on 2.53 with FastAPI >= 0.129 (its
+    app holds a lock). The routes find the replica's own ``OpenAIIngress`` when a
+    request comes (Serve sets ``servable_object`` after the constructor ran).
     """
+
+    def build_asgi_app() -> FastAPI:
+        return _routes_app(ServeConfig.from_args(config), _replica_ingress)
+
+    return build_asgi_app
+
+
+def _replica_ingress() -> OpenAIIngress:
+    from ray import serve
+
+    return serve.get_replica_context().servable_object
+
+
+def _routes_app(cfg: ServeConfig, resolve: Callable[[], OpenAIIngress]) -> FastAPI:
     app = _base_app(cfg)
     for path, (name, methods) in ROUTES.items():
-        app.add_api_route(path, _endpoint(cls, name), methods=methods)
+        app.add_api_route(path, _endpoint(resolve, name), methods=methods)
     return app
 
 
-def _endpoint(cls: type, name: str):
-    async def endpoint(self, request):
-        return await getattr(self, name)(request)
+def _endpoint(resolve: Callable[[], OpenAIIngress], name: str):
+    async def endpoint(request: Request):
+        return await getattr(resolve(), name)(request)
 
     endpoint.__name__ = name
-    endpoint.__qualname__ = f"{cls.__qualname__}.{name}"  # how Serve finds class-bound routes
-    endpoint.__annotations__ = {"request": Request}
     return endpoint
