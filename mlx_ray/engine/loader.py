@@ -3,9 +3,10 @@
 The engine never parses weights itself: ``mlx_lm.load`` knows 100+
 architectures, the tokenizer and the streaming detokenizer. This module only
 resolves ``model`` (a cache name as ``mlx-ray models list`` shows it, or a
-path), guards against the transformers-5 RoPE config bug (FACTS.md), swaps in
-the CPU quantized-matmul kernel when one is available, and measures what the
-memory policy needs (weight bytes, KV bytes per token, context length).
+path), guards against the transformers-5 config renames (FACTS.md), refuses
+models whose cache the engine cannot batch and budget, swaps in the CPU
+quantized-matmul kernel when one is available, and measures what the memory
+policy needs (weight bytes, KV bytes per token, context length).
 """
 
 from __future__ import annotations
@@ -78,6 +79,34 @@ def _context_length(config: dict) -> int:
     return DEFAULT_CONTEXT
 
 
+def check_batchable(model: nn.Module, model_type: str) -> None:
+    """BadRequest unless every layer's mlx-lm cache is a KVCache or a RotatingKVCache.
+
+    Those are what the engine batches and budgets: mlx-lm's BatchGenerator
+    merges them into BatchKVCache / BatchRotatingKVCache, and their size grows
+    with the tokens, which is what ``memory.batch_kv_bound`` bounds. Caches
+    without ``merge`` (ChunkedKVCache, QuantizedKVCache, ...) cannot be batched
+    at all. ArraysCache (the recurrent state of gated-delta / Mamba layers,
+    e.g. qwen3_next) is merged by mlx-lm 0.32 and decodes correctly in a
+    batch, but it is a fixed state per sequence (tens of MB a row at 80B
+    scale) that the per-token KV budget does not count, and on Linux a failed
+    allocation is a crash, not an error: refused until the budget models it.
+    """
+    from mlx_lm.models.cache import CacheList, KVCache, RotatingKVCache, make_prompt_cache
+
+    def leaves(caches):
+        for c in caches:
+            yield from leaves(c.caches) if isinstance(c, CacheList) else (c,)
+
+    bad = {type(c) for c in leaves(make_prompt_cache(model))} - {KVCache, RotatingKVCache}
+    if bad:
+        kinds = ", ".join(sorted(t.__name__ for t in bad))
+        why = "a per-sequence state the engine's KV budget does not count" if all(hasattr(t, "merge") for t in bad) \
+            else "which mlx-lm's BatchGenerator cannot batch"
+        raise BadRequest(f"model type {model_type} cannot run in the mlx-ray engine: its mlx-lm cache has {kinds} "
+                         f"layers ({why}); the engine batches KVCache and RotatingKVCache models only")
+
+
 def probe(model: nn.Module) -> tuple[int, int]:
     """(KV-cache bytes one token takes over all layers, vocabulary size), from a 1-token forward."""
     cache = model.make_cache() if hasattr(model, "make_cache") else None
@@ -122,6 +151,7 @@ def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
         mdl, tokenizer = mlx_load(str(path), model_config=_config_overrides(config))
     except (ValueError, FileNotFoundError) as e:
         raise BadRequest(f"cannot load {path} with mlx-lm: {e}") from e
+    check_batchable(mdl, config.get("model_type", "?"))
     cpu_kernel = _patch_cpu_kernel(mdl)
     params = tree_flatten(mdl.parameters())
     weights_bytes = sum(v.nbytes for _, v in params)
