@@ -229,7 +229,7 @@ class TargetLock:
         """Remove break claims left by crashed breakers (by the same rule: a claim's removal is claimed too)."""
         for p in self.path.parent.glob(f"{self.path.name}.break-*"):
             rec = _read(p)
-            if rec is not None and rec.key != self.token and _is_stale(rec):
+            if rec is not None and _is_stale(rec):
                 self._remove(p, rec.key)
 
     def _beat(self) -> None:
