@@ -14,4 +14,17 @@ if [[ "$(uname -s)" == "Linux" ]]; then
   # The CPU build of torch: pin it, a bare "torch" pulls a multi-GB CUDA build.
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[parity,dev]"
+# The cluster's Ray: a worker's Ray must equal the head's. MLX_RAY_RAY_VERSION=2.53.0 installs
+# that Ray with its serving stack pinned as of its release (constraints/ray-<version>.txt;
+# newer FastAPI/protobuf break 2.53). Unset: the newest Ray that pyproject admits.
+PIN=()
+if [[ -n "${MLX_RAY_RAY_VERSION:-}" ]]; then
+  C="constraints/ray-$MLX_RAY_RAY_VERSION.txt"
+  if [[ ! -f "$C" ]]; then
+    echo "setup.sh: no $C; tested Ray versions: $(ls constraints/ | sed -n 's/^ray-\(.*\)\.txt$/\1/p' | tr '\n' ' ')" >&2
+    echo "setup.sh: make one with: bash constraints/compile.sh $MLX_RAY_RAY_VERSION YYYY-MM-DD (a month after that release)" >&2
+    exit 2
+  fi
+  PIN=(-c "$C" "ray[serve]==$MLX_RAY_RAY_VERSION")
+fi
+"$PY" -m pip install -q -e ".[parity,dev]" ${PIN[@]+"${PIN[@]}"}  # (bash 3.2 on macOS: empty arrays)

@@ -24,7 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from mlx_ray.worker.command import ray_executable
+
 RESOURCE = "gpu_apple_mps"
+RAY = ray_executable()  # this interpreter's Ray (the session may run on another Ray version's env)
 
 
 def free_ports(n: int) -> list[int]:
@@ -112,11 +115,11 @@ def start_two_node_cluster(worker_cpus: int = 2) -> RayCluster:
     port = free_ports(1)[0]
     cluster = RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
     try:
-        head = ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *_node_args(temp_dir, 1)]
+        head = [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *_node_args(temp_dir, 1)]
         cluster.logs.append(temp_dir / "head.log")
         cluster.procs.append(_spawn(head, cluster.logs[-1], env))
         _wait_started(cluster.procs[-1], cluster.logs[-1])
-        mac = ["ray", "start", f"--address={cluster.address}", f"--resources={json.dumps({RESOURCE: 1})}",
+        mac = [RAY, "start", f"--address={cluster.address}", f"--resources={json.dumps({RESOURCE: 1})}",
                *_node_args(temp_dir, worker_cpus)]
         cluster.logs.append(temp_dir / "mac.log")
         cluster.procs.append(_spawn(mac, cluster.logs[-1], env))

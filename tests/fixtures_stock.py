@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_ray import RESOURCE, RayCluster, _node_args, _spawn, _wait_started, free_ports
+from fixtures_ray import RAY, RESOURCE, RayCluster, _node_args, _spawn, _wait_started, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ def stock_cluster(tmp_path_factory, model_cache):
             cluster.procs.append(subprocess.Popen(head, stdout=log, stderr=subprocess.STDOUT, env=head_env_vars,
                                                   cwd=outside, start_new_session=True))
         _wait_started(cluster.procs[-1], cluster.logs[-1])
-        mac = [str(Path(sys.executable).with_name("ray")), "start", f"--address={cluster.address}",
+        mac = [RAY, "start", f"--address={cluster.address}",
                # 2: the module runs a second app (`serve --address`) beside the config-deployed one
                f"--resources={json.dumps({RESOURCE: 2})}", *_node_args(temp_dir, 2)]
         cluster.logs.append(temp_dir / "mac.log")

@@ -25,6 +25,8 @@ from mlx_ray.serve.config import ServeConfig
 from mlx_ray.serve.ingress import OpenAIIngress, create_app
 from mlx_ray.serve.server import LLMServer
 
+pytestmark = pytest.mark.ray  # also run on the cluster's Ray (scripts/test.sh)
+
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "zeta"]
 
 
@@ -326,7 +328,9 @@ def test_print_config_is_a_valid_serve_config(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     block = yaml.safe_load(out.stdout)
-    schema = ServeDeploySchema.model_validate(block)
+    # pydantic 2 API on Ray 2.60, pydantic.v1's on 2.53
+    schema = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    schema = schema(block)
     (app,) = schema.applications
     assert app.import_path == "mlx_ray.serve:app"
     models = [d for d in app.deployments if d.name.startswith("LLMServer:")]

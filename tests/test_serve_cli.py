@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_mlx_ray_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(mlx_f32, tmp_path):

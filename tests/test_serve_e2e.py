@@ -26,7 +26,7 @@ import pytest
 from mlx_ray.serve.config import ServeConfig
 from mlx_ray.serve.testing import FAULT_TRIGGER
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 APP = "mlx-ray-test"
 MSG = [{"role": "user", "content": "What is the capital of France?"}]

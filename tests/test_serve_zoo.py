@@ -13,7 +13,7 @@ import pytest
 
 from mlx_ray.serve.config import ServeConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 APP = "mlx-ray-zoo"
 MSG = [{"role": "user", "content": "What is the capital of France?"}]

@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 PREFIX = "/llm-secondary"
