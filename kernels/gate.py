@@ -89,8 +89,12 @@ class Verdict:
 # --------------------------------------------------------------- evaluation
 
 def evaluate(spec: KernelSpec, device: Device, *, cases: list | None = None, fast_fn: Callable | None = None,
-             warmup: int = WARMUP, reps: int = REPS) -> Verdict:
-    """Run ``fast_fn`` (default ``spec.metal_fn``) against ``spec.twin`` on ``device``; never raises."""
+             warmup: int = WARMUP, reps: int = REPS, stop_on_problem: bool = True) -> Verdict:
+    """Run ``fast_fn`` (default ``spec.metal_fn``) against ``spec.twin`` on ``device``; never raises.
+
+    Stops at the first case that fails (the verdict is then decided) unless
+    ``stop_on_problem`` is False (the selftest reports every case).
+    """
     fast = fast_fn or spec.metal_fn
     base = dict(name=spec.name, device=device.name, mlx=mx.__version__, source_hash=spec.source_hash)
     try:
@@ -108,7 +112,9 @@ def evaluate(spec: KernelSpec, device: Device, *, cases: list | None = None, fas
                 want, row["twin_ms"] = _common.time_ms(spec.twin, case.args, case.kwargs, warmup=warmup, reps=reps)
             except Exception as e:  # noqa: BLE001
                 row["problem"] = f"twin failed: {type(e).__name__}: {e}"
-                break
+                if stop_on_problem:
+                    break
+                continue
             try:
                 got, row["kernel_ms"] = _common.time_ms(fast, case.args, case.kwargs, warmup=warmup, reps=reps)
                 row["max_err"] = _common.max_abs_err(got, want)
@@ -117,7 +123,9 @@ def evaluate(spec: KernelSpec, device: Device, *, cases: list | None = None, fas
                 problem = f"failed: {type(e).__name__}: {e}"
             if problem:
                 row["problem"] = problem
-                break
+                if stop_on_problem:
+                    break
+                continue
             row["speedup"] = row["twin_ms"] / row["kernel_ms"] if row["kernel_ms"] > 0 else float("inf")
     return _decide(rows, len(cases), base)
 
@@ -190,12 +198,14 @@ _latest: dict[str, Verdict] = {}  # name -> this process's verdict (what dispatc
 
 
 def verdict(kernel: str | KernelSpec, model_shapes=None, *, device: Device | None = None,
-            fast_fn: Callable | None = None, cases: list | None = None, use_cache: bool = True) -> Verdict:
+            fast_fn: Callable | None = None, cases: list | None = None, use_cache: bool = True,
+            refresh: bool = False) -> Verdict:
     """The verdict for ``kernel`` (a registered name or a spec) on ``device`` (default: this machine's).
 
     ``model_shapes`` (the spec's ``model_cases`` turn them into extra cases)
     joins the cache key. ``fast_fn`` / ``cases`` replace the spec's Metal path /
     device cases (test hooks; such verdicts are never written to the cache).
+    ``refresh`` measures again even when cached, and caches the new verdict.
     """
     spec = _common.get(kernel) if isinstance(kernel, str) else kernel
     device = device or current_device()
@@ -206,15 +216,16 @@ def verdict(kernel: str | KernelSpec, model_shapes=None, *, device: Device | Non
     elif not device.metal:
         v = Verdict(enabled=False, reason=NO_METAL, **base)
     else:
-        v = _measured(spec, device, model_shapes, fast_fn, cases, use_cache and fast_fn is None and cases is None)
+        hooked = fast_fn is not None or cases is not None
+        v = _measured(spec, device, model_shapes, fast_fn, cases, use_cache and not hooked, refresh)
     with _lock:
         _latest[spec.name] = v
     return v
 
 
-def _measured(spec, device, model_shapes, fast_fn, cases, use_cache) -> Verdict:
+def _measured(spec, device, model_shapes, fast_fn, cases, use_cache, refresh) -> Verdict:
     key = cache_key(spec, device, model_shapes)
-    if use_cache:
+    if use_cache and not refresh:
         hit = _read_cache().get(key)
         if hit is not None:
             try:
@@ -253,7 +264,8 @@ def verdicts(device: Device | None = None) -> list[Verdict]:
     out = []
     for name, spec in _common.kernels().items():
         v = _latest.get(name)
-        if v is None or (device is not None and v.device != device.name):
+        switched = v is not None and v.reason.startswith("disabled by") == _common.enabled_by_env(name)
+        if v is None or switched or (device is not None and v.device != device.name):
             v = verdict(spec, device=device)
         out.append(v)
     return out

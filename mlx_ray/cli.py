@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "bench": ("mlx_ray.bench.cli", "benchmark MLX against PyTorch, or load-test an OpenAI endpoint", True),
     "package": ("mlx_ray.serve.package", "write mlx-ray's code as a zip for a RayService's py_modules (stock head)", False),
     "worker": ("mlx_ray.worker.cli", "join this machine to a Ray cluster (ray start, launchd, systemd)", False),
+    "kernels": ("mlx_ray.kernels_cli", "prove the kernels here: selftest (against their twins, timed) or check (emulated)",
+                True),
     "doctor": ("mlx_ray.doctor", "check this machine: backends, BLAS, kernels, Ray head, model cache", False),
 }
 

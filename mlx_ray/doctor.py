@@ -46,6 +46,7 @@ def run_checks(args) -> list:
     safe("mlx", c.check_mlx)
     safe("blas", c.check_blas)
     safe("kernels", c.check_kernels)
+    safe("kernels", c.check_metal_kernels)
     safe("torch", c.check_torch)
     safe("head", c.check_head, args.address, args.timeout, env)
     safe("token-auth", c.check_token, env)

@@ -39,6 +39,9 @@ def configure_parser(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes for tests: prompt 32, batch 1,2, 8 tokens, 2 repeats")
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--plot", help="write a PNG plot (MLX against torch per shape) here")
+    from ..kernels_cli import add_kernels_flag
+
+    add_kernels_flag(parser)
     sub = parser.add_subparsers(dest="action", metavar="{serve,compare}")
     serve.configure(sub.add_parser("serve", help="load-test an OpenAI-compatible endpoint"))
     c = sub.add_parser("compare", help="show the change between two bench (or bench serve) JSON files")
@@ -47,6 +50,9 @@ def configure_parser(parser) -> None:
 
 
 def main(args) -> int:
+    from ..kernels_cli import apply_kernels_flag
+
+    apply_kernels_flag(getattr(args, "kernels", None))  # before any kernel loads; the torch side ignores it
     if args.action == "serve":
         from .serve import main_serve
 
@@ -70,6 +76,8 @@ def main(args) -> int:
         cfg.prompt_lengths, cfg.batch_sizes = tuple(QUICK["prompt_lengths"]), tuple(QUICK["batch_sizes"])
         cfg.gen_tokens, cfg.repeats = QUICK["gen_tokens"], QUICK["repeats"]
     result = run_bench(cfg)
+    if args.kernels:
+        result["kernels"] = args.kernels
     print(rep.describe(result))
     print()
     print(rep.table(result))

@@ -5,8 +5,9 @@ architectures, the tokenizer and the streaming detokenizer. This module only
 resolves ``model`` (a cache name as ``mlx-ray models list`` shows it, or a
 path), guards against the transformers-5 config renames (FACTS.md), refuses
 models whose cache the engine cannot batch and budget, swaps in the CPU
-quantized-matmul kernel when one is available, and measures what the memory
-policy needs (weight bytes, KV bytes per token, context length).
+kernels when available (on Metal: the kernels whose on-device verdict enables
+them), and measures what the memory policy needs (weight bytes, KV bytes per
+token, context length).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ModelInfo:
     dtype: str
     device: str
     cpu_kernel: bool  # mlx_ray.kernels (qmm, dense) patched the model
+    metal_kernels: int = 0  # layers routed through a Metal kernel its on-device verdict enabled (skinny_qmm)
 
 
 def resolve_path(model: str | Path) -> Path:
@@ -141,6 +143,21 @@ def _patch_cpu_kernel(model: nn.Module) -> bool:
     return patched > 0
 
 
+def _patch_metal_kernels(model: nn.Module) -> int:
+    """On a Metal device: route layers through the Metal kernels whose verdict (kernels/gate.py) enables them."""
+    if not mx.metal.is_available() or mx.default_device() != mx.gpu:
+        return 0
+    try:
+        from mlx_ray.kernels import skinny_qmm
+    except ImportError:
+        return 0
+    try:
+        return skinny_qmm.patch_model(model)
+    except Exception as e:  # a kernel bug must not stop the model from loading
+        log.warning("Metal kernel %s not applied: %s", skinny_qmm.NAME, e)
+        return 0
+
+
 def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
     """Resolve and load ``model``; returns (model, TokenizerWrapper, ModelInfo)."""
     from mlx_lm import load as mlx_load
@@ -153,6 +170,7 @@ def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
         raise BadRequest(f"cannot load {path} with mlx-lm: {e}") from e
     check_batchable(mdl, config.get("model_type", "?"))
     cpu_kernel = _patch_cpu_kernel(mdl)
+    metal_kernels = _patch_metal_kernels(mdl)
     params = tree_flatten(mdl.parameters())
     weights_bytes = sum(v.nbytes for _, v in params)
     dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in params if v.dtype in (mx.float32, mx.float16, mx.bfloat16)}
@@ -167,5 +185,6 @@ def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
         dtype=",".join(sorted(dtypes)) or "unknown",
         device=str(mx.default_device()),
         cpu_kernel=cpu_kernel,
+        metal_kernels=metal_kernels,
     )
     return mdl, tokenizer, info

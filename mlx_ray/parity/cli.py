@@ -20,15 +20,23 @@ def configure_parser(p) -> None:
     p.add_argument("--thresholds", help="JSON/YAML overriding the default thresholds (see mlx_ray.parity.thresholds)")
     p.add_argument("--json", help="write the full report (every number) here")
     p.add_argument("--report", help="write the Markdown report here (it is also printed)")
+    from ..kernels_cli import add_kernels_flag
+
+    add_kernels_flag(p)
 
 
 def main(args) -> int:
+    from ..kernels_cli import apply_kernels_flag
+
+    apply_kernels_flag(args.kernels)  # before the MLX side loads any kernel; the torch child does not use them
     from .harness import run_parity, write_json
     from .report import markdown
 
     report = run_parity(args.hf, args.mlx, prompts=args.prompts, device=args.device, torch_dtype=args.torch_dtype,
                         max_new_tokens=args.max_new_tokens, ppl_tokens=args.ppl_tokens,
                         thresholds_file=args.thresholds)
+    if args.kernels:
+        report["kernels"] = args.kernels
     md = markdown(report)
     print(md)
     if args.report:

@@ -265,4 +265,12 @@ def _runtime_facts() -> dict:
     except ImportError:
         return {**facts, "kernels": {}}
     states = [k.status() for k in (qmm, dense)]
-    return {**facts, "kernels": {st["name"]: st["active"] for st in states}, "kernel_threads": states[0].get("threads")}
+    facts.update(kernels={st["name"]: st["active"] for st in states}, kernel_threads=states[0].get("threads"))
+    try:  # the Metal kernels' on-device verdicts (kernels/gate.py): enabled, and why (not)
+        from mlx_ray.kernels import gate
+
+        facts["metal_kernels"] = {v.name: {"enabled": v.enabled, "reason": v.reason, "speedup": v.speedup,
+                                           "device": v.device} for v in gate.verdicts()}
+    except Exception as e:  # noqa: BLE001 - info() must answer even if the verdicts cannot be had
+        facts["metal_kernels"] = {"error": f"{type(e).__name__}: {e}"}
+    return facts

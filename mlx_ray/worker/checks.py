@@ -101,6 +101,27 @@ def check_kernels() -> Check:
                                        "or unset MLX_RAY_KERNELS / MLX_RAY_KERNELS_DISABLE")
 
 
+def check_metal_kernels() -> list[Check]:
+    """One line per Metal kernel: its on-device verdict (kernels/gate.py; measured once, then cached)."""
+    try:
+        from mlx_ray.kernels import _common, gate
+    except ImportError as e:
+        return [Check("kernels", WARN, f"Metal kernel framework not installed ({e})", "reinstall mlx-ray")]
+    out = []
+    for v in gate.verdicts():
+        if v.enabled:
+            out.append(Check(f"kernel {v.name}", PASS, v.line()))
+        elif v.reason.startswith(("mismatch", "cases failed")):
+            out.append(Check(f"kernel {v.name}", WARN, v.line(), "the stock MLX op serves instead; please report "
+                                                                 "this with `mlx-ray kernels selftest --json OUT`"))
+        else:
+            out.append(Check(f"kernel {v.name}", SKIP, v.line()))
+    for module, why in _common.SKIPPED.items():
+        out.append(Check(f"kernel {module.rsplit('.', 1)[-1]}", WARN, f"not registered: {why}",
+                         "reinstall mlx-ray; the stock MLX op serves meanwhile"))
+    return out
+
+
 def check_torch() -> Check:
     if importlib.util.find_spec("torch") is None:
         return Check("torch", SKIP, "PyTorch not installed (only the parity/bench tools need it)")
