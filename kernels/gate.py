@@ -243,6 +243,11 @@ def _measured(spec, device, model_shapes, fast_fn, cases, use_cache, refresh) ->
     return v
 
 
+def latest(name: str) -> Verdict | None:
+    """This process's verdict for ``name`` (what dispatch reads), or None before the first ask."""
+    return _latest.get(name)
+
+
 def enabled(name: str) -> bool:
     """Dispatch's question: may kernel ``name`` run now? (The switches, then this process's verdict.)"""
     if not _common.enabled_by_env(name):

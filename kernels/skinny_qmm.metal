@@ -42,7 +42,7 @@ for (int k = lane * VPL; k < K; k += 32 * VPL) {
   float b[NC];
   for (int c = 0; c < NC; c++) {
     // Columns past N (the last group's tail) recompute column N - 1 and are never written.
-    const size_t n = size_t(min(n0 + c, N - 1));
+    const size_t n = size_t(metal::min(n0 + c, N - 1));
     for (int j = 0; j < WPL; j++) {
       const uint word = w[n * words + k / PACK + j];
       for (int p = 0; p < PACK; p++) {

@@ -43,8 +43,9 @@ MIN_M, MAX_M = 2, 32
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 SIMDGROUPS = 4  # per threadgroup
-# Row capacity MB -> output columns per SIMD group NC: NC * MB float accumulators per thread (32-64).
-_COLUMNS = {8: 4, 16: 2, 32: 2}
+# Row capacity MB -> output columns per SIMD group NC: NC * MB float accumulators per thread (32-64);
+# each x value loaded is used NC times, each decoded weight M times.
+_COLUMNS = {8: 4, 16: 4, 32: 2}
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 KERNEL = MetalKernel(

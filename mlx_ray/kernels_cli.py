@@ -177,9 +177,10 @@ def render_selftest(report: dict) -> str:
 # ---------------------------------------------------------------------- check
 
 def _row_failed(row: dict) -> bool:
-    if row.get("ok") is False:
+    """A check_all row ``{kernel, case, typecheck, emulated, reason, ms}`` failed: a check False or a reason given."""
+    if row.get("ok") is False or row.get("typecheck") is False or row.get("emulated") is False:
         return True
-    return str(row.get("status", "")).lower() in ("fail", "failed", "error", "mismatch")
+    return bool(row.get("reason"))
 
 
 def check() -> dict:

@@ -72,16 +72,21 @@ def test_check_renders_rows_and_exits_on_failure(monkeypatch, capsys):
     import types
 
     fake = types.ModuleType("mlx_ray.kernels.metal_emu")
-    fake.check_all = lambda: [{"kernel": "a", "case": "x", "ok": True}, {"kernel": "b", "case": "y", "ok": False,
-                                                                         "detail": "max err 3"}]
+    ok = {"kernel": "a", "case": "x", "typecheck": True, "emulated": True, "reason": "", "ms": 1.0}
+    fake.check_all = lambda: [ok, {**ok, "kernel": "b", "emulated": False, "reason": "forward order: max err 3"}]
     monkeypatch.setitem(sys.modules, "mlx_ray.kernels.metal_emu", fake)
     import mlx_ray.kernels as pkg
     monkeypatch.setattr(pkg, "metal_emu", fake, raising=False)
     assert kernels_cli.main(argparse.Namespace(action="check", json=None)) == 1
     text = capsys.readouterr().out
     assert "max err 3" in text and "check: FAILED" in text
-    fake.check_all = lambda: [{"kernel": "a", "case": "x", "ok": True}]
+    fake.check_all = lambda: [ok]
     assert kernels_cli.main(argparse.Namespace(action="check", json=None)) == 0
+    fake.check_all = lambda: [ok, {**ok, "typecheck": False, "reason": "type-check: error: x"}]
+    assert kernels_cli.main(argparse.Namespace(action="check", json=None)) == 1
+    fake.check_all = lambda: [ok, {**ok, "kernel": "m", "case": "-", "typecheck": False, "emulated": False,
+                                   "reason": "not registered: ImportError"}]
+    assert kernels_cli.main(argparse.Namespace(action="check", json=None)) == 1
     fake.check_all = lambda: []
     assert kernels_cli.main(argparse.Namespace(action="check", json=None)) == 1
 
@@ -95,7 +100,8 @@ def test_check_runs_the_emulator_and_passes(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(out.read_text())["rows"]
     assert rows and "check: ok" in p.stdout
-    assert {"skinny_qmm"} <= {str(r.get("kernel", r.get("name"))) for r in rows}
+    assert "skinny_qmm" in {r["kernel"] for r in rows}
+    assert all(r["typecheck"] and r["emulated"] and not r["reason"] for r in rows)
 
 
 def test_kernels_flag_off_and_on(monkeypatch):
