@@ -159,3 +159,21 @@ def test_replica_info_has_the_verdicts():
     assert facts["metal_kernels"]["skinny_qmm"]["enabled"] is False
     assert facts["metal_kernels"]["skinny_qmm"]["reason"] == "no Metal device"
     assert "qmm_cpu" in facts["kernels"]
+
+
+def test_bench_kernels_off_runs_the_stock_ops(mlx_f32, tmp_path, monkeypatch):
+    """`mlx-ray bench --kernels off`: the f32 fixture is not patched (dense_cpu would be), and the JSON says so."""
+    from mlx_ray.cli import main as cli_main
+    from mlx_ray.kernels import dense, qmm
+
+    monkeypatch.setenv("MLX_RAY_BLAS_REEXEC", "1")  # no re-exec inside pytest (as tests/test_bench.py)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    out = tmp_path / "b.json"
+    rc = cli_main(["bench", "--model", str(mlx_f32), "--backends", "mlx", "--quick", "--bandwidth-gbs", "20",
+                   "--kernels", "off", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["kernels"] == "off" and r["backends"]["mlx"]["cpu_kernel"] is False
+    assert os.environ["MLX_RAY_KERNELS"] == "0"
+    monkeypatch.undo()
+    qmm.reset()
+    dense.reset()
