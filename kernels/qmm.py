@@ -36,6 +36,8 @@ from typing import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ._common import env_disabled
+
 NAME = "qmm_cpu"
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -56,13 +58,8 @@ _state: _State | None = None
 
 
 def _env_disabled(name: str = NAME) -> str | None:
-    """Why kernel ``name`` is switched off by the environment, or None."""
-    if os.environ.get("MLX_RAY_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
-        return "disabled by MLX_RAY_KERNELS=0"
-    names = {n.strip() for n in os.environ.get("MLX_RAY_KERNELS_DISABLE", "").split(",")}
-    if name in names:
-        return f"disabled by MLX_RAY_KERNELS_DISABLE={os.environ['MLX_RAY_KERNELS_DISABLE']}"
-    return None
+    """Why kernel ``name`` is switched off by the environment, or None (the switches shared by every kernel)."""
+    return env_disabled(name)
 
 
 def _not_built_reason(exc: ImportError) -> str:
