@@ -148,14 +148,16 @@ def _patch_metal_kernels(model: nn.Module) -> int:
     if not mx.metal.is_available() or mx.default_device() != mx.gpu:
         return 0
     try:
-        from mlx_ray.kernels import skinny_qmm
+        from mlx_ray.kernels import gate, skinny_qmm
     except ImportError:
         return 0
+    patched = 0
     try:
-        return skinny_qmm.patch_model(model)
+        patched = skinny_qmm.patch_model(model)  # its verdict includes the model's own layer shapes
+        gate.verdicts()  # the other Metal kernels prove themselves now, at load, not on the first request
     except Exception as e:  # a kernel bug must not stop the model from loading
-        log.warning("Metal kernel %s not applied: %s", skinny_qmm.NAME, e)
-        return 0
+        log.warning("Metal kernels not applied: %s", e)
+    return patched
 
 
 def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
