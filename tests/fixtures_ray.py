@@ -122,7 +122,8 @@ def start_two_node_cluster(worker_cpus: int = 2) -> RayCluster:
         mac = [RAY, "start", f"--address={cluster.address}", f"--resources={json.dumps({RESOURCE: 1})}",
                *_node_args(temp_dir, worker_cpus)]
         cluster.logs.append(temp_dir / "mac.log")
-        cluster.procs.append(_spawn(mac, cluster.logs[-1], env))
+        # as `mlx-ray worker start` runs it: replicas at nice 0, not Ray's default 15
+        cluster.procs.append(_spawn(mac, cluster.logs[-1], {**env, "RAY_worker_niceness": "0"}))
         _wait_started(cluster.procs[-1], cluster.logs[-1])
     except BaseException:
         cluster.stop()

@@ -75,6 +75,11 @@ def test_replica_lands_on_the_gpu_apple_mps_node(served, ray_cluster):
     if wanted_library():
         assert info["blas"].startswith("openblas"), info
     assert info["kernels"].get("dense_cpu") is True, info
+    import os
+
+    # the node's raylet was told RAY_worker_niceness=0: replicas at the priority of the process
+    # that started the cluster (this one), not Ray's default +15
+    assert info["niceness"] == os.nice(0), info
 
 
 def test_chat_stream_equals_non_stream_and_usage(oa, mlx_f32):

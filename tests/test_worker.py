@@ -163,6 +163,7 @@ def test_macos_command_shape(monkeypatch):
     assert json.loads(cmd.argv[i + 1]) == {"gpu_apple_mps": 1}
     assert cmd.argv[cmd.argv.index("--num-gpus") + 1] == "1"
     assert cmd.env_updates["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+    assert cmd.env_updates["RAY_worker_niceness"] == "0"  # replicas at the priority of a person's processes
     assert "LD_PRELOAD" not in cmd.env_updates
 
 

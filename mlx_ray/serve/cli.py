@@ -125,6 +125,8 @@ def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
         return
     resources = {m.placement.resource: max(1.0, m.placement.resource_amount)
                  for m in cfg.models if m.placement.resource}
+    # The embedded raylet starts replicas at nice 15 unless told otherwise (worker/command.py).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", include_dashboard=False, resources=resources, logging_level="WARNING",
              log_to_driver=False)
 

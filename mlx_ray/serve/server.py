@@ -258,7 +258,7 @@ def _runtime_facts() -> dict:
 
     from ..blas import loaded_blas
 
-    facts = {"blas": loaded_blas(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    facts = {"blas": loaded_blas(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "niceness": os.nice(0),
              "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     try:
         from mlx_ray.kernels import dense, qmm

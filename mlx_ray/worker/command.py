@@ -94,6 +94,10 @@ def build(address: str, res: NodeResources, *, block: bool, token_file: str | No
     updates: dict[str, str] = {}
     if platform == "darwin":
         updates["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    # Ray starts worker processes (Serve replicas, the proxy) at nice 15, below any process a
+    # person starts; on this node serving is the machine's job. An explicit value wins.
+    if "RAY_worker_niceness" not in (base_env if base_env is not None else os.environ):
+        updates["RAY_worker_niceness"] = "0"
     updates.update(token_env(token_file))
     if platform.startswith("linux"):
         # MLX actors started on this node inherit the raylet's environment: give them the fast BLAS.
