@@ -63,6 +63,12 @@ class DeadlineExceeded(MlxRayError):
     kind = "timeout_error"
 
 
+class UpstreamTimeout(MlxRayError):
+    """The model's replica did not answer in time (wedged or gone); the request was cancelled."""
+
+    kind = "upstream_timeout_error"
+
+
 class EngineFault(MlxRayError):
     """The engine itself failed (generation loop died, device error, OOM of the batch)."""
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 
 from mlx_ray.serve.config import ServeConfig
-from mlx_ray.serve.testing import FAULT_TRIGGER
+from mlx_ray.serve.testing import FAULT_TRIGGER, WEDGE_TRIGGER
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -51,6 +51,25 @@ def served(ray_cluster, mlx_f32):
     url = deploy(cfg, app_name=APP, proxy_location="HeadOnly")
     wait_ready(cfg, url, app_name=APP, timeout=300)
     return url, cfg
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_slots(request):
+    """After every test that used the app: every engine reports 0 in flight (slots never leak)."""
+    yield
+    if "served" not in request.fixturenames:
+        return
+    for name in ("smol", "smol-faulty"):
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                s = _stats(name)
+            except Exception:  # noqa: BLE001 - a replica being replaced (the fault tests) answers later
+                s = None
+            if s and s["inflight"] == 0 and s["running"] == 0 and not s.get("wedged"):
+                break
+            assert time.monotonic() < deadline, f"{name}: slots still held after the test: {s}"
+            time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +226,57 @@ def test_overload_gets_429_and_admitted_requests_complete(served):
             assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         else:
             assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"]
+
+
+def test_ingress_timeout_is_504_and_cancels_the_wedged_request(served, monkeypatch):
+    """A wedged step answers nothing; past its deadline plus the grace the ingress gives up."""
+    from mlx_ray.serve import ingress
+
+    url = served[0]
+    t0 = time.monotonic()
+    r = _post(url, {"model": "smol-faulty", "messages": MSG, "max_tokens": 4, "stop": [WEDGE_TRIGGER], "timeout": 1})
+    took = time.monotonic() - t0
+    assert r.status_code == 504, r.text
+    err = r.json()["error"]
+    assert err["type"] == "timeout_error" and "did not answer" in err["message"]
+    assert 1 + ingress.UPSTREAM_GRACE_S - 1 < took < 1 + ingress.UPSTREAM_GRACE_S + 15
+    deadline = time.monotonic() + 20  # the cancel reaches the replica's generator
+    while _stats("smol-faulty")["wedged"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _stats("smol-faulty")["wedged"] == 0
+    assert _wait_idle("smol-faulty")["inflight"] == 0
+    # streamed: the 504 comes as the response status too (nothing was sent before the first event)
+    body = {"model": "smol-faulty", "messages": MSG, "max_tokens": 4, "stop": [WEDGE_TRIGGER], "timeout": 1,
+            "stream": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 504
+
+
+def test_replica_killed_mid_stream_ends_the_stream_with_an_error(served, oa):
+    """SIGKILL the model's replica while a stream is open: a terminal error event, not a hang;
+    Serve's replacement replica then serves."""
+    import os
+    import signal
+
+    stream = oa.chat.completions.create(model="smol-faulty", messages=MSG, max_tokens=400, temperature=0,
+                                        stream=True, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    pid = handle("smol-faulty").info.remote().result(timeout_s=60)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError, match="replica"):
+        for _ in it:
+            pass
+    assert time.monotonic() - t0 < 60
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        r = _post(served[0], {"model": "smol-faulty", "messages": MSG, "max_tokens": 2})
+        if r.status_code == 200:
+            break
+        time.sleep(2)
+    assert r.status_code == 200, r.text
+    assert handle("smol-faulty").info.remote().result(timeout_s=60)["pid"] != pid
 
 
 def test_engine_fault_500_then_health_503_then_serve_restarts_it(served):

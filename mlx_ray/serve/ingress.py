@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from ..engine.protocol import FinishEvent, TokenEvent
 from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, MlxRayError, NotFound,
-                      Overloaded)
+                      Overloaded, UpstreamTimeout)
 from . import openai_protocol as oai
 from .config import ServeConfig
 
@@ -34,10 +35,14 @@ STATUS: dict[type, tuple[int, str]] = {
     NotFound: (404, "not_found_error"),
     Overloaded: (429, "rate_limit_error"),
     DeadlineExceeded: (408, "timeout_error"),
+    UpstreamTimeout: (504, "timeout_error"),
     EngineFault: (500, "server_error"),
     MlxRayError: (500, "server_error"),
 }
 HEALTH_TIMEOUT_S = 10.0
+# The engine answers 408 at the request's deadline itself; past the deadline plus this grace,
+# the replica is taken as wedged or gone: the ingress answers 504 and cancels the request.
+UPSTREAM_GRACE_S = 5.0
 
 # route path -> (method name on OpenAIIngress, HTTP methods)
 ROUTES = {
@@ -146,7 +151,7 @@ class OpenAIIngress:
         timeout = min(req.timeout or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
         rid = uuid.uuid4().hex
         stream = handle.options(stream=True).generate.remote(prompts, sampling, req.n, timeout, rid)
-        batches = _Batches(stream)
+        batches = _Batches(stream, timeout + UPSTREAM_GRACE_S)
         try:
             first = await batches.next()
         except BaseException:
@@ -170,16 +175,18 @@ class OpenAIIngress:
 
     async def _sse(self, batches: "_Batches", first, fmt: "_Format", include_usage: bool) -> AsyncIterator[str]:
         try:
-            async for batch in batches.rest(first):
-                for chunk in fmt.chunks(batch):
-                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-                if fmt.error is not None:
-                    body = error_response(fmt.error).body.decode()
-                    yield f"data: {body}\n\n"
-                    break
-            else:
-                if include_usage:
-                    yield f"data: {json.dumps(fmt.usage_chunk(), separators=(',', ':'))}\n\n"
+            try:
+                async for batch in batches.rest(first):
+                    for chunk in fmt.chunks(batch):
+                        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                    if fmt.error is not None:
+                        break
+            except Exception as e:  # noqa: BLE001 - a timeout or a lost replica mid-stream: a terminal error event
+                fmt.error = as_taxonomy(e)
+            if fmt.error is not None:
+                yield f"data: {error_response(fmt.error).body.decode()}\n\n"
+            elif include_usage:
+                yield f"data: {json.dumps(fmt.usage_chunk(), separators=(',', ':'))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             batches.cancel()  # no-op once finished; on client disconnect it stops the engine
@@ -208,19 +215,29 @@ def _first_error(batch) -> Optional[MlxRayError]:
 
 
 class _Batches:
-    """Iterate a streamed Serve response; cancel it (and thus the engine requests) when abandoned."""
+    """Iterate a streamed Serve response; cancel it (and thus the engine requests) when abandoned.
 
-    def __init__(self, stream):
+    The whole response must arrive within ``budget_s``; past it, ``next`` cancels the
+    stream and raises UpstreamTimeout (a wedged replica must not hold the caller).
+    """
+
+    def __init__(self, stream, budget_s: float):
         self.stream = stream
         self.it = stream.__aiter__()
         self.done = False
+        self.budget_s = budget_s
+        self.deadline = time.monotonic() + budget_s
 
     async def next(self):
         try:
-            return await self.it.__anext__()
+            return await asyncio.wait_for(self.it.__anext__(), max(0.0, self.deadline - time.monotonic()))
         except StopAsyncIteration:
             self.done = True
             return []
+        except asyncio.TimeoutError:
+            self.cancel()
+            raise UpstreamTimeout(f"the model's replica did not answer within {self.budget_s:.0f}s "
+                                  "(wedged or restarting); the request was cancelled, retry") from None
 
     async def rest(self, first):
         yield first

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -103,7 +104,7 @@ class LLMServer:
                 node_id = ray.get_runtime_context().get_node_id()
         except ImportError:
             pass
-        return {"name": self.cfg.name, "model": self.cfg.model, "node_id": node_id,
+        return {"name": self.cfg.name, "model": self.cfg.model, "node_id": node_id, "pid": os.getpid(),
                 "max_model_len": getattr(self.engine, "max_model_len", None), **_runtime_facts()}
 
     async def stats(self) -> dict:
@@ -254,8 +255,6 @@ class LLMServer:
 
 def _runtime_facts() -> dict:
     """What decides CPU speed inside this replica process (Ray sets its own thread env vars)."""
-    import os
-
     from ..blas import loaded_blas
 
     facts = {"blas": loaded_blas(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "niceness": os.nice(0),
