@@ -158,3 +158,67 @@ def test_health_fails_when_the_loop_dies(mlx_f32):
             run_async(e.generate(make_request("after", ids, max_tokens=2)).__anext__())
     finally:
         run_async(e.shutdown())
+
+
+def test_a_dying_loop_answers_every_queued_request(mlx_f32):
+    """Requests submitted while a step hangs sit in the command queue; when the loop then dies
+    each of them ends with EngineFault, and so does one that slips in after the death."""
+    class Fatal(BaseException):
+        pass
+
+    e = start_engine(mlx_f32, max_num_seqs=2, max_queue=4, kv_budget_bytes=64 << 20, prefix_cache_bytes=0)
+    try:
+        ids = _chat(e, "Hi")
+        gen_obj = e._sched._gen
+        release = threading.Event()
+        real_next = gen_obj.next
+
+        def stuck_then_crash():
+            release.wait(30)
+            raise Fatal("device lost")
+
+        async def main():
+            first = asyncio.ensure_future(collect(e, make_request("running", ids, max_tokens=50)))
+            await _wait_for(lambda: e.stats()["running"] == 1)
+            gen_obj.next = stuck_then_crash
+            await asyncio.sleep(0.3)  # the loop is now inside the hung step
+            queued = [asyncio.ensure_future(collect(e, make_request(f"queued{i}", ids, max_tokens=4)))
+                      for i in range(3)]
+            await asyncio.sleep(0.3)
+            assert e._sched.cmds.qsize() == 3  # not applied: the loop is stuck
+            release.set()
+            ends = await asyncio.wait_for(asyncio.gather(first, *queued), 30)
+            e._sched.thread.join(10)
+            e.check_health = lambda: None  # the race: health passed just before the loop died
+            late = await asyncio.wait_for(collect(e, make_request("late", ids, max_tokens=2)), 10)
+            return ends, late
+
+        ends, late = run_async(main())
+        for events in [*ends, late]:
+            fin = events[-1]
+            assert fin.finish_reason == "error" and isinstance(fin.error, EngineFault), fin
+        assert e.stats()["inflight"] == 0
+    finally:
+        release.set()
+        run_async(e.shutdown())
+
+
+def test_a_finished_request_frees_its_slot_even_if_its_event_loop_is_gone(small_engine):
+    """The slot is freed by the loop thread, not by the FinishEvent reaching the consumer."""
+    e = small_engine
+    ids = _chat(e, "Hi")
+    loop = asyncio.new_event_loop()
+
+    async def start_and_leave():
+        g = e.generate(make_request("orphan", ids, max_tokens=8))
+        await g.__anext__()  # admitted and running; then this loop goes away mid-stream
+        return g
+
+    g = loop.run_until_complete(start_and_leave())
+    assert e.stats()["inflight"] == 1
+    loop.close()  # its FinishEvent now has nowhere to go
+    deadline = time.monotonic() + 30
+    while e.stats()["inflight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert e.stats()["inflight"] == 0 and e.stats()["running"] == 0
+    del g

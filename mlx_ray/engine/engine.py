@@ -218,15 +218,20 @@ class MLXEngine(LLMEngine):
             processors=sampling.make_logits_processors(s, len(prompt)),
             stop_ids=stops,
             reserve=need,
+            release=lambda: self._release(rid, handle),
         )
         self._inflight[rid] = handle
         self._sched.submit(seq)
         return handle
 
+    def _release(self, rid: str, handle: _Handle) -> None:
+        """Runs on the loop thread as the request finishes (dict operations are atomic)."""
+        if self._inflight.get(rid) is handle:
+            self._inflight.pop(rid, None)
+
     def _deliver(self, rid: str, handle: _Handle, ev: Event) -> None:
         """Runs on the consumer's event loop."""
         if isinstance(ev, FinishEvent):
             handle.finished = True
-            if self._inflight.get(rid) is handle:
-                del self._inflight[rid]
+            self._release(rid, handle)
         handle.queue.put_nowait(ev)

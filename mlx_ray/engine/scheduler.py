@@ -56,6 +56,9 @@ class Seq:
     processors: list
     stop_ids: set[int]
     reserve: int  # tokens this row may grow to (prompt + max_tokens)
+    # Runs on the loop thread when the request finishes: frees its admission slot even if the
+    # consumer's event loop is gone (the FinishEvent then has nowhere to go).
+    release: Callable[[], None] = lambda: None
     uid: Optional[int] = None
     cached: int = 0
     generated: int = 0
@@ -86,13 +89,21 @@ class Scheduler:
         self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
         self._gen: Optional[EngineBatchGenerator] = None
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
+        self._closed = False  # set (under _close_lock) once the loop has ended: submits fail at once
+        self._close_lock = threading.Lock()
 
     # -- called from other threads -------------------------------------------------
     def start(self) -> None:
         self.thread.start()
 
     def submit(self, seq: Seq) -> None:
-        self.cmds.put(("submit", seq))
+        with self._close_lock:
+            if not self._closed:
+                self.cmds.put(("submit", seq))
+                return
+        # the loop is gone (it died or shut down between the caller's health check and now)
+        self._finish(seq, "error", EngineFault("the generation loop is not running; retry on another replica"))
+        self._send()
 
     def cancel(self, request_id: str) -> None:
         self.cmds.put(("cancel", request_id))
@@ -125,7 +136,17 @@ class Scheduler:
             log.exception("generation loop died")
             self.error = e
             reason = EngineFault(f"generation loop died ({type(e).__name__}: {e})")
-        for seq in list(self.active.values()) + list(self.waiting):
+        with self._close_lock:  # from here on submit() answers by itself
+            self._closed = True
+        queued = []  # commands that arrived but were never applied: answer those too
+        while True:
+            try:
+                kind, arg = self.cmds.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                queued.append(arg)
+        for seq in list(self.active.values()) + list(self.waiting) + queued:
             self._finish(seq, "error", reason)
         self.active.clear()
         self.waiting.clear()
@@ -288,6 +309,7 @@ class Scheduler:
         if seq.done:
             return
         seq.done = True
+        seq.release()
         if seq.uid is not None:
             self.active.pop(seq.uid, None)
         if error is None:
