@@ -123,7 +123,7 @@ def make(api_key=None, max_num_seqs=4, max_queue=0, **top):
     scfg = ServeConfig.from_args(cfg)
     engine = FakeEngine("fake-dir", scfg.models[0].engine)
     server = LLMServer(scfg.models[0], stream_batching_interval_ms=5, engine=engine)
-    ingress = OpenAIIngress({"fake": LocalHandle(server)}, scfg.to_args())
+    ingress = OpenAIIngress({"fake": LocalHandle(server)}, scfg)
     client = TestClient(create_app(ingress))
     return client, engine
 
@@ -322,7 +322,7 @@ def test_print_config_is_a_valid_serve_config(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     key = tmp_path / "key"
-    key.write_text("k\n")
+    key.write_text("sk-test-0123456789\n")
     out = subprocess.run([sys.executable, "-m", "mlx_ray.cli", "serve", "--model", "/models/smol", "--model", "org/other",
                           "--max-model-len", "2048", "--api-key-file", str(key), "--print-config"],
                          capture_output=True, text=True, timeout=120)
@@ -344,7 +344,9 @@ def test_print_config_is_a_valid_serve_config(tmp_path):
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     assert type(built).__name__ == "Application"
     cfg = ServeConfig.from_args(app.args)
-    assert [m.name for m in cfg.models] == ["/models/smol", "org/other"] and cfg.api_key.get_secret_value() == "k"
+    assert [m.name for m in cfg.models] == ["/models/smol", "org/other"]
+    assert cfg.resolve_api_key() == "sk-test-0123456789"  # read from the file named in args
+    assert "sk-test-0123456789" not in out.stdout and cfg.api_key is None  # the path travels, never the key
 
 
 def test_app_import_path_reads_env_vars(monkeypatch):

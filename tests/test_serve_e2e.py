@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import subprocess
 import sys
 import time
@@ -389,3 +390,39 @@ def test_cli_refuses_a_route_prefix_taken_on_the_cluster(served, ray_cluster, ml
     from ray import serve
 
     assert "clash" not in serve.status().applications
+
+
+def test_api_key_reaches_the_ingress_without_entering_ray_gcs(served, mlx_f32, tmp_path):
+    """--api-key-file: the ingress reads the file on its node; no GCS value holds the key."""
+    import ray
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    from mlx_ray.serve.cli import deploy, wait_ready
+
+    secret = "sk-mlxray-" + os.urandom(8).hex()
+    key = tmp_path / "key"
+    key.write_text(secret + "\n")
+    cfg = ServeConfig.from_args({"port": served[1].port, "api_key_file": str(key), "models": [
+        {"model": str(mlx_f32), "name": "keyed", "engine": LIMIT, "placement": {"resource": None, "num_cpus": 0}}]})
+    try:
+        url = deploy(cfg, app_name="keyed", route_prefix="/keyed", proxy_location="HeadOnly")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "RUNNING" not in str(serve.status().applications["keyed"].status):
+            time.sleep(1)
+        body = {"model": "keyed", "messages": MSG, "max_tokens": 2}
+        assert _post(url, body).status_code == 401
+        assert _post(url, body, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+        hits = []
+        for ns in (None, "serve", "serve_controller", "default", "runtime_env"):
+            try:
+                keys = internal_kv._internal_kv_list("", namespace=ns)
+            except Exception:  # noqa: BLE001 - a namespace that does not exist
+                continue
+            for k in keys:
+                v = internal_kv._internal_kv_get(k, namespace=ns) or b""
+                if secret.encode() in v:
+                    hits.append((ns, k))
+        assert ray.is_initialized() and not hits, f"the key is stored in the GCS under {hits}"
+    finally:
+        serve.delete("keyed", _blocking=False)

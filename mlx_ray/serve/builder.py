@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..blas import runtime_env_vars
+from ..errors import BadRequest
 from .config import ServeConfig, env_form
 from .ingress import OpenAIIngress, asgi_app_builder
 from .package import check_package_uri
@@ -45,6 +46,9 @@ def build_app(args: Optional[dict] = None):
 def build_from_config(cfg: ServeConfig, runtime_env: Optional[dict] = None):
     from ray import serve
 
+    if cfg.api_key is not None:
+        raise BadRequest("api_key: an inline key would be stored in Ray's GCS with the deployment; "
+                         "use api_key_file or api_key_env (read where the ingress runs)")
     runtime_env = replica_runtime_env() if runtime_env is None else runtime_env
     servers: dict[str, Any] = {}
     for m in cfg.models:
@@ -68,15 +72,13 @@ def serve_config_v2(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: st
     without mlx-ray (the app's ``py_modules``).
     ``env_vars``: name the model with ``MODEL_ID``, ``MAX_MODEL_LEN``, ... in the
     app's ``runtime_env`` instead of ``args``, as many clusters' configs do.
-    The API key itself is never printed: an inline key is replaced by reading env
-    API_KEY, which the operator sets from a Kubernetes secret.
+    The API key itself is never printed: name a file (api_key_file) or an env var
+    (api_key_env) that exists where the ingress runs, e.g. from a Kubernetes Secret.
     """
     args = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"api_key", "host", "port"})
     env: dict[str, str] = {}
     if env_vars:
         env, args = env_form(args), {}
-    if cfg.api_key is not None and cfg.api_key_file is None:
-        env["API_KEY"] = "<set from a secret>"
     deployments = []
     for m in cfg.models:
         opts = m.deployment_options(replica_runtime_env())

@@ -41,7 +41,8 @@ def configure_parser(p) -> None:
     p.add_argument("--app-name", default=APP_NAME, help=f"Serve application name (default {APP_NAME})")
     p.add_argument("--route-prefix", default="/",
                    help="HTTP route prefix of the application (default /; use another one next to existing apps)")
-    p.add_argument("--api-key-file", metavar="F", help="require this bearer key (first line of F)")
+    p.add_argument("--api-key-file", metavar="F", help="require this bearer key (first line of F, read where the ingress runs)")
+    p.add_argument("--api-key-env", metavar="VAR", help="require the bearer key in env var VAR (read where the ingress runs)")
     p.add_argument("--max-model-len", type=int, help="context limit for every model")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded together per model")
     p.add_argument("--max-queue", type=int, help="requests waiting for admission per model")
@@ -79,7 +80,7 @@ def config_from_args(args) -> ServeConfig:
             pl["resource"] = None if args.resource.lower() in ("none", "") else args.resource
         if args.num_cpus is not None:
             pl["num_cpus"] = args.num_cpus
-    for key in ("host", "port", "api_key_file"):
+    for key in ("host", "port", "api_key_file", "api_key_env"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     return ServeConfig.validate_dict(data, source=args.config or "arguments")
@@ -101,6 +102,7 @@ def main(args) -> int:
         return 0
     if args.package_uri or args.env_vars:
         raise BadRequest("--package-uri and --env-vars go with --print-config (a deploy from here ships the code itself)")
+    cfg.resolve_api_key()  # a missing key file or env var fails here, in one line, not in a replica
     return run(cfg, address=args.address, ready_timeout=args.ready_timeout, app_name=args.app_name,
                route_prefix=args.route_prefix)
 
@@ -214,7 +216,7 @@ def _health_ok(url: str) -> bool:
 
 
 def curl_example(cfg: ServeConfig, url: str) -> str:
-    auth = ' -H "Authorization: Bearer $API_KEY"' if cfg.api_key is not None else ""
+    auth = ' -H "Authorization: Bearer $API_KEY"' if cfg.has_api_key else ""
     body = json.dumps({"model": cfg.models[0].name, "messages": [{"role": "user", "content": "Say hello."}],
                        "max_tokens": 32})
     return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"

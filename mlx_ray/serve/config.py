@@ -114,8 +114,11 @@ class ServeConfig(BaseModel):
     models: list[ModelConfig] = Field(..., min_length=1, description="Models served behind one OpenAI ingress (routed on `model`).")
     host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of Serve's proxy (0: pick a free one).")
-    api_key: Optional[SecretStr] = Field(None, description="Bearer key required on every endpoint but /health.")
-    api_key_file: Optional[Path] = Field(None, description="File holding the API key (first line).")
+    api_key: Optional[SecretStr] = Field(None, description=(
+        "Bearer key required on every endpoint but /health. In-process only: it is never put in a "
+        "deployment's init args (Ray stores those in its GCS); deploy with api_key_file or api_key_env."))
+    api_key_file: Optional[Path] = Field(None, description="File holding the API key (first line), read where the ingress runs.")
+    api_key_env: Optional[str] = Field(None, description="Env var holding the API key, read where the ingress runs.")
     cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: CORS off.")
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request, queueing included; past it: 408.")
     stream_batching_interval_ms: float = Field(10.0, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
@@ -128,16 +131,8 @@ class ServeConfig(BaseModel):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"served model names must be unique, repeated: {sorted(dup)}")
-        if self.api_key_file is not None:
-            try:
-                key = self.api_key_file.expanduser().read_text().strip().splitlines()[0].strip()
-            except (OSError, IndexError) as e:
-                raise ValueError(f"api_key_file {self.api_key_file}: cannot read a key ({e.__class__.__name__})")
-            if not key:
-                raise ValueError(f"api_key_file {self.api_key_file} is empty")
-            if self.api_key is not None and self.api_key.get_secret_value() != key:
-                raise ValueError("api_key and api_key_file disagree; set only one")
-            self.api_key = SecretStr(key)
+        if sum(x is not None for x in (self.api_key, self.api_key_file, self.api_key_env)) > 1:
+            raise ValueError("set only one of api_key, api_key_file and api_key_env")
         return self
 
     # -- loading --------------------------------------------------------------
@@ -168,13 +163,35 @@ class ServeConfig(BaseModel):
             args = short
         return cls.validate_dict(args, source="args")
 
-    def to_args(self) -> dict:
-        """A JSON-able dict that `from_args` turns back into this config (secrets included)."""
-        data = self.model_dump(mode="json", exclude_none=True)
-        data.pop("api_key_file", None)
+    @property
+    def has_api_key(self) -> bool:
+        return any(x is not None for x in (self.api_key, self.api_key_file, self.api_key_env))
+
+    def resolve_api_key(self) -> Optional[str]:
+        """The key, read now from wherever it is configured (call it where the ingress runs)."""
         if self.api_key is not None:
-            data["api_key"] = self.api_key.get_secret_value()
-        return data
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.expanduser().read_text().strip().splitlines()[0].strip()
+            except (OSError, IndexError) as e:
+                raise BadRequest(f"api_key_file {self.api_key_file}: cannot read a key on this node "
+                                 f"({e.__class__.__name__}); mount it where the ingress runs, or use api_key_env") from None
+            if not key:
+                raise BadRequest(f"api_key_file {self.api_key_file} is empty")
+            return key
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env, "").strip()
+            if not key:
+                raise BadRequest(f"api_key_env {self.api_key_env} is not set (or empty) on this node; "
+                                 "set it where the ingress runs (a pod env from a Secret, the worker's env)")
+            return key
+        return None
+
+    def to_args(self) -> dict:
+        """A JSON-able dict that `from_args` turns back into this config, without the key itself:
+        Ray stores a deployment's init args in its GCS, so only the key's file or env var travels."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"api_key"})
 
     def model(self, name: str) -> Optional[ModelConfig]:
         return next((m for m in self.models if m.name == name), None)
@@ -206,7 +223,7 @@ _ENGINE_KEYS = {"max_model_len": "MAX_MODEL_LEN", "max_num_seqs": "MAX_NUM_SEQS"
                 "prefix_cache_bytes": "PREFIX_CACHE_BYTES"}
 _PLACEMENT_KEYS = {"resource": "MLX_RAY_RESOURCE", "num_cpus": "NUM_CPUS", "num_gpus": "NUM_GPUS",
                    "num_replicas": "NUM_REPLICAS"}
-_TOP_KEYS = {"api_key": "API_KEY", "api_key_file": "API_KEY_FILE", "request_timeout_s": "REQUEST_TIMEOUT_S"}
+_TOP_KEYS = {"api_key_file": "API_KEY_FILE", "api_key_env": "API_KEY_ENV", "request_timeout_s": "REQUEST_TIMEOUT_S"}
 
 
 def _short_form(args: dict, env) -> Optional[dict]:
@@ -229,6 +246,8 @@ def _short_form(args: dict, env) -> Optional[dict]:
     for key, var in _TOP_KEYS.items():
         if key not in top and env.get(var):
             top[key] = env[var]
+    if not any(k in top for k in ("api_key", "api_key_file", "api_key_env")) and env.get("API_KEY"):
+        top["api_key_env"] = "API_KEY"  # read by the ingress on its node, never copied into init args
     if args:
         raise BadRequest(f"args: unknown field(s) {sorted(args)}")
     return {"models": [m], **top}

@@ -99,8 +99,8 @@ def _validation_error(e: ValidationError) -> BadRequest:
 class OpenAIIngress:
     """FastAPI routes over one handle per model. Plain class: `serve.ingress` is applied by the builder."""
 
-    def __init__(self, servers: dict[str, Any], config: dict):
-        self.cfg = ServeConfig.from_args(config)
+    def __init__(self, servers: dict[str, Any], config: "dict | ServeConfig"):
+        self.cfg = config if isinstance(config, ServeConfig) else ServeConfig.from_args(config)
         self.servers = servers
 
     # -- routes ------------------------------------------------------------------
@@ -430,8 +430,9 @@ class _APIKeyMiddleware:
 
 def _base_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="mlx-ray", description="OpenAI-compatible API served by mlx-ray on Ray Serve")
-    if cfg.api_key is not None:
-        app.add_middleware(_APIKeyMiddleware, key=cfg.api_key.get_secret_value())
+    key = cfg.resolve_api_key()  # in a replica: read on the ingress's node, never from init args
+    if key is not None:
+        app.add_middleware(_APIKeyMiddleware, key=key)
     if cfg.cors_allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
