@@ -17,7 +17,12 @@
   high-water mark), output tokens per CPU second of the side.
 
 Both sides decode greedily with the same prompts, so they produce the same
-tokens. The machine is shared and noisy: repeat with ``--repeats`` and read
+tokens. ``--sampling greedy,top_p,topk_minp`` also runs the engine side at each
+level with temperature 0.7 + top_p 0.9 and with temperature 0.7 + top_k 40 +
+min_p 0.05 (seeded per request), right after the greedy run of the same level
+in the same process, and reports each against that greedy run (the server side
+stays greedy); ``--ignore-eos`` makes every request produce ``--max-tokens``
+tokens, so the modes decode the same number of tokens. The machine is shared and noisy: repeat with ``--repeats`` and read
 medians. Without ``--model`` the fixture is converted to float32 (or q4-g64
 with ``--q4``) in a temporary cache.
 """
@@ -120,13 +125,28 @@ def fixture_model(q4: bool) -> Path:
         return resolve_model(name, cache)
 
 
+# Sampling modes of --sampling (engine side): SamplingParams fields.
+SAMPLING = {
+    "greedy": {"temperature": 0.0},
+    "top_p": {"temperature": 0.7, "top_p": 0.9},
+    "topk_minp": {"temperature": 0.7, "top_k": 40, "min_p": 0.05},
+}
+
+
+def level_key(c, mode: str) -> str:
+    return str(c) if mode == "greedy" else f"{c}:{mode}"
+
+
 # -- the engine side -------------------------------------------------------------------------
-async def engine_request(engine, rid: str, ids: list[int], max_tokens: int) -> RequestResult:
+async def engine_request(engine, rid: str, ids: list[int], max_tokens: int, sampling: dict | None = None,
+                         seed: int | None = None, ignore_eos: bool = False) -> RequestResult:
     """One request, measured exactly like openai_load measures an HTTP stream (content chunks)."""
     from mlx_ray.engine.protocol import GenerationRequest, SamplingParams, TokenEvent
 
+    params = SamplingParams(max_tokens=max_tokens, **(sampling or {"temperature": 0.0}), seed=seed,
+                            ignore_eos=ignore_eos)
     res, t0, last = RequestResult(ok=False), time.perf_counter(), None
-    async for ev in engine.generate(GenerationRequest(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0))):
+    async for ev in engine.generate(GenerationRequest(rid, ids, params)):
         now = time.perf_counter()
         if isinstance(ev, TokenEvent):
             if ev.text:
@@ -143,7 +163,8 @@ async def engine_request(engine, rid: str, ids: list[int], max_tokens: int) -> R
     return res
 
 
-async def engine_load(engine, prompts: list[list[int]], concurrency: int, n: int, max_tokens: int) -> dict:
+async def engine_load(engine, prompts: list[list[int]], concurrency: int, n: int, max_tokens: int,
+                      sampling: dict | None = None, ignore_eos: bool = False) -> dict:
     todo = list(range(n))
     results: list[RequestResult] = []
 
@@ -151,7 +172,8 @@ async def engine_load(engine, prompts: list[list[int]], concurrency: int, n: int
         while todo:
             i = todo.pop(0)
             results.append(await engine_request(engine, f"bench-{concurrency}-{i}-{time.monotonic_ns()}",
-                                                prompts[i % len(prompts)], max_tokens))
+                                                prompts[i % len(prompts)], max_tokens, sampling, seed=i,
+                                                ignore_eos=ignore_eos))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
@@ -256,15 +278,29 @@ def run_side(args) -> dict:
     try:
         prompts_ids = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
         asyncio.run(engine_load(engine, prompts_ids, 1, 1, 8))  # warm-up
+        for mode in modes(args)[1:]:  # warm-up of each sampling path
+            asyncio.run(engine_load(engine, prompts_ids, 2, 2, 8, SAMPLING[mode]))
         for c in levels:
-            mx.reset_peak_memory()
-            with Usage(os.getpid()) as mem:
-                r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens))
-            out[c] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s, mlx_peak_bytes=mx.get_peak_memory())
+            for mode in modes(args):
+                mx.reset_peak_memory()
+                with Usage(os.getpid()) as mem:
+                    r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens,
+                                                SAMPLING[mode], args.ignore_eos))
+                out[level_key(c, mode)] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s,
+                                               mlx_peak_bytes=mx.get_peak_memory())
         out["engine_stats"] = engine.stats()
     finally:
         asyncio.run(engine.shutdown())
     return out
+
+
+def modes(args) -> list[str]:
+    """The --sampling modes, greedy first (the baseline of the others)."""
+    ms = [m.strip() for m in (args.sampling or "greedy").split(",") if m.strip()]
+    bad = [m for m in ms if m not in SAMPLING]
+    if bad:
+        raise SystemExit(f"--sampling: unknown mode(s) {bad}; choose from {', '.join(SAMPLING)}")
+    return ["greedy"] + [m for m in ms if m != "greedy"]
 
 
 def requests_for(args, c: int) -> int:
@@ -278,6 +314,8 @@ def spawn_side(args, side: str, model_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--model", str(model_dir),
            "--levels", args.levels, "--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk),
            "--requests-per-slot", str(args.requests_per_slot), "--min-requests", str(args.min_requests)]
+    if side == "engine":
+        cmd += ["--sampling", ",".join(modes(args))] + (["--ignore-eos"] if args.ignore_eos else [])
     proc = subprocess.Popen(cmd, start_new_session=True, env=env_with_fast_blas())
     try:
         if proc.wait() != 0:
@@ -308,11 +346,13 @@ def run(args) -> dict:
     print(f"model {model_dir} ({engine.info.dtype}), BLAS {report['blas']}, load avg {os.getloadavg()[0]:.1f}",
           file=sys.stderr)
     try:
-        report["single_stream"] = single_stream(engine, model_dir, ids, args.single_tokens, args.repeats)
+        if not args.skip_single:
+            report["single_stream"] = single_stream(engine, model_dir, ids, args.single_tokens, args.repeats)
     finally:
         asyncio.run(engine.shutdown())
-    print("single stream:", {k: v for k, v in report["single_stream"].items() if not k.endswith("runs")},
-          file=sys.stderr)
+    if "single_stream" in report:
+        print("single stream:", {k: v for k, v in report["single_stream"].items() if not k.endswith("runs")},
+              file=sys.stderr)
     sides = ["engine"] + ([] if args.skip_server else ["mlx_lm.server"])
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(args.repeats):
@@ -324,6 +364,11 @@ def run(args) -> dict:
                 f"c={c} {v['output_tok_s']:.1f} tok/s ({v['cpu_s']:.0f} CPU s)" for c, v in r.items()), file=sys.stderr)
     for c in args.levels.split(","):
         report["levels"][int(c)] = {s: median_run([r[c] for r in runs[s]]) for s in sides}
+    if len(modes(args)) > 1:
+        report["sampling"] = {int(c): {m: median_run([r[level_key(c, m)] for r in runs["engine"]]) for m in modes(args)}
+                              for c in args.levels.split(",")}
+        report["sampling_params"] = {m: SAMPLING[m] for m in modes(args)}
+        report["ignore_eos"] = args.ignore_eos
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     return report
 
@@ -345,16 +390,29 @@ def table(report: dict) -> str:
                          r["output_tokens"] / r["cpu_s"] if r.get("cpu_s") else None, r["errors"]])
     t = markdown_table(["conc.", "server", "out tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s",
                         "peak RSS MiB", "tok/CPU-s", "errors"], rows)
-    s = report["single_stream"]
+    s = report.get("single_stream")
     head = (f"single stream decode: engine {s['engine_decode_tok_s']:.1f} tok/s, mlx_lm.generate "
-            f"{s['mlx_lm_decode_tok_s']:.1f} tok/s (median of {s['repeats']})\n")
+            f"{s['mlx_lm_decode_tok_s']:.1f} tok/s (median of {s['repeats']})\n") if s else ""
     ratios = []
     for c, sides in report["levels"].items():
         if "mlx_lm.server" in sides:
             e, m = sides["engine"], sides["mlx_lm.server"]
             ratios.append(f"c={c}: throughput x{e['output_tok_s'] / m['output_tok_s']:.2f}, "
                           f"TTFT p99 {e['ttft_s']['p99']:.2f} vs {m['ttft_s']['p99']:.2f} s")
-    return head + t + ("\n" + "\n".join(ratios) if ratios else "")
+    out = head + t + ("\n" + "\n".join(ratios) if ratios else "")
+    if report.get("sampling"):
+        rows = []
+        for c, by_mode in report["sampling"].items():
+            g = by_mode["greedy"]["output_tok_s"]
+            for m, r in by_mode.items():
+                rows.append([c, m, ", ".join(f"{k}={v}" for k, v in report["sampling_params"][m].items()),
+                             r["output_tok_s"], r["output_tok_s"] / g if g else None, r["output_tokens"],
+                             r["itl_s"]["p50"], r["errors"]])
+        out += ("\n\nsampled throughput, engine in process (each mode right after the greedy run of its level"
+                + (", ignore_eos" if report.get("ignore_eos") else "") + "):\n"
+                + markdown_table(["conc.", "mode", "params", "out tok/s", "x greedy", "out tokens", "ITL p50 s",
+                                  "errors"], rows))
+    return out
 
 
 def main(argv=None) -> int:
@@ -369,6 +427,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); medians are reported")
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--skip-server", action="store_true", help="engine only")
+    p.add_argument("--skip-single", action="store_true", help="no single-stream comparison")
+    p.add_argument("--sampling", default="greedy",
+                   help="engine-side sampling modes, comma list of " + ", ".join(SAMPLING) + " (default greedy)")
+    p.add_argument("--ignore-eos", action="store_true", help="every request decodes --max-tokens tokens")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--side", choices=["engine", "server"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--side-out", help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@
 
 #include "mlx/version.h"
 #include "qmm_cpu.h"
+#include "sampler.h"
 #include "thread_pool.h"
 
 namespace nb = nanobind;
@@ -28,6 +29,14 @@ NB_MODULE(_qmm_cpu, m) {
         "x @ w.T for float weights on CPU streams (decode-sized M; batch-invariant rows).");
   m.def("set_dense_max_m", &mlx_ray::set_dense_max_m, "m"_a, "Rows up to which dense_matmul is used; <= 0: never.");
   m.def("dense_max_m", &mlx_ray::dense_max_m);
+  m.def("sample", &mlx_ray::sample, "logits"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "uniforms"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "Batched sampling over (B, V) logits with per-row temperature/top_k/top_p/min_p and given uniforms "
+        "(see kernels/sampler.py); CPU streams only.");
+  m.def("mlx_exp", &mlx_ray::mlx_exp_array, "x"_a, "MLX's CPU float32 exp as the sampler computes it (tests).");
+  m.def("sampler_isa", &mlx_ray::sampler_isa, "The sampler's build in use: 'avx2' or 'base'.");
+  m.def("sampler_force_isa", &mlx_ray::sampler_force_isa, "isa"_a,
+        "Select the sampler's build: 'auto', 'avx2' or 'base'; False if unsupported.");
   m.def("isa", &mlx_ray::isa_name, "The SIMD path in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("force_isa", &mlx_ray::force_isa, "isa"_a, "Select 'auto', 'avx512', 'avx2' or 'scalar'; False if unsupported.");
   m.def("blas", &mlx_ray::blas_name, "'openblas' when a fast sgemm is loaded (prefill path), else 'none'.");

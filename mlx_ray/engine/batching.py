@@ -13,6 +13,11 @@ The price: the running batch's step returns that last prompt token once for
 each new row, as if generated; ``first_is_prompt`` tells the scheduler to drop
 it, and max_tokens is raised by one to match. Stop tokens are matched by the
 scheduler (an mlx-lm stop matcher would see the prompt token first).
+
+Sampling: mlx-lm calls one sampler per row unless every row shares one. Here a
+step with sampled (keyed) rows hands all rows to one ``BatchSampler``: every
+sampled row in one batched call, greedy rows in one argmax
+(``sampling.sample_rows``); logits processors still run first, in mlx-lm's step.
 """
 
 from __future__ import annotations
@@ -21,6 +26,22 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 from mlx_lm.models.cache import TokenBuffer
 
+from .sampling import BatchSampler, KeyedSampler
+
+
+class EngineGenerationBatch(GenerationBatch):
+    """mlx-lm's generation batch whose step samples every row in one call when any row is keyed."""
+
+    def _step(self):
+        rows = self.samplers
+        if rows and any(isinstance(s, KeyedSampler) for s in rows) and not all(s is rows[0] for s in rows):
+            self.samplers = [BatchSampler(rows)] * len(rows)  # mlx-lm then makes one call over the batch
+            try:
+                return super()._step()
+            finally:
+                self.samplers = rows
+        return super()._step()
+
 
 class _PromptBatch(PromptProcessingBatch):
     def generate(self, tokens):
@@ -28,7 +49,7 @@ class _PromptBatch(PromptProcessingBatch):
         if any(len(t) > 1 for t in tokens):
             self.prompt([t[:-1] for t in tokens])
         n = len(self.uids)
-        gen = GenerationBatch.empty(self.model, self.fallback_sampler)  # no uids: no forward pass
+        gen = EngineGenerationBatch.empty(self.model, self.fallback_sampler)  # no uids: no forward pass
         gen.uids = self.uids
         gen.prompt_cache = self.prompt_cache
         gen.tokens = self.tokens
@@ -52,3 +73,4 @@ class EngineBatchGenerator(BatchGenerator):
     def __init__(self, model, **kw):
         super().__init__(model, **kw)
         self._prompt_batch = _PromptBatch.empty(self.model, self.sampler, prefill_step_size=self.prefill_step_size)
+        self._generation_batch = EngineGenerationBatch.empty(self.model, self.sampler)

@@ -2,9 +2,16 @@
 
 mlx-lm's ``make_sampler`` draws from the *global* PRNG, so a request's output
 would depend on what else is in the batch. Here every request owns a key
-(``mx.random.key(seed)``) that is split once per generated token, so the same
-seed and prompt give the same tokens alone or batched. The filters themselves
-(top-k, top-p, min-p) are mlx-lm's.
+(``mx.random.key(seed)``) that is split once per generated token, and the
+sub-key gives that token's uniform draw, so the same seed and prompt give the
+same tokens alone or batched.
+
+The filters (top-k, top-p, min-p: mlx-lm's semantics and order, see
+``kernels/sampler.py``) and the draw are one batched call per step
+(:func:`sample_rows`, the kernels' ``sampler.sample``): the engine's generation
+batch hands it every sampled row at once (``batching.py``), greedy rows are
+one argmax. Token i is the inverse CDF of the kept, renormalized distribution
+at the row's uniform, in token-id order.
 
 Penalties follow the OpenAI / vLLM meaning, which mlx-lm's 20-token-window
 processors do not: presence and frequency penalties count the *generated*
@@ -17,9 +24,10 @@ import random
 from typing import Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import greedy_sampler
 
 from ..errors import BadRequest
+from ..kernels import sampler as batch_sampler
 from .protocol import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -59,24 +67,87 @@ def validate(p: SamplingParams, vocab_size: int) -> None:
 
 
 class KeyedSampler:
-    """Temperature sampling with top-k/top-p/min-p filters and a private PRNG key."""
+    """One request's sampling parameters and private PRNG key (split once per token)."""
 
     def __init__(self, p: SamplingParams, seed: int):
         self.key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
-        self.inv_temp = 1.0 / p.temperature
-        self.filters: list[Callable[[mx.array], mx.array]] = []
-        if 0 < p.top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, p.top_p))
-        if p.min_p > 0.0:
-            self.filters.append(lambda x: apply_min_p(x, p.min_p))
-        if p.top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, p.top_k))
+        self.temperature = float(p.temperature)
+        self.top_k = int(p.top_k)
+        self.top_p = float(p.top_p)
+        self.min_p = float(p.min_p)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        self.key, sub = mx.random.split(self.key)
-        for f in self.filters:
-            logprobs = f(logprobs)
-        return mx.random.categorical(logprobs * self.inv_temp, key=sub)
+        """Sample one row (the batch path is :func:`sample_rows`; this is the same for a batch of one)."""
+        return sample_rows(logprobs, [self])
+
+
+def _split_keys(keys: mx.array) -> tuple[mx.array, mx.array]:
+    """(next keys, uniforms) of a stack of keys: ``mx.random.split`` then ``uniform(key=sub)`` per row."""
+    pairs = _vsplit(keys)
+    return pairs[:, 0], _vuniform(pairs[:, 1])
+
+
+_vsplit = mx.vmap(lambda k: mx.random.split(k))
+_vuniform = mx.vmap(lambda k: mx.random.uniform(key=k))
+
+
+def sample_rows(logprobs: mx.array, samplers: list) -> mx.array:
+    """Tokens (uint32, one per row) for a step: greedy rows argmax, keyed rows in one batched call.
+
+    ``samplers[i]`` is row i's sampler: ``greedy_sampler``, a :class:`KeyedSampler`
+    (each advances its key by one split), or any other callable (called on its row).
+    """
+    n = len(samplers)
+    keyed = [i for i, s in enumerate(samplers) if isinstance(s, KeyedSampler)]
+    if not keyed:
+        if all(s is greedy_sampler for s in samplers):
+            return greedy_sampler(logprobs)
+        return mx.concatenate([s(logprobs[i:i + 1]) for i, s in enumerate(samplers)], axis=0)
+    rows = [samplers[i] for i in keyed]
+    keys = mx.stack([s.key for s in rows])
+    new_keys, uniforms = _split_keys(keys)
+    for j, s in enumerate(rows):
+        s.key = new_keys[j]
+    sub = logprobs if len(keyed) == n else logprobs[mx.array(keyed)]
+    toks = batch_sampler.sample(
+        sub,
+        mx.array([s.temperature for s in rows], dtype=mx.float32),
+        mx.array([s.top_k for s in rows], dtype=mx.int32),
+        mx.array([s.top_p for s in rows], dtype=mx.float32),
+        mx.array([s.min_p for s in rows], dtype=mx.float32),
+        uniforms,
+    ).astype(mx.uint32)
+    if len(keyed) == n:
+        return toks
+    others = [i for i, s in enumerate(samplers) if not isinstance(s, KeyedSampler)]
+    if all(samplers[i] is greedy_sampler for i in others):  # the greedy rows: one argmax
+        greedy = mx.argmax(logprobs, axis=-1).astype(mx.uint32)
+        return mx.where(_mask(n, keyed), _scatter(n, keyed, toks), greedy)
+    pos = {i: j for j, i in enumerate(keyed)}
+    return mx.concatenate([toks[pos[i]:pos[i] + 1] if i in pos else samplers[i](logprobs[i:i + 1]).astype(mx.uint32)
+                           for i in range(n)], axis=0)
+
+
+def _mask(n: int, rows: list[int]) -> mx.array:
+    m = [False] * n
+    for i in rows:
+        m[i] = True
+    return mx.array(m)
+
+
+def _scatter(n: int, rows: list[int], values: mx.array) -> mx.array:
+    """A length-n vector with ``values`` at ``rows`` (0 elsewhere)."""
+    return mx.zeros((n,), dtype=values.dtype).at[mx.array(rows)].add(values)
+
+
+class BatchSampler:
+    """The callable the generation batch uses for a step with keyed rows: every row in one call."""
+
+    def __init__(self, samplers: list):
+        self.samplers = samplers
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return sample_rows(logprobs, self.samplers)
 
 
 def make_sampler(p: SamplingParams, default_seed: Optional[int] = None) -> Sampler:
