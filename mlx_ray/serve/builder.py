@@ -20,6 +20,7 @@ from ..errors import BadRequest
 from .config import ServeConfig, env_form
 from .ingress import OpenAIIngress, asgi_app_builder
 from .package import check_package_uri
+from .local import LLMServerIngress
 from .server import LLMServer
 
 APP_NAME = "mlx-ray"
@@ -50,6 +51,11 @@ def build_from_config(cfg: ServeConfig, runtime_env: Optional[dict] = None):
         raise BadRequest("api_key: an inline key would be stored in Ray's GCS with the deployment; "
                          "use api_key_file or api_key_env (read where the ingress runs)")
     runtime_env = replica_runtime_env() if runtime_env is None else runtime_env
+    if cfg.direct_ingress and len(cfg.models) == 1:  # the model's replica serves HTTP itself (local.py)
+        (m,) = cfg.models
+        cls = serve.ingress(asgi_app_builder(cfg.to_args()))(LLMServerIngress)
+        return serve.deployment(cls).options(**direct_options(cfg, runtime_env)).bind(
+            m.model_dump(mode="json"), cfg.stream_batching_interval_ms, cfg.to_args())
     servers: dict[str, Any] = {}
     for m in cfg.models:
         dep = serve.deployment(LLMServer).options(**m.deployment_options(runtime_env))
@@ -62,6 +68,15 @@ def build_from_config(cfg: ServeConfig, runtime_env: Optional[dict] = None):
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(servers, cfg.to_args())
+
+
+def direct_options(cfg: ServeConfig, runtime_env: Optional[dict] = None) -> dict:
+    """Deployment options of the one-model app: the model's, but HTTP requests reach the engine,
+    whose admission control answers 429 + Retry-After itself (Serve's proxy would drop or 503)."""
+    opts = cfg.models[0].deployment_options(runtime_env)
+    opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], cfg.ingress_max_ongoing_requests)
+    opts.pop("max_queued_requests", None)
+    return opts
 
 
 def serve_config_v2(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: str = "/",
@@ -79,14 +94,16 @@ def serve_config_v2(cfg: ServeConfig, app_name: str = APP_NAME, route_prefix: st
     env: dict[str, str] = {}
     if env_vars:
         env, args = env_form(args), {}
+    direct = cfg.direct_ingress and len(cfg.models) == 1
     deployments = []
     for m in cfg.models:
-        opts = m.deployment_options(replica_runtime_env())
+        opts = direct_options(cfg, replica_runtime_env()) if direct else m.deployment_options(replica_runtime_env())
         deployments.append({k: v for k, v in opts.items() if k in (
             "name", "num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
             "ray_actor_options", "health_check_period_s", "health_check_timeout_s")})
-    deployments.append({"name": INGRESS_NAME, "num_replicas": cfg.ingress_num_replicas,
-                        "max_ongoing_requests": cfg.ingress_max_ongoing_requests})
+    if not direct:
+        deployments.append({"name": INGRESS_NAME, "num_replicas": cfg.ingress_num_replicas,
+                            "max_ongoing_requests": cfg.ingress_max_ongoing_requests})
     runtime_env: dict[str, Any] = {}
     if package_uri:
         runtime_env["py_modules"] = [check_package_uri(package_uri)]

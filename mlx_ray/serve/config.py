@@ -124,6 +124,9 @@ class ServeConfig(BaseModel):
     stream_batching_interval_ms: float = Field(10.0, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description="Concurrent HTTP requests one ingress replica handles.")
     ingress_num_replicas: int = Field(1, ge=1)
+    direct_ingress: bool = Field(True, description=(
+        "With one model, its replica answers HTTP itself (no separate ingress deployment: one Ray hop and one "
+        "process fewer per request); false: always a separate OpenAIIngress deployment."))
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
