@@ -23,6 +23,7 @@ from mlx_ray.engine.protocol import (EngineConfig, FinishEvent, GenerationReques
 from mlx_ray.errors import BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, Overloaded
 from mlx_ray.serve.config import ServeConfig
 from mlx_ray.serve.ingress import OpenAIIngress, create_app
+from mlx_ray.serve.local import LocalHandle
 from mlx_ray.serve.server import LLMServer
 
 pytestmark = pytest.mark.ray  # also run on the cluster's Ray (scripts/test.sh)
@@ -98,20 +99,6 @@ class FakeEngine(LLMEngine):
 
     async def shutdown(self):
         pass
-
-
-class LocalHandle:
-    """Stands in for a Serve DeploymentHandle: `.options(stream=True).method.remote(...)`."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def options(self, **_):
-        return self
-
-    def __getattr__(self, name):
-        fn = getattr(self.target, name)
-        return type("Remote", (), {"remote": staticmethod(fn)})
 
 
 def make(api_key=None, max_num_seqs=4, max_queue=0, **top):
