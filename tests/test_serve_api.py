@@ -34,6 +34,8 @@ WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "zeta"]
 class FakeEngine(LLMEngine):
     """Token id i -> text WORDS[i % 8] + " ". Token 7 is EOS. Prompt ids: one per character."""
 
+    max_model_len: int = 256  # set per instance below (the contract declares it)
+
     def __init__(self, model: str, config: EngineConfig):
         self.config = config
         self.max_model_len = config.max_model_len or 256

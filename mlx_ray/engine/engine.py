@@ -95,6 +95,9 @@ class MLXEngine(LLMEngine):
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(list(token_ids))
+
     def encode_chat(self, messages: list[dict], chat_template: Optional[str] = None,
                     add_generation_prompt: bool = True) -> list[int]:
         tok = self.tokenizer

@@ -86,7 +86,23 @@ Event = Union[TokenEvent, FinishEvent]
 
 
 class LLMEngine(abc.ABC):
-    """What the server needs from an engine."""
+    """What the server needs from an engine: everything ``serve/server.py`` calls is declared here."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Prompt plus generated tokens one request may hold."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def encode_chat(self, messages: list[dict], chat_template: Optional[str] = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """The chat template applied and tokenized; BadRequest when it cannot be."""
+
+    @abc.abstractmethod
+    def decode(self, token_ids: list[int]) -> str: ...
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -105,7 +105,7 @@ class LLMServer:
         except ImportError:
             pass
         return {"name": self.cfg.name, "model": self.cfg.model, "node_id": node_id, "pid": os.getpid(),
-                "max_model_len": getattr(self.engine, "max_model_len", None), **_runtime_facts()}
+                "max_model_len": self.engine.max_model_len, **_runtime_facts()}
 
     async def stats(self) -> dict:
         await self.start()
@@ -181,7 +181,7 @@ class LLMServer:
 
     def _requests(self, rid: str, prompts: list[dict], sampling: SamplingParams, n: int,
                   deadline: Optional[float]) -> list[GenerationRequest]:
-        max_len = getattr(self.engine, "max_model_len", None)
+        max_len = self.engine.max_model_len
         reqs = []
         for p, spec in enumerate(prompts):
             ids = self._tokenize(spec)
@@ -189,9 +189,7 @@ class LLMServer:
                 raise BadRequest("the prompt is empty after tokenization", param="prompt")
             sp = sampling
             if sp.max_tokens <= 0:  # "as many as fit", OpenAI's chat default
-                if max_len is None:
-                    sp = dataclasses.replace(sp, max_tokens=256)
-                elif len(ids) >= max_len:
+                if len(ids) >= max_len:
                     raise ContextOverflow(
                         f"the prompt has {len(ids)} tokens but the context is {max_len}; shorten the prompt",
                         param="messages" if "messages" in spec else "prompt")
@@ -236,11 +234,7 @@ class LLMServer:
         return {i: self._decode_one(i) for i in ids}
 
     def _decode_one(self, token_id: int) -> str:
-        dec = getattr(self.engine, "decode", None)
-        if dec is not None:
-            return dec([token_id])
-        tok = getattr(self.engine, "tokenizer", None)
-        return tok.decode([token_id]) if tok is not None else str(token_id)
+        return self.engine.decode([token_id])
 
     async def shutdown(self) -> None:
         if self._gauge_task is not None:
