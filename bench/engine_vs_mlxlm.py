@@ -20,9 +20,12 @@ Both sides decode greedily with the same prompts, so they produce the same
 tokens. ``--sampling greedy,top_p,topk_minp`` also runs the engine side at each
 level with temperature 0.7 + top_p 0.9 and with temperature 0.7 + top_k 40 +
 min_p 0.05 (seeded per request), right after the greedy run of the same level
-in the same process, and reports each against that greedy run (the server side
-stays greedy); ``--ignore-eos`` makes every request produce ``--max-tokens``
-tokens, so the modes decode the same number of tokens. The machine is shared and noisy: repeat with ``--repeats`` and read
+in the same process (the order rotated per repeat), and reports each against
+the greedy run of the same level and repeat (the server side stays greedy);
+``--ignore-eos`` makes every request produce ``--max-tokens`` tokens, so the
+modes decode the same number of tokens, and ``--prefix-cache-mib 0`` keeps the
+prefix cache out of it (sampled completions all differ and fill it; greedy
+repeats of the same prompts do not). The machine is shared and noisy: repeat with ``--repeats`` and read
 medians. Without ``--model`` the fixture is converted to float32 (or q4-g64
 with ``--q4``) in a temporary cache.
 """
@@ -272,16 +275,23 @@ def run_side(args) -> dict:
         finally:
             server.stop()
         return out
-    engine = MLXEngine(args.model, EngineConfig(max_num_seqs=max(levels), max_queue=max(levels) * 4,
-                                                prefill_chunk=args.prefill_chunk))
+    cfg = dict(max_num_seqs=max(levels), max_queue=max(levels) * 4, prefill_chunk=args.prefill_chunk)
+    if args.prefix_cache_mib is not None:
+        cfg["prefix_cache_bytes"] = args.prefix_cache_mib << 20
+    engine = MLXEngine(args.model, EngineConfig(**cfg))
     asyncio.run(engine.start())
     try:
         prompts_ids = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
         asyncio.run(engine_load(engine, prompts_ids, 1, 1, 8))  # warm-up
         for mode in modes(args)[1:]:  # warm-up of each sampling path
             asyncio.run(engine_load(engine, prompts_ids, 2, 2, 8, SAMPLING[mode]))
+        if len(modes(args)) > 1:  # every prompt in the prefix cache first, so no mode pays the others' prefill
+            asyncio.run(engine_load(engine, prompts_ids, 4, len(prompts_ids), 1))
+        order = modes(args)
+        k = args.mode_rotate % len(order)
+        order = order[k:] + order[:k]  # repeats rotate the order of the modes within a level
         for c in levels:
-            for mode in modes(args):
+            for mode in order:
                 mx.reset_peak_memory()
                 with Usage(os.getpid()) as mem:
                     r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens,
@@ -307,7 +317,7 @@ def requests_for(args, c: int) -> int:
     return max(args.min_requests, args.requests_per_slot * c)
 
 
-def spawn_side(args, side: str, model_dir: Path) -> dict:
+def spawn_side(args, side: str, model_dir: Path, rep: int = 0) -> dict:
     """Run one side in a worker process with its own session; kill its whole group afterwards."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
@@ -315,7 +325,9 @@ def spawn_side(args, side: str, model_dir: Path) -> dict:
            "--levels", args.levels, "--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk),
            "--requests-per-slot", str(args.requests_per_slot), "--min-requests", str(args.min_requests)]
     if side == "engine":
-        cmd += ["--sampling", ",".join(modes(args))] + (["--ignore-eos"] if args.ignore_eos else [])
+        cmd += ["--sampling", ",".join(modes(args)), "--mode-rotate", str(rep)] + (["--ignore-eos"] if args.ignore_eos else [])
+        if args.prefix_cache_mib is not None:
+            cmd += ["--prefix-cache-mib", str(args.prefix_cache_mib)]
     proc = subprocess.Popen(cmd, start_new_session=True, env=env_with_fast_blas())
     try:
         if proc.wait() != 0:
@@ -357,7 +369,7 @@ def run(args) -> dict:
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(args.repeats):
         for side in sides:
-            r = spawn_side(args, "engine" if side == "engine" else "server", model_dir)
+            r = spawn_side(args, "engine" if side == "engine" else "server", model_dir, rep)
             report.setdefault("engine_stats", r.pop("engine_stats", None))
             runs[side].append(r)
             print(f"[{rep + 1}/{args.repeats}] {side}: " + ", ".join(
@@ -365,8 +377,18 @@ def run(args) -> dict:
     for c in args.levels.split(","):
         report["levels"][int(c)] = {s: median_run([r[c] for r in runs[s]]) for s in sides}
     if len(modes(args)) > 1:
-        report["sampling"] = {int(c): {m: median_run([r[level_key(c, m)] for r in runs["engine"]]) for m in modes(args)}
-                              for c in args.levels.split(",")}
+        report["sampling"] = {}
+        for c in args.levels.split(","):
+            by_mode = {}
+            for m in modes(args):
+                r = median_run([run[level_key(c, m)] for run in runs["engine"]])
+                # Paired with the greedy run of the same level and repeat (machine load drifts between repeats).
+                paired = [run[level_key(c, m)]["output_tok_s"] / run[level_key(c, "greedy")]["output_tok_s"]
+                          for run in runs["engine"]]
+                r["x_greedy_paired"] = statistics.median(paired)
+                r["x_greedy_runs"] = paired
+                by_mode[m] = r
+            report["sampling"][int(c)] = by_mode
         report["sampling_params"] = {m: SAMPLING[m] for m in modes(args)}
         report["ignore_eos"] = args.ignore_eos
     report["machine"]["load_avg_at_end"] = os.getloadavg()
@@ -406,12 +428,14 @@ def table(report: dict) -> str:
             g = by_mode["greedy"]["output_tok_s"]
             for m, r in by_mode.items():
                 rows.append([c, m, ", ".join(f"{k}={v}" for k, v in report["sampling_params"][m].items()),
-                             r["output_tok_s"], r["output_tok_s"] / g if g else None, r["output_tokens"],
-                             r["itl_s"]["p50"], r["errors"]])
-        out += ("\n\nsampled throughput, engine in process (each mode right after the greedy run of its level"
+                             r["output_tok_s"], r["x_greedy_paired"],
+                             " ".join(f"{x:.2f}" for x in r["x_greedy_runs"]),
+                             r["output_tokens"] / r["cpu_s"] if r.get("cpu_s") else None, r["itl_s"]["p50"],
+                             r["errors"]])
+        out += ("\n\nsampled throughput, engine in process (the modes back to back at each level, their order rotated per repeat"
                 + (", ignore_eos" if report.get("ignore_eos") else "") + "):\n"
-                + markdown_table(["conc.", "mode", "params", "out tok/s", "x greedy", "out tokens", "ITL p50 s",
-                                  "errors"], rows))
+                + markdown_table(["conc.", "mode", "params", "out tok/s (median run)", "x greedy (median of pairs)",
+                                  "x greedy per repeat", "tok/CPU-s", "ITL p50 s", "errors"], rows))
     return out
 
 
@@ -431,6 +455,10 @@ def main(argv=None) -> int:
     p.add_argument("--sampling", default="greedy",
                    help="engine-side sampling modes, comma list of " + ", ".join(SAMPLING) + " (default greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="every request decodes --max-tokens tokens")
+    p.add_argument("--prefix-cache-mib", type=int,
+                   help="engine prefix cache budget (default the engine's; 0 = off: sampled completions are all "
+                        "different and fill it, greedy repeats do not, which skews a comparison of the modes)")
+    p.add_argument("--mode-rotate", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--side", choices=["engine", "server"], help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--side-out", help=argparse.SUPPRESS)

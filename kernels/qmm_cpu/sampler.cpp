@@ -15,9 +15,14 @@
 //   w_i = kept_i ? floor(exp((l_i - m) * (1 / T)) * 2^40) : 0, S = sum(w),
 //   target = floor(S * u32 / 2^32), u32 = floor(u * 2^32);
 //   token = the smallest i with w_0 + ... + w_i > target (inverse CDF in token-id order).
-// The thresholds are found by a radix select over the order-preserving 32-bit keys
-// of the logits (11 + 11 + 10 bits; the first level over the whole row, the next
-// two over the first level's bucket only), so the row is never sorted.
+// No sort of the row (sampler_row.h): the max; for top_p, one vectorized pass computes
+// p, the total and the masses above a few cut-offs of d = l - m, a second one finer
+// cut-offs inside the bracket that holds t_p, and a radix select over the
+// order-preserving 32-bit keys of the bracket's tokens only (11 + 11 + 10 bits);
+// for top_k <= 1024, a buffer of the values above a running k-th largest
+// (nth_element on it), else the same radix select over the whole row; then the
+// weights per block of 64 ids and the inverse-CDF scan (blocks, then one block).
+// One row per task on the kernel thread pool.
 #include "sampler.h"
 
 #include <algorithm>

@@ -162,33 +162,42 @@ int pick_bucket(const uint64_t* hist, int nb, uint64_t& C) {
   return 0;  // unreachable: C <= the total weight
 }
 
-constexpr int kNCuts = 4;
-constexpr float kCuts[kNCuts] = {-2.0f, -4.0f, -8.0f, -16.0f};
+constexpr int kMaxCuts = 8;
+constexpr int kNCuts = 5;  // the first pass's cut-offs in d = l - m
+constexpr float kCuts[kNCuts] = {-1.0f, -2.0f, -4.0f, -8.0f, -16.0f};
 
-// p[i] = exp(l[i] - m); total = sum of floor(p * 2^40); mass[j] = the same over d = l[i] - m >= kCuts[j].
-void exp_mass(const float* __restrict l, float m, float* __restrict p, int n, uint64_t& total, uint64_t* mass) {
-  total = 0;
-  for (int j = 0; j < kNCuts; ++j) mass[j] = 0;
+// mass[j] = sum of floor(p[i] * 2^40) over d = l[i] - m >= cuts[j] (j < ncuts <= kMaxCuts). With Exp,
+// p[i] = exp(l[i] - m) is computed and stored first, and total = that sum over every token.
+template <bool Exp>
+void masses(const float* __restrict l, float m, float* __restrict p, int n, const float* cuts, int ncuts,
+            uint64_t* mass, uint64_t* total) {
+  uint64_t tot = 0;
+  for (int j = 0; j < ncuts; ++j) mass[j] = 0;
   int i = 0;
 #if defined(MLX_RAY_SAMPLER_VEC)
   const __m256 vm = _mm256_set1_ps(m), v40 = _mm256_set1_ps(kTwo40);
-  const __m256d magic = _mm256_set1_pd(4503599627370496.0);
+  const __m256d magic = _mm256_set1_pd(4503599627370496.0);  // 2^52: integral doubles below it, as int64 bits
   const __m256i magic_bits = _mm256_castpd_si256(magic);
-  __m256i vt = _mm256_setzero_si256(), vmass[kNCuts];
-  __m256 vcut[kNCuts];
-  for (int j = 0; j < kNCuts; ++j) {
+  __m256i vt = _mm256_setzero_si256(), vmass[kMaxCuts];
+  __m256 vcut[kMaxCuts];
+  for (int j = 0; j < ncuts; ++j) {
     vmass[j] = _mm256_setzero_si256();
-    vcut[j] = _mm256_set1_ps(kCuts[j]);
+    vcut[j] = _mm256_set1_ps(cuts[j]);
   }
   for (; i + 8 <= n; i += 8) {
     const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(l + i), vm);
-    const __m256 e = exp8(d);
-    _mm256_storeu_ps(p + i, e);
+    __m256 e;
+    if constexpr (Exp) {
+      e = exp8(d);
+      _mm256_storeu_ps(p + i, e);
+    } else {
+      e = _mm256_loadu_ps(p + i);
+    }
     const __m256 f = _mm256_floor_ps(_mm256_mul_ps(e, v40));
     const __m256i qlo = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)), magic)), magic_bits);
     const __m256i qhi = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)), magic)), magic_bits);
-    vt = _mm256_add_epi64(vt, _mm256_add_epi64(qlo, qhi));
-    for (int j = 0; j < kNCuts; ++j) {
+    if constexpr (Exp) vt = _mm256_add_epi64(vt, _mm256_add_epi64(qlo, qhi));
+    for (int j = 0; j < ncuts; ++j) {
       const __m256i c = _mm256_castps_si256(_mm256_cmp_ps(d, vcut[j], _CMP_GE_OQ));
       const __m256i clo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(c));
       const __m256i chi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(c, 1));
@@ -197,30 +206,37 @@ void exp_mass(const float* __restrict l, float m, float* __restrict p, int n, ui
   }
   alignas(32) uint64_t t[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(t), vt);
-  total = t[0] + t[1] + t[2] + t[3];
-  for (int j = 0; j < kNCuts; ++j) {
+  tot = t[0] + t[1] + t[2] + t[3];
+  for (int j = 0; j < ncuts; ++j) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(t), vmass[j]);
     mass[j] = t[0] + t[1] + t[2] + t[3];
   }
 #endif
   for (; i < n; ++i) {
     const float d = l[i] - m;
-    const float e = exp1(d);
-    p[i] = e;
+    float e;
+    if constexpr (Exp) {
+      e = exp1(d);
+      p[i] = e;
+    } else {
+      e = p[i];
+    }
     const uint64_t q = fixed40(e);
-    total += q;
-    for (int j = 0; j < kNCuts; ++j) mass[j] += d >= kCuts[j] ? q : 0;
+    tot += q;
+    for (int j = 0; j < ncuts; ++j) mass[j] += d >= cuts[j] ? q : 0;
   }
+  if (total) *total = tot;
 }
 
-// fn(i) for every i with l[i] - m >= cut, in increasing i.
+// fn(i) for every i with lo <= l[i] - m < hi, in increasing i.
 template <class F>
-void collect_above(const float* __restrict l, float m, float cut, int n, F fn) {
+void collect_bracket(const float* __restrict l, float m, float lo, float hi, int n, F fn) {
   int i = 0;
 #if defined(MLX_RAY_SAMPLER_VEC)
-  const __m256 vm = _mm256_set1_ps(m), vc = _mm256_set1_ps(cut);
+  const __m256 vm = _mm256_set1_ps(m), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   for (; i + 8 <= n; i += 8) {
-    const __m256 hit = _mm256_cmp_ps(_mm256_sub_ps(_mm256_loadu_ps(l + i), vm), vc, _CMP_GE_OQ);
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(l + i), vm);
+    const __m256 hit = _mm256_and_ps(_mm256_cmp_ps(d, vlo, _CMP_GE_OQ), _mm256_cmp_ps(d, vhi, _CMP_LT_OQ));
     int bits = _mm256_movemask_ps(hit);
     while (bits) {
       fn(i + __builtin_ctz(unsigned(bits)));
@@ -228,8 +244,10 @@ void collect_above(const float* __restrict l, float m, float cut, int n, F fn) {
     }
   }
 #endif
-  for (; i < n; ++i)
-    if (l[i] - m >= cut) fn(i);
+  for (; i < n; ++i) {
+    const float d = l[i] - m;
+    if (d >= lo && d < hi) fn(i);
+  }
 }
 
 // The radix select: the smallest key v over the items with weight(items with key > v) < C,
@@ -360,26 +378,48 @@ int32_t MLX_RAY_SAMPLER_FN(sample_row)(const float* l, int V, const RowParams& r
   if (!(m > kNegInf)) return 0;  // no finite logit: token 0, as the twin
 
   // top_p: the probabilities (kept in s.p), the total mass and the masses above a
-  // few cut-offs d = l - m >= kCuts[j]. Every token whose logit is at or above
-  // t_p lies above the highest cut-off whose mass still reaches C (for v below
-  // it, the mass above v is >= C), so only those tokens enter the radix select.
+  // few cut-offs of d = l - m. If the tokens with d >= hi hold less than C and those
+  // with d >= lo at least C, the threshold t_p is a logit with lo <= d < hi: every
+  // token above is kept (the mass above it is < C), none below is (the mass above
+  // it is >= C). So a second pass narrows the bracket with finer cut-offs, and only
+  // the bracket's tokens enter the radix select, with C less the mass above it.
   float thr = kNegInf;
   if (top_p_on) {
     s.p.resize(V);
-    uint64_t total = 0, mass[kNCuts];
-    exp_mass(l, m, s.p.data(), V, total, mass);
+    uint64_t total = 0, mass[kMaxCuts];
+    masses<true>(l, m, s.p.data(), V, kCuts, kNCuts, mass, &total);
     uint64_t Cp = rp.tp24 * (total >> 24) + ((rp.tp24 * (total & 0xFFFFFFu) + 0xFFFFFFu) >> 24);
-    float cut = kNegInf;
+    float lo = kNegInf, hi = kInf;
+    uint64_t above = 0;  // the mass of d >= hi
     for (int j = 0; j < kNCuts; ++j) {
       if (mass[j] >= Cp) {
-        cut = kCuts[j];
+        lo = kCuts[j];
         break;
+      }
+      hi = kCuts[j];
+      above = mass[j];
+    }
+    // Finer cut-offs inside the bracket (d <= 0, and below -88 every p is 0).
+    const float flo = lo == kNegInf ? std::min(-88.0f, hi) : lo, fhi = hi == kInf ? 0.0f : hi;
+    if (fhi > flo) {
+      float sub[kMaxCuts - 1];
+      const int nsub = kMaxCuts - 1;
+      for (int j = 0; j < nsub; ++j) sub[j] = fhi - (fhi - flo) * float(j + 1) / float(nsub + 1);
+      uint64_t sm[kMaxCuts];
+      masses<false>(l, m, s.p.data(), V, sub, nsub, sm, nullptr);
+      for (int j = 0; j < nsub; ++j) {  // sub is decreasing, sm increasing
+        if (sm[j] >= Cp) {
+          lo = sub[j];
+          break;
+        }
+        hi = sub[j];
+        above = sm[j];
       }
     }
     s.cand_p.clear();
-    collect_above(l, m, cut, V, [&](int i) { s.cand_p.emplace_back(key_of(l[i]), fixed40(s.p[i])); });
+    collect_bracket(l, m, lo, hi, V, [&](int i) { s.cand_p.emplace_back(key_of(l[i]), fixed40(s.p[i])); });
     thr = value_of(select3(
-        s.cand_p, Cp, s.hist, [](const std::pair<uint32_t, uint64_t>& it) { return it.first; },
+        s.cand_p, Cp - above, s.hist, [](const std::pair<uint32_t, uint64_t>& it) { return it.first; },
         [](const std::pair<uint32_t, uint64_t>& it) { return it.second; }));
   }
   if (top_k_on) {
