@@ -151,6 +151,28 @@ def test_prefix_cache_hits_trims_and_counts():
     assert n == 5
 
 
+def test_prefix_cache_entries_extracted_from_a_batch_hold_only_their_own_bytes():
+    # The engine inserts rows extracted from mlx-lm's batch cache; the entries must
+    # not keep the batch's buffers alive once the batch is gone.
+    import gc
+
+    from mlx_lm.models.cache import BatchKVCache
+
+    rows, heads, steps, dim = 8, 4, 1000, 64  # not a multiple of the 256-step buffer
+    batch = BatchKVCache(left_padding=[0] * rows)
+    kv = mx.random.normal((rows, heads, steps, dim))
+    batch.update_and_fetch(kv, kv)
+    mx.eval(batch.keys, batch.values)
+    pc = PrefixCache(max_bytes=1 << 30)
+    for i in range(3):
+        pc.insert([i, 1000 + i], [batch.extract(i)])
+    del batch, kv
+    gc.collect()
+    held = mx.get_active_memory()
+    assert pc.nbytes == 3 * 2 * heads * steps * dim * 4
+    assert held < 2 * pc.nbytes, f"{held} bytes held for {pc.nbytes} cached"
+
+
 def test_prefix_cache_evicts_lru_past_its_byte_budget():
     one = sum(c.nbytes for c in _kv(list(range(10))))
     pc = PrefixCache(max_bytes=int(2.5 * one))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 _MODEL_KEY = "model"  # one engine serves one model
@@ -62,6 +63,12 @@ class PrefixCache:
             return
         if sum(c.nbytes for c in cache) > self.max_bytes:
             return
+        # A row extracted from a batch cache (``BatchKVCache.extract``) is a *lazy*
+        # slice of the whole batch's K/V buffers: until it is evaluated, the entry
+        # pins every row's KV while ``nbytes`` counts only its own. Evaluating it
+        # here makes the budget true (measured: 0.76 -> 5.2 GB of active memory
+        # under a 685 MB budget without this).
+        mx.eval([c.state for c in cache])
         self._lru.insert_cache(_MODEL_KEY, list(tokens), cache)
 
     def clear(self) -> None:
