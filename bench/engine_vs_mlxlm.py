@@ -16,7 +16,14 @@
   latency p50/p99, peak resident memory of the serving process (kernel
   high-water mark), output tokens per CPU second of the side.
 
-Both sides decode greedily with the same prompts, so they produce the same
+* **Through Ray Serve** (``--serve``): ``mlx-ray serve`` (embedded Ray, the
+  model's replica answering HTTP) with the engine side's limits, warmed the
+  same way, the load generator in the worker process (its own process, at the
+  same priority as every side's); each level and mode is reported against the
+  engine in process of the same repeat. ``--cold-burst N`` times a burst of N
+  fresh prompts right after ready and another after the warm-up.
+
+The sides decode greedily with the same prompts, so they produce the same
 tokens. ``--sampling greedy,top_p,topk_minp`` also runs the engine side at each
 level with temperature 0.7 + top_p 0.9 and with temperature 0.7 + top_k 40 +
 min_p 0.05 (seeded per request), right after the greedy run of the same level
@@ -85,10 +92,18 @@ class Usage:
 
     def __init__(self, *pids: int):
         self.procs = [psutil.Process(p) for p in pids]
+        self.n_peak = max(1, len(self.procs) - 1)  # the server's processes: all but the last (the client)
         self.peak, self.cpu_s = 0, 0.0
 
     def _cpu(self) -> float:
-        return sum(t.user + t.system for t in (p.cpu_times() for p in self.procs))
+        total = 0.0
+        for p in self.procs:
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:  # a Ray worker that ended mid-level: its time is lost
+                continue
+            total += t.user + t.system
+        return total
 
     def __enter__(self):
         self._cpu0 = self._cpu()
@@ -96,7 +111,7 @@ class Usage:
 
     def __exit__(self, *exc):
         self.cpu_s = self._cpu() - self._cpu0
-        self.peak = max(peak_rss(p.pid) for p in self.procs[:1])
+        self.peak = max(peak_rss(p.pid) for p in self.procs[:self.n_peak])
 
 
 def peak_rss(pid: int) -> int:
@@ -252,9 +267,108 @@ class MlxLmServer:
                 self.proc.wait()
 
 
+# -- the mlx-ray serve side ------------------------------------------------------------------
+class MlxRayServe:
+    """``mlx-ray serve`` (embedded Ray, Serve's proxy, the model's replica) on a free loopback port.
+
+    Started in the worker's session, so the whole Ray process tree shares the
+    side's CPU autogroup; the load generator runs in the worker process, as for
+    mlx_lm.server. The engine gets the same limits as the in-process side.
+    """
+
+    MODEL = "bench"
+
+    def __init__(self, model_dir: Path, engine_cfg: dict):
+        import yaml
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = self.MODEL
+        cfg = {"models": [{"model": str(model_dir), "name": self.MODEL, "engine": engine_cfg}], "port": self.port}
+        self.cfg = tempfile.NamedTemporaryFile("w", prefix="mlx_ray_serve_", suffix=".yaml", delete=False)
+        yaml.safe_dump(cfg, self.cfg)
+        self.cfg.close()
+        self.log = tempfile.NamedTemporaryFile(prefix="mlx_ray_serve_", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "mlx_ray.cli", "serve", "--config", self.cfg.name]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlx-ray serve exited ({self.proc.returncode}); see {self.log.name}")
+            if "ready at" in Path(self.log.name).read_text(errors="replace"):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"mlx-ray serve not ready after {timeout:.0f} s; see {self.log.name}")
+
+    def pids(self) -> list[int]:
+        """The serve process and every process it started (Ray's daemons, the proxy, the replica)."""
+        root = psutil.Process(self.proc.pid)
+        return [root.pid] + [c.pid for c in root.children(recursive=True)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        Path(self.cfg.name).unlink(missing_ok=True)
+
+
+def http_sampling(mode: str, ignore_eos: bool) -> tuple[float, dict]:
+    """(temperature, extra_body) of a --sampling mode for an OpenAI request."""
+    params = dict(SAMPLING[mode])
+    body = {k: v for k, v in params.items() if k != "temperature"}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return params["temperature"], body
+
+
+def http_prompt_warmup(url: str, model: str, args) -> None:
+    """The engine side's warm-up, over HTTP: one short request, each sampled path, every prompt prefilled once."""
+    asyncio.run(arun_load(url, model, 1, 1, PROMPTS[:1], max_tokens=8))
+    for mode in modes(args)[1:]:
+        t, body = http_sampling(mode, False)
+        asyncio.run(arun_load(url, model, 2, 2, PROMPTS, max_tokens=8, temperature=t, extra_body=body, seeded=True))
+    if len(modes(args)) > 1:
+        asyncio.run(arun_load(url, model, 4, len(PROMPTS), PROMPTS, max_tokens=1))
+
+
+def burst(url: str, model: str, n: int, tag: str) -> dict:
+    """``n`` concurrent requests, one each, of prompts no earlier request used (no prefix-cache hit)."""
+    prompts = [f"[{tag} {i}] {p}" for i, p in enumerate((PROMPTS * (n // len(PROMPTS) + 1))[:n])]
+    return asyncio.run(arun_load(url, model, n, n, prompts, max_tokens=16))
+
+
+def run_serve_side(args, levels: list[int], engine_cfg: dict) -> dict:
+    out: dict = {}
+    server = MlxRayServe(Path(args.model), engine_cfg)
+    try:
+        server.wait_ready()
+        if args.cold_burst:
+            out["burst_cold"] = burst(server.url, server.model, args.cold_burst, "cold")
+        http_prompt_warmup(server.url, server.model, args)
+        if args.cold_burst:
+            out["burst_warm"] = burst(server.url, server.model, args.cold_burst, "warm")
+        for c in levels:
+            for mode in rotated_modes(args):
+                t, body = http_sampling(mode, args.ignore_eos)
+                with Usage(*server.pids(), os.getpid()) as mem:
+                    r = asyncio.run(arun_load(server.url, server.model, c, requests_for(args, c), PROMPTS,
+                                              max_tokens=args.max_tokens, temperature=t, extra_body=body,
+                                              seeded=mode != "greedy"))
+                out[level_key(c, mode)] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s)
+    finally:
+        server.stop()
+    return out
+
+
 # -- one side, in its own session ----------------------------------------------------------
 def run_side(args) -> dict:
-    """The sweep for one side (``--side engine|server``); prints nothing but the JSON file."""
+    """The sweep for one side (``--side engine|serve|server``); prints nothing but the JSON file."""
     import mlx.core as mx
 
     from mlx_ray.engine.engine import MLXEngine
@@ -278,6 +392,8 @@ def run_side(args) -> dict:
     cfg = dict(max_num_seqs=max(levels), max_queue=max(levels) * 4, prefill_chunk=args.prefill_chunk)
     if args.prefix_cache_mib is not None:
         cfg["prefix_cache_bytes"] = args.prefix_cache_mib << 20
+    if args.side == "serve":
+        return run_serve_side(args, levels, cfg)
     engine = MLXEngine(args.model, EngineConfig(**cfg))
     asyncio.run(engine.start())
     try:
@@ -287,11 +403,8 @@ def run_side(args) -> dict:
             asyncio.run(engine_load(engine, prompts_ids, 2, 2, 8, SAMPLING[mode]))
         if len(modes(args)) > 1:  # every prompt in the prefix cache first, so no mode pays the others' prefill
             asyncio.run(engine_load(engine, prompts_ids, 4, len(prompts_ids), 1))
-        order = modes(args)
-        k = args.mode_rotate % len(order)
-        order = order[k:] + order[:k]  # repeats rotate the order of the modes within a level
         for c in levels:
-            for mode in order:
+            for mode in rotated_modes(args):
                 mx.reset_peak_memory()
                 with Usage(os.getpid()) as mem:
                     r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens,
@@ -313,6 +426,13 @@ def modes(args) -> list[str]:
     return ["greedy"] + [m for m in ms if m != "greedy"]
 
 
+def rotated_modes(args) -> list[str]:
+    """The modes in the order of this repeat: repeats rotate it, so no mode always runs first at a level."""
+    order = modes(args)
+    k = args.mode_rotate % len(order)
+    return order[k:] + order[:k]
+
+
 def requests_for(args, c: int) -> int:
     return max(args.min_requests, args.requests_per_slot * c)
 
@@ -324,10 +444,12 @@ def spawn_side(args, side: str, model_dir: Path, rep: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--model", str(model_dir),
            "--levels", args.levels, "--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk),
            "--requests-per-slot", str(args.requests_per_slot), "--min-requests", str(args.min_requests)]
-    if side == "engine":
+    if side in ("engine", "serve"):
         cmd += ["--sampling", ",".join(modes(args)), "--mode-rotate", str(rep)] + (["--ignore-eos"] if args.ignore_eos else [])
         if args.prefix_cache_mib is not None:
             cmd += ["--prefix-cache-mib", str(args.prefix_cache_mib)]
+    if side == "serve" and args.cold_burst:
+        cmd += ["--cold-burst", str(args.cold_burst)]
     proc = subprocess.Popen(cmd, start_new_session=True, env=env_with_fast_blas())
     try:
         if proc.wait() != 0:
@@ -365,34 +487,53 @@ def run(args) -> dict:
     if "single_stream" in report:
         print("single stream:", {k: v for k, v in report["single_stream"].items() if not k.endswith("runs")},
               file=sys.stderr)
-    sides = ["engine"] + ([] if args.skip_server else ["mlx_lm.server"])
+    sides = ["engine"] + (["mlx-ray serve"] if args.serve else []) + ([] if args.skip_server else ["mlx_lm.server"])
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(args.repeats):
         for side in sides:
-            r = spawn_side(args, "engine" if side == "engine" else "server", model_dir, rep)
+            r = spawn_side(args, SIDE_FLAGS[side], model_dir, rep)
             report.setdefault("engine_stats", r.pop("engine_stats", None))
+            for k in ("burst_cold", "burst_warm"):
+                if k in r:
+                    report.setdefault("bursts", []).append({k: r.pop(k)})
             runs[side].append(r)
             print(f"[{rep + 1}/{args.repeats}] {side}: " + ", ".join(
                 f"c={c} {v['output_tok_s']:.1f} tok/s ({v['cpu_s']:.0f} CPU s)" for c, v in r.items()), file=sys.stderr)
     for c in args.levels.split(","):
         report["levels"][int(c)] = {s: median_run([r[c] for r in runs[s]]) for s in sides}
+    moded = [s for s in sides if SIDE_FLAGS[s] in ("engine", "serve")]
     if len(modes(args)) > 1:
-        report["sampling"] = {}
-        for c in args.levels.split(","):
-            by_mode = {}
-            for m in modes(args):
-                r = median_run([run[level_key(c, m)] for run in runs["engine"]])
-                # Paired with the greedy run of the same level and repeat (machine load drifts between repeats).
-                paired = [run[level_key(c, m)]["output_tok_s"] / run[level_key(c, "greedy")]["output_tok_s"]
-                          for run in runs["engine"]]
-                r["x_greedy_paired"] = statistics.median(paired)
-                r["x_greedy_runs"] = paired
-                by_mode[m] = r
-            report["sampling"][int(c)] = by_mode
+        report["sampling"] = {s: {} for s in moded}
+        for side in moded:
+            for c in args.levels.split(","):
+                by_mode = {}
+                for m in modes(args):
+                    r = median_run([run[level_key(c, m)] for run in runs[side]])
+                    # Paired with the greedy run of the same level and repeat (machine load drifts between repeats).
+                    r["x_greedy_runs"] = paired(runs[side], level_key(c, m), runs[side], level_key(c, "greedy"))
+                    r["x_greedy_paired"] = statistics.median(r["x_greedy_runs"])
+                    by_mode[m] = r
+                report["sampling"][side][int(c)] = by_mode
         report["sampling_params"] = {m: SAMPLING[m] for m in modes(args)}
         report["ignore_eos"] = args.ignore_eos
+    if args.serve:
+        # Serve against the engine in process, per level and mode: the ratio of the same repeat's runs.
+        report["serve_vs_engine"] = {}
+        for c in args.levels.split(","):
+            for m in modes(args):
+                k = level_key(c, m)
+                xs = paired(runs["mlx-ray serve"], k, runs["engine"], k)
+                report["serve_vs_engine"][k] = {"x_engine_paired": statistics.median(xs), "x_engine_runs": xs}
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     return report
+
+
+SIDE_FLAGS = {"engine": "engine", "mlx-ray serve": "serve", "mlx_lm.server": "server"}
+
+
+def paired(runs_a: list[dict], key_a: str, runs_b: list[dict], key_b: str) -> list[float]:
+    """tok/s of a over b, repeat by repeat."""
+    return [a[key_a]["output_tok_s"] / b[key_b]["output_tok_s"] for a, b in zip(runs_a, runs_b)]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -417,25 +558,33 @@ def table(report: dict) -> str:
             f"{s['mlx_lm_decode_tok_s']:.1f} tok/s (median of {s['repeats']})\n") if s else ""
     ratios = []
     for c, sides in report["levels"].items():
-        if "mlx_lm.server" in sides:
-            e, m = sides["engine"], sides["mlx_lm.server"]
-            ratios.append(f"c={c}: throughput x{e['output_tok_s'] / m['output_tok_s']:.2f}, "
-                          f"TTFT p99 {e['ttft_s']['p99']:.2f} vs {m['ttft_s']['p99']:.2f} s")
+        m = sides.get("mlx_lm.server")
+        for name, e in sides.items():
+            if m is not None and name != "mlx_lm.server":
+                ratios.append(f"c={c}: {name} x{e['output_tok_s'] / m['output_tok_s']:.2f} mlx_lm.server, "
+                              f"TTFT p99 {e['ttft_s']['p99']:.2f} vs {m['ttft_s']['p99']:.2f} s")
     out = head + t + ("\n" + "\n".join(ratios) if ratios else "")
-    if report.get("sampling"):
+    for side, by_level in (report.get("sampling") or {}).items():
         rows = []
-        for c, by_mode in report["sampling"].items():
-            g = by_mode["greedy"]["output_tok_s"]
+        for c, by_mode in by_level.items():
             for m, r in by_mode.items():
                 rows.append([c, m, ", ".join(f"{k}={v}" for k, v in report["sampling_params"][m].items()),
                              r["output_tok_s"], r["x_greedy_paired"],
                              " ".join(f"{x:.2f}" for x in r["x_greedy_runs"]),
                              r["output_tokens"] / r["cpu_s"] if r.get("cpu_s") else None, r["itl_s"]["p50"],
                              r["errors"]])
-        out += ("\n\nsampled throughput, engine in process (the modes back to back at each level, their order rotated per repeat"
+        out += (f"\n\nsampled throughput, {side} (the modes back to back at each level, their order rotated per repeat"
                 + (", ignore_eos" if report.get("ignore_eos") else "") + "):\n"
                 + markdown_table(["conc.", "mode", "params", "out tok/s (median run)", "x greedy (median of pairs)",
                                   "x greedy per repeat", "tok/CPU-s", "ITL p50 s", "errors"], rows))
+    if report.get("serve_vs_engine"):
+        rows = [[k, v["x_engine_paired"], " ".join(f"{x:.2f}" for x in v["x_engine_runs"])]
+                for k, v in report["serve_vs_engine"].items()]
+        out += ("\n\nmlx-ray serve against the engine in process (tok/s ratio of the same repeat):\n"
+                + markdown_table(["level[:mode]", "x engine (median)", "per repeat"], rows))
+    for b in report.get("bursts", []):
+        for k, r in b.items():
+            out += f"\n{k}: {r['concurrency']} requests at once, TTFT p50 {r['ttft_s']['p50']:.2f} s, p99 {r['ttft_s']['p99']:.2f} s"
     return out
 
 
@@ -450,17 +599,23 @@ def main(argv=None) -> int:
     p.add_argument("--min-requests", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="runs per side (alternating); medians are reported")
     p.add_argument("--prefill-chunk", type=int, default=512)
-    p.add_argument("--skip-server", action="store_true", help="engine only")
+    p.add_argument("--skip-server", action="store_true", help="no mlx_lm.server side")
+    p.add_argument("--serve", action="store_true",
+                   help="also run `mlx-ray serve` (embedded Ray Serve, same engine limits, same modes, load generator "
+                        "in its own process)")
+    p.add_argument("--cold-burst", type=int, default=0,
+                   help="with --serve: a burst of N requests right after the server is ready, and another after "
+                        "the warm-up (fresh prompts each), to compare cold and warm TTFT")
     p.add_argument("--skip-single", action="store_true", help="no single-stream comparison")
     p.add_argument("--sampling", default="greedy",
-                   help="engine-side sampling modes, comma list of " + ", ".join(SAMPLING) + " (default greedy)")
+                   help="sampling modes of the engine and serve sides, comma list of " + ", ".join(SAMPLING) + " (default greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="every request decodes --max-tokens tokens")
     p.add_argument("--prefix-cache-mib", type=int,
                    help="engine prefix cache budget (default the engine's; 0 = off: sampled completions are all "
                         "different and fill it, greedy repeats do not, which skews a comparison of the modes)")
     p.add_argument("--mode-rotate", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the full report here")
-    p.add_argument("--side", choices=["engine", "server"], help=argparse.SUPPRESS)  # worker mode
+    p.add_argument("--side", choices=sorted(SIDE_FLAGS.values()), help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--side-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     reexec_with_fast_blas()

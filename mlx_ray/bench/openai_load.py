@@ -66,9 +66,11 @@ def _error_kind(exc: BaseException) -> str:
 
 
 async def _one_request(client, model: str, prompt: Prompt, max_tokens: int, temperature: float | None,
-                       extra_body: dict | None) -> RequestResult:
+                       extra_body: dict | None, seed: int | None = None) -> RequestResult:
     kwargs: dict[str, Any] = dict(model=model, messages=_messages(prompt), max_tokens=max_tokens, stream=True,
                                   stream_options={"include_usage": True})
+    if seed is not None:
+        kwargs["seed"] = seed
     if temperature is not None:
         kwargs["temperature"] = temperature
     if extra_body:
@@ -141,7 +143,8 @@ def summarize(results: list[RequestResult], wall: float, concurrency: int) -> di
 
 async def arun_load(url: str, model: str, concurrency: int, num_requests: int, prompts: Sequence[Prompt],
                     max_tokens: int = 64, api_key: str | None = None, temperature: float | None = 0.0,
-                    timeout: float = 300.0, extra_body: dict | None = None, warmup: int = 0) -> dict:
+                    timeout: float = 300.0, extra_body: dict | None = None, warmup: int = 0,
+                    seeded: bool = False) -> dict:
     """Async form of :func:`run_load`."""
     import httpx
     from openai import AsyncOpenAI
@@ -166,7 +169,7 @@ async def arun_load(url: str, model: str, concurrency: int, num_requests: int, p
                 except asyncio.QueueEmpty:
                     return
                 results.append(await _one_request(client, model, prompts[i % len(prompts)], max_tokens,
-                                                  temperature, extra_body))
+                                                  temperature, extra_body, i if seeded else None))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, num_requests))))
@@ -184,7 +187,8 @@ def run_load(url: str, model: str, concurrency: int, num_requests: int, prompts:
     messages or full message lists, used round-robin. Extra keywords:
     ``temperature`` (default 0.0; None leaves it to the server), ``timeout``
     per request, ``extra_body`` (e.g. ``{"ignore_eos": True}``), ``warmup``
-    requests sent one by one before the clock starts.
+    requests sent one by one before the clock starts, ``seeded`` (request i
+    sends ``seed: i``, as the in-process engine bench seeds its requests).
     """
     return asyncio.run(arun_load(url, model, concurrency, num_requests, prompts, max_tokens, api_key, **kw))
 
