@@ -57,6 +57,8 @@ def test_doctor_passes_against_the_reachable_head(ray_head, good_cache):
     assert checks["token-auth"]["status"] == "pass"
     assert checks["model"]["status"] == "pass" and checks["model"]["message"].startswith("acme--tiny/q4-g64: ")
     assert checks["mlx"]["status"] == "pass"
+    # every CPU kernel, the batched sampler's primitive included, reports its state
+    assert all(f"{k} active" in checks["kernels"]["message"] for k in ("qmm_cpu", "dense_cpu", "sampler_cpu"))
     assert ray_head.token_file.read_text().strip() not in res.stdout
     # every warn and fail carries a one-line fix
     assert all(c["fix"] and "\n" not in c["fix"] for c in report["checks"] if c["status"] in ("warn", "fail"))

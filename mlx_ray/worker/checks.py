@@ -77,18 +77,19 @@ def check_blas() -> Check:
 
 
 def check_kernels() -> Check:
-    """mlx-ray's CPU kernels (quantized and float-weight matmul): built, self-tested, switched on."""
+    """mlx-ray's CPU kernels (quantized and float-weight matmul, the batched sampler): built, self-tested, switched on."""
     try:
-        from mlx_ray.kernels import dense, qmm
+        from mlx_ray.kernels import dense, qmm, sampler
     except ImportError as e:
         return Check("kernels", WARN, f"CPU kernels not installed ({e})",
                      "build them: pip install -e . (needs cmake and a C++ compiler)")
     states = []
-    for kernel in (qmm, dense):
+    for kernel in (qmm, dense, sampler):
         try:
             states.append(kernel.status())
         except Exception as e:  # noqa: BLE001
-            states.append({"name": kernel.NAME, "active": False, "reason": f"status failed: {type(e).__name__}: {e}"})
+            name = getattr(kernel, "CPU_NAME", getattr(kernel, "NAME", kernel.__name__))
+            states.append({"name": name, "active": False, "reason": f"status failed: {type(e).__name__}: {e}"})
     first = states[0]
     detail = ", ".join(f"{k} {first[k]}" for k in ("isa", "threads", "blas") if k in first)
     msg = "; ".join(f"{st['name']} {'active' if st['active'] else 'inactive'}: {st['reason']}" for st in states)
