@@ -22,6 +22,7 @@ from mlx_ray.engine.protocol import (EngineConfig, FinishEvent, GenerationReques
                                      TokenLogprob)
 from mlx_ray.errors import BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, Overloaded
 from mlx_ray.serve.config import ServeConfig
+from mlx_ray.serve.generation import ModelRequest, TextPrompt
 from mlx_ray.serve.ingress import OpenAIIngress, create_app
 from mlx_ray.serve.local import LocalHandle
 from mlx_ray.serve.server import LLMServer
@@ -267,11 +268,11 @@ def test_stream_coalesces_tokens():
 
     async def count():
         from mlx_ray.engine.protocol import SamplingParams
-        batches = [b async for b in server.generate([{"text": "x"}], SamplingParams(max_tokens=40), 1)]
+        batches = [b async for b in server.generate(ModelRequest([TextPrompt("x")], SamplingParams(max_tokens=40)))]
         return batches
 
     batches = asyncio.run(count())
-    tokens = sum(1 for b in batches for _, ev, _ in b if isinstance(ev, TokenEvent))
+    tokens = sum(1 for b in batches for item in b if isinstance(item.event, TokenEvent))
     assert tokens == 40 and len(batches) < 20
 
 
@@ -283,7 +284,7 @@ def test_cancel_reaches_engine():
 
     async def go():
         from mlx_ray.engine.protocol import SamplingParams
-        gen = server.generate([{"text": "x"}], SamplingParams(max_tokens=200), 1, request_id="r1")
+        gen = server.generate(ModelRequest([TextPrompt("x")], SamplingParams(max_tokens=200), request_id="r1"))
         await gen.__anext__()
         await gen.aclose()
         await asyncio.sleep(0.05)

@@ -31,6 +31,49 @@ class EngineConfig(BaseModel):
     health_timeout_s: float = Field(120.0, gt=0, description="check_health fails when the generation loop has made no progress for this long.")
 
 
+@dataclass(frozen=True)
+class Range:
+    """A parameter's valid interval (None: unbounded on that side); ``str`` says it in a 400's words."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+
+    def pydantic(self, **override) -> dict:
+        """The same bounds as pydantic ``Field`` keywords (so the OpenAPI schema states them)."""
+        kw = {} if self.lo is None else {("gt" if self.lo_open else "ge"): self.lo}
+        if self.hi is not None:
+            kw["le"] = self.hi
+        return {**kw, **override}
+
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+# The limits of SamplingParams, defined once: the engine enforces them (``engine/sampling.py``),
+# the OpenAI request models declare them (``serve/openai_protocol.py``). 0 disables top_k.
+LIMITS: dict[str, Range] = {
+    "max_tokens": Range(1),
+    "temperature": Range(0),  # 0 is greedy
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": Range(0),
+    "min_p": Range(0, 1),
+    "repetition_penalty": Range(0, lo_open=True),  # 1 disables it
+    "presence_penalty": Range(-2, 2),
+    "frequency_penalty": Range(-2, 2),
+    "top_logprobs": Range(0, MAX_TOP_LOGPROBS),
+}
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -46,7 +89,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS
     ignore_eos: bool = False
     logprobs: bool = False
-    top_logprobs: int = 0  # 0..20
+    top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS
 
 
 @dataclass

@@ -28,10 +28,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from ..errors import BadRequest
 from ..kernels import sampler as batch_sampler
-from .protocol import SamplingParams
-
-MAX_TOP_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
+from .protocol import LIMITS, MAX_STOP_STRINGS, SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -43,23 +40,11 @@ def validate(p: SamplingParams, vocab_size: int) -> None:
     def bad(param: str, msg: str):
         raise BadRequest(f"{param} {msg}", param=param)
 
-    if p.max_tokens < 1:
-        bad("max_tokens", f"must be at least 1, got {p.max_tokens}")
-    if p.temperature < 0:
-        bad("temperature", f"must be >= 0 (0 is greedy), got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        bad("top_p", f"must be in (0, 1], got {p.top_p}")
-    if p.top_k < 0 or p.top_k >= vocab_size:
-        bad("top_k", f"must be in [0, {vocab_size}) (0 disables it), got {p.top_k}")
-    if not 0 <= p.min_p <= 1:
-        bad("min_p", f"must be in [0, 1], got {p.min_p}")
-    if p.repetition_penalty <= 0:
-        bad("repetition_penalty", f"must be > 0 (1 disables it), got {p.repetition_penalty}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not -2 <= getattr(p, name) <= 2:
-            bad(name, f"must be in [-2, 2], got {getattr(p, name)}")
-    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
-        bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {p.top_logprobs}")
+    for name, allowed in LIMITS.items():
+        if getattr(p, name) not in allowed:
+            bad(name, f"must be {allowed}, got {getattr(p, name)}")
+    if p.top_k >= vocab_size:
+        bad("top_k", f"must be below the vocabulary size {vocab_size} (0 disables it), got {p.top_k}")
     if len(p.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in p.stop):
         bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in p.stop_token_ids):

@@ -1,9 +1,11 @@
-"""The OpenAI-compatible HTTP ingress: the only module that knows HTTP and OpenAI shapes.
+"""The OpenAI-compatible HTTP ingress: routing, timeouts and status codes.
 
 ``OpenAIIngress`` holds one handle per served model (Serve ``DeploymentHandle``s,
 or anything with the same ``.options(stream=True).generate.remote(...)`` shape)
-and routes on the request's ``model``. Errors of the taxonomy map to statuses in
-exactly one table (``STATUS``) and to OpenAI's error body.
+and routes on the request's ``model``, sending it a typed ``ModelRequest``
+(``generation.py``). The request shapes are ``openai_protocol.py``, the response
+bodies ``openai_bodies.py``. Errors of the taxonomy map to statuses in exactly
+one table (``STATUS``) and to OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from ..engine.protocol import FinishEvent, TokenEvent
 from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, MlxRayError, NotFound,
                       Overloaded, UpstreamTimeout)
 from . import openai_protocol as oai
 from .config import ServeConfig
+from .generation import ModelRequest, first_error
+from .openai_bodies import Body, ChatBody, CompletionBody
 
 log = logging.getLogger("mlx_ray.serve")
 
@@ -108,15 +111,14 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request) -> Response:
         try:
             req = oai.ChatCompletionRequest.model_validate(await _json(request))
-            prompts = [{"messages": req.plain_messages(), "chat_template": req.chat_template}]
-            return await self._run(req, prompts, req.to_sampling(), _ChatFormat(req))
+            return await self._run(req, ChatBody(req))
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
             return error_response(e)
 
     async def completions(self, request: Request) -> Response:
         try:
             req = oai.CompletionRequest.model_validate(await _json(request))
-            return await self._run(req, req.prompts(), req.to_sampling(), _CompletionFormat(req))
+            return await self._run(req, CompletionBody(req))
         except Exception as e:  # noqa: BLE001
             return error_response(e)
 
@@ -143,21 +145,22 @@ class OpenAIIngress:
 
     # -- the shared request path ---------------------------------------------------
 
-    async def _run(self, req, prompts: list[dict], sampling, fmt: "_Format") -> Response:
+    async def _run(self, req, fmt: Body) -> Response:
         handle = self.servers.get(req.model)
         if handle is None:
             raise NotFound(f"model '{req.model}' is not served here; GET /v1/models lists the served models",
                            param="model")
         timeout = min(req.timeout or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
         rid = uuid.uuid4().hex
-        stream = handle.options(stream=True).generate.remote(prompts, sampling, req.n, timeout, rid)
+        call = ModelRequest(req.prompts(), req.to_sampling(), req.n, timeout, rid)
+        stream = handle.options(stream=True).generate.remote(call)
         batches = _Batches(stream, timeout + UPSTREAM_GRACE_S)
         try:
             first = await batches.next()
         except BaseException:
             batches.cancel()
             raise
-        early = _first_error(first)
+        early = first_error(first)
         if early is not None:
             batches.cancel()
             raise early
@@ -173,7 +176,7 @@ class OpenAIIngress:
         return StreamingResponse(self._sse(batches, first, fmt, req.include_usage()), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, batches: "_Batches", first, fmt: "_Format", include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, batches: "_Batches", first, fmt: Body, include_usage: bool) -> AsyncIterator[str]:
         try:
             try:
                 async for batch in batches.rest(first):
@@ -205,13 +208,6 @@ async def _json(request: Request) -> Any:
 
 async def _await(x):
     return await x
-
-
-def _first_error(batch) -> Optional[MlxRayError]:
-    for _, ev, _ in batch:
-        if isinstance(ev, FinishEvent) and ev.error is not None:
-            return ev.error
-    return None
 
 
 class _Batches:
@@ -253,156 +249,6 @@ class _Batches:
             cancel = getattr(self.stream, "cancel", None)
             if cancel is not None:
                 cancel()
-
-
-# ---- OpenAI formatting of engine events ----------------------------------------------
-
-
-class _Format:
-    """Accumulates events of one request; renders non-streamed bodies and stream chunks."""
-
-    object_prefix = "cmpl"
-
-    def __init__(self, req):
-        self.req = req
-        self.id = oai.new_id(self.object_prefix)
-        self.n = req.n
-        self.text: dict[int, str] = {}
-        self.logprobs: dict[int, list] = {}
-        self.finish: dict[int, FinishEvent] = {}
-        self.error: Optional[MlxRayError] = None
-        self.started: set[int] = set()
-
-    def add(self, batch) -> dict[int, tuple[str, list, Optional[FinishEvent]]]:
-        """Record a batch; return per choice index its (text, logprob entries, finish event)."""
-        per: dict[int, tuple[str, list, Optional[FinishEvent]]] = {}
-        for idx, ev, texts in batch:
-            text, lps, fin = per.get(idx, ("", [], None))
-            if isinstance(ev, TokenEvent):
-                text += ev.text
-                self.text[idx] = self.text.get(idx, "") + ev.text
-                if ev.logprobs:
-                    entries = self._lp_entries(idx, ev, texts)
-                    lps = lps + entries
-                    self.logprobs.setdefault(idx, []).extend(entries)
-            else:
-                fin = ev
-                self.finish[idx] = ev
-                if ev.error is not None and self.error is None:
-                    self.error = ev.error
-            per[idx] = (text, lps, fin)
-        return per
-
-    def usage(self) -> oai.Usage:
-        prompt = {}
-        cached = 0
-        for idx, f in self.finish.items():
-            p = idx // self.n
-            if p not in prompt:
-                prompt[p] = f.prompt_tokens
-                cached += f.cached_tokens
-        pt = sum(prompt.values())
-        ct = sum(f.completion_tokens for f in self.finish.values())
-        return oai.Usage(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct,
-                         prompt_tokens_details={"cached_tokens": cached})
-
-    def usage_chunk(self) -> dict:
-        return self._chunk_obj([], usage=self.usage())
-
-    @staticmethod
-    def reason(f: Optional[FinishEvent]) -> Optional[str]:
-        if f is None:
-            return None
-        return f.finish_reason if f.finish_reason in ("stop", "length") else "stop"
-
-    def chunks(self, batch) -> list[dict]:
-        """One chunk per choice touched by the batch (its tokens coalesced), in index order."""
-        out = []
-        for idx, (text, lps, fin) in sorted(self.add(batch).items()):
-            if fin is not None and fin.error is not None:
-                continue
-            out.append(self._chunk_obj([self._choice_chunk(idx, text, lps, self.reason(fin))]))
-        return out
-
-    def _lp_entries(self, idx, ev, texts) -> list:
-        raise NotImplementedError
-
-    def _choice_chunk(self, idx, text, lps, reason) -> dict:
-        raise NotImplementedError
-
-    def _chunk_obj(self, choices, usage=None) -> dict:
-        raise NotImplementedError
-
-    def final(self) -> dict:
-        raise NotImplementedError
-
-
-class _ChatFormat(_Format):
-    object_prefix = "chatcmpl"
-
-    def _lp_entries(self, idx, ev, texts):
-        texts = texts or {}
-        out = []
-        for lp in ev.logprobs:
-            tok = texts.get(lp.token_id, "")
-            out.append({"token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
-                        "top_logprobs": [{"token": texts.get(t, ""), "logprob": v, "bytes": list(texts.get(t, "").encode())}
-                                         for t, v in lp.top[: self.req.top_logprobs or 0]]})
-        return out
-
-    def _choice_chunk(self, idx, text, lps, reason):
-        delta = {"content": text}
-        if idx not in self.started:
-            self.started.add(idx)
-            delta["role"] = "assistant"
-        return {"index": idx, "delta": delta, "finish_reason": reason,
-                "logprobs": {"content": lps} if self.req.logprobs else None}
-
-    def _chunk_obj(self, choices, usage=None):
-        return oai.ChatCompletionChunk(id=self.id, model=self.req.model, choices=choices,
-                                       usage=usage).model_dump(exclude_none=False)
-
-    def final(self):
-        choices = [oai.ChatChoice(index=i, message=oai.ChoiceMessage(content=self.text.get(i, "")),
-                                  finish_reason=self.reason(self.finish.get(i)),
-                                  logprobs={"content": self.logprobs.get(i, [])} if self.req.logprobs else None)
-                   for i in range(self.n)]
-        return oai.ChatCompletion(id=self.id, model=self.req.model, choices=choices, usage=self.usage()).model_dump()
-
-
-class _CompletionFormat(_Format):
-    def __init__(self, req):
-        super().__init__(req)
-        self.n_choices = len(req.prompts()) * req.n
-        self.offset: dict[int, int] = {}
-
-    def _lp_entries(self, idx, ev, texts):
-        texts = texts or {}
-        out = []
-        for lp in ev.logprobs:
-            tok = texts.get(lp.token_id, "")
-            off = self.offset.get(idx, 0)
-            self.offset[idx] = off + len(tok)
-            out.append((tok, lp.logprob, {texts.get(t, ""): v for t, v in lp.top[: self.req.logprobs or 0]}, off))
-        return out
-
-    @staticmethod
-    def _lp_obj(entries) -> dict:
-        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
-
-    def _choice_chunk(self, idx, text, lps, reason):
-        return {"index": idx, "text": text, "finish_reason": reason,
-                "logprobs": self._lp_obj(lps) if self.req.logprobs is not None else None}
-
-    def _chunk_obj(self, choices, usage=None):
-        return oai.Completion(id=self.id, model=self.req.model, choices=choices, usage=usage).model_dump()
-
-    def final(self):
-        choices = [oai.CompletionChoice(index=i, text=self.text.get(i, ""), finish_reason=self.reason(self.finish.get(i)),
-                                        logprobs=self._lp_obj(self.logprobs.get(i, [])) if self.req.logprobs is not None else None)
-                   for i in range(self.n_choices)]
-        return oai.Completion(id=self.id, model=self.req.model, choices=choices, usage=self.usage()).model_dump()
 
 
 # ---- the FastAPI app ----------------------------------------------------------------------

@@ -15,39 +15,41 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..engine.protocol import SamplingParams
+from ..engine.protocol import LIMITS, MAX_STOP_STRINGS, SamplingParams
 from ..errors import BadRequest
+from .generation import MAX_CHOICES, ChatPrompt, PromptSpec, TextPrompt, TokenPrompt
 
-MAX_STOP = 16
+MAX_TEMPERATURE = 2.0  # OpenAI's cap (the engine takes any temperature >= 0)
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's cap
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
     model: str
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: Optional[Union[str, list[str]]] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: Optional[int] = Field(None, **LIMITS["max_tokens"].pydantic())
+    temperature: float = Field(1.0, **LIMITS["temperature"].pydantic(le=MAX_TEMPERATURE))
+    top_p: float = Field(1.0, **LIMITS["top_p"].pydantic())
     seed: Optional[int] = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, **LIMITS["presence_penalty"].pydantic())
+    frequency_penalty: float = Field(0.0, **LIMITS["frequency_penalty"].pydantic())
     user: Optional[str] = None
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     # extensions understood by vLLM / mlx_lm.server clients
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, **LIMITS["top_k"].pydantic())
+    min_p: float = Field(0.0, **LIMITS["min_p"].pydantic())
+    repetition_penalty: float = Field(1.0, **LIMITS["repetition_penalty"].pydantic())
     ignore_eos: bool = False
     timeout: Optional[float] = Field(None, gt=0, description="Per-request deadline in seconds (capped by the server's).")
 
     @model_validator(mode="after")
     def _check_common(self):
         stops = self.stop_list()
-        if len(stops) > MAX_STOP:
-            raise _param_error("stop", f"at most {MAX_STOP} stop sequences")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise _param_error("stop", f"at most {MAX_STOP_STRINGS} stop sequences")
         if any(s == "" for s in stops):
             raise _param_error("stop", "stop sequences must be non-empty")
         if self.stream_options is not None and not self.stream:
@@ -100,9 +102,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, **LIMITS["max_tokens"].pydantic())
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(None, **LIMITS["top_logprobs"].pydantic())
     response_format: Optional[ResponseFormat] = None
     chat_template: Optional[str] = None  # vLLM extension
 
@@ -121,13 +123,14 @@ class ChatCompletionRequest(_Request):
         mt = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling(mt, self.logprobs, self.top_logprobs or 0)
 
-    def plain_messages(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def prompts(self) -> list[PromptSpec]:
+        messages = tuple({"role": m.role, "content": m.text()} for m in self.messages)
+        return [ChatPrompt(messages, self.chat_template)]
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
@@ -144,16 +147,16 @@ class CompletionRequest(_Request):
             raise _param_error("prompt", "prompt must not be empty")
         return self
 
-    def prompts(self) -> list[dict]:
-        """Engine prompt specs: {"text": str} or {"token_ids": [...]}, one per prompt."""
+    def prompts(self) -> list[PromptSpec]:
+        """One prompt spec per prompt: text or token ids."""
         p = self.prompt
         if isinstance(p, str):
-            return [{"text": p}]
+            return [TextPrompt(p)]
         if all(isinstance(x, int) for x in p):
-            return [{"token_ids": list(p)}]
+            return [TokenPrompt(tuple(p))]
         if all(isinstance(x, str) for x in p):
-            return [{"text": x} for x in p]
-        return [{"token_ids": list(x)} for x in p]
+            return [TextPrompt(x) for x in p]
+        return [TokenPrompt(tuple(x)) for x in p]
 
     def to_sampling(self) -> SamplingParams:
         # OpenAI's legacy default is 16 tokens for completions

@@ -1,6 +1,7 @@
 """LLMServer: the shim between one engine and the ingress (a plain class, no Serve).
 
-It turns prompt specs into token ids, fans ``n`` choices out as engine requests,
+It turns a ``ModelRequest``'s prompts (``generation.py``) into token ids, fans
+``n`` choices out as engine requests,
 merges their event streams and coalesces them into batches (one batch per
 ``stream_batching_interval_ms``, the first one at once), as Ray Serve LLM does,
 so the proxy carries few large messages instead of one per token. It knows
@@ -18,17 +19,15 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
-from ..engine.protocol import FinishEvent, GenerationRequest, LLMEngine, SamplingParams, TokenEvent
+from ..engine.protocol import FinishEvent, GenerationRequest, LLMEngine, TokenEvent
 from ..errors import BadRequest, ContextOverflow, EngineFault, MlxRayError
 from .config import ModelConfig
+from .generation import MAX_CHOICES, ChoiceEvent, ModelRequest
 from .metrics import ServerMetrics
 
 log = logging.getLogger("mlx_ray.serve")
-
-# One streamed item: (choice index, event, {token_id: text} for logprobs or None)
-Item = tuple[int, Any, Optional[dict]]
 
 
 def load_engine_class(path: str) -> type:
@@ -111,23 +110,22 @@ class LLMServer:
         await self.start()
         return self.engine.stats()
 
-    async def generate(self, prompts: list[dict], sampling: SamplingParams, n: int = 1,
-                       timeout_s: Optional[float] = None, request_id: Optional[str] = None
-                       ) -> AsyncIterator[list[Item]]:
-        """Stream batches of (index, event, token_texts) for len(prompts) * n choices.
+    async def generate(self, request: ModelRequest) -> AsyncIterator[list[ChoiceEvent]]:
+        """Stream batches of ChoiceEvents for ``len(request.prompts) * request.n`` choices.
 
         Choice ``p * n + i`` is prompt ``p``'s i-th sample (seed + i when seeded).
         An error before any token is one batch of FinishEvents carrying it.
         """
         t0 = time.monotonic()
-        rid = request_id or uuid.uuid4().hex
-        deadline = t0 + timeout_s if timeout_s else None
+        rid = request.request_id or uuid.uuid4().hex
+        deadline = t0 + request.timeout_s if request.timeout_s else None
         try:
             await self.start()
-            reqs = self._requests(rid, prompts, sampling, n, deadline)
+            reqs = self._requests(rid, request, deadline)
         except MlxRayError as e:
             self.metrics.request_done(e.kind)
-            yield [(i, FinishEvent("error", 0, 0, error=e), None) for i in range(len(prompts) * n)]
+            yield [ChoiceEvent(i, FinishEvent("error", 0, 0, error=e))
+                   for i in range(len(request.prompts) * max(1, request.n))]
             return
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.get_running_loop().create_task(self._pump(i, r, queue)) for i, r in enumerate(reqs)]
@@ -154,13 +152,13 @@ class LLMServer:
                         elif ev.token_ids:
                             self.metrics.itl.observe((now - last_token_at[idx]) / len(ev.token_ids))
                         last_token_at[idx] = now
-                        out.append((idx, ev, self._token_texts(ev)))
+                        out.append(ChoiceEvent(idx, ev, self._token_texts(ev)))
                     else:
                         pending.discard(idx)
                         self.metrics.finished(ev)
                         if ev.error is not None:
                             status = ev.error.kind
-                        out.append((idx, ev, None))
+                        out.append(ChoiceEvent(idx, ev))
                 yield out
                 last_yield = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
@@ -179,33 +177,27 @@ class LLMServer:
 
     # -- internals ---------------------------------------------------------------
 
-    def _requests(self, rid: str, prompts: list[dict], sampling: SamplingParams, n: int,
-                  deadline: Optional[float]) -> list[GenerationRequest]:
+    def _requests(self, rid: str, request: ModelRequest, deadline: Optional[float]) -> list[GenerationRequest]:
+        if not 1 <= request.n <= MAX_CHOICES:
+            raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {request.n}", param="n")
         max_len = self.engine.max_model_len
         reqs = []
-        for p, spec in enumerate(prompts):
-            ids = self._tokenize(spec)
+        for p, spec in enumerate(request.prompts):
+            ids = spec.token_ids(self.engine, self.cfg.chat_template)
             if not ids:
-                raise BadRequest("the prompt is empty after tokenization", param="prompt")
-            sp = sampling
+                raise BadRequest("the prompt is empty after tokenization", param=spec.param)
+            sp = request.sampling
             if sp.max_tokens <= 0:  # "as many as fit", OpenAI's chat default
                 if len(ids) >= max_len:
                     raise ContextOverflow(
                         f"the prompt has {len(ids)} tokens but the context is {max_len}; shorten the prompt",
-                        param="messages" if "messages" in spec else "prompt")
+                        param=spec.param)
                 else:
                     sp = dataclasses.replace(sp, max_tokens=max_len - len(ids))
-            for i in range(n):
+            for i in range(request.n):
                 s = sp if sp.seed is None or i == 0 else dataclasses.replace(sp, seed=sp.seed + i)
                 reqs.append(GenerationRequest(f"{rid}-{p}-{i}", list(ids), dataclasses.replace(s), deadline))
         return reqs
-
-    def _tokenize(self, spec: dict) -> list[int]:
-        if "token_ids" in spec:
-            return list(spec["token_ids"])
-        if "messages" in spec:
-            return self.engine.encode_chat(spec["messages"], chat_template=spec.get("chat_template") or self.cfg.chat_template)
-        return self.engine.encode(spec["text"])
 
     async def _pump(self, idx: int, req: GenerationRequest, queue: asyncio.Queue) -> None:
         """Forward one engine stream into the shared queue; always ends with a FinishEvent."""
