@@ -65,6 +65,13 @@ def _output_config(config: dict, spec: QuantSpec, awq: dict | None, cast: str | 
     return cfg
 
 
+def _embedding_rows(model) -> int:
+    """Rows of the model's input embedding (the largest valid token id + 1)."""
+    emb = getattr(getattr(model, "model", model), "embed_tokens", None)
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(getattr(model.args, "vocab_size", 1 << 62))
+
+
 def verify_loads(model_dir: Path) -> None:
     """Load the model with mlx-lm and run one forward pass; CorruptModel if anything is off."""
     import mlx.core as mx
@@ -72,7 +79,11 @@ def verify_loads(model_dir: Path) -> None:
 
     try:
         model, tokenizer = load(str(model_dir))
-        ids = tokenizer.encode("Hello, world") or [0]
+        # Only ids the embedding has: MLX's gather does not bounds-check on CPU, so an id past
+        # the embedding's rows (a tokenizer larger than the model's vocab, as in test
+        # checkpoints) reads arbitrary memory and made this check fail at random.
+        vocab = _embedding_rows(model)
+        ids = [t for t in tokenizer.encode("Hello, world") if t < vocab] or [0]
         logits = model(mx.array([ids]))
         mx.eval(logits)
     except Exception as e:  # noqa: BLE001 - anything here means the output is unusable
