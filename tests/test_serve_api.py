@@ -198,7 +198,10 @@ def test_models_and_health(api):
     ({"model": "fake"}, 400, "messages"),
     ({"model": "fake", "messages": MSG, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "fake", "messages": MSG, "max_tokens": 1000}, 400, "max_tokens"),
-    ({"model": "fake", "messages": MSG, "response_format": {"type": "json_object"}}, 400, "messages"),
+    ({"model": "fake", "messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ({"model": "fake", "messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
+    ({"model": "fake", "messages": MSG, "tool_choice": "required"}, 400, "tool_choice"),
+    ({"model": "fake", "messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias"),
 ])
 def test_errors_have_openai_body(api, body, status, param):
     client, _, _ = api

@@ -22,13 +22,18 @@ from typing import Any, AsyncIterator, Optional
 
 from .. import blas
 from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
-from . import loader, sampling
+from . import chat_format, loader, sampling
+from .constrain import Grammars
 from .memory import PREFIX_SHARE, batch_kv_bound, default_kv_budget
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, LLMEngine
 from .scheduler import Scheduler, Seq
 from .textstream import TextStream
 
 log = logging.getLogger(__name__)
+
+# apply_chat_template arguments the engine sets itself: chat_template_kwargs may not
+RESERVED_TEMPLATE_KWARGS = {"add_generation_prompt", "tokenize", "tools", "chat_template", "conversation",
+                            "messages", "return_dict", "documents"}
 
 
 class _Handle:
@@ -54,6 +59,7 @@ class MLXEngine(LLMEngine):
         self._shutdown = False
         self.kv_budget_bytes = 0
         self.prefix_cache_bytes = 0
+        self.grammars: Optional[Grammars] = None
 
     # -- loading ------------------------------------------------------------------------
     def load(self) -> None:
@@ -71,6 +77,7 @@ class MLXEngine(LLMEngine):
             self.prefix_cache_bytes = (cfg.prefix_cache_bytes if cfg.prefix_cache_bytes is not None
                                        else int(PREFIX_SHARE * self.kv_budget_bytes))
             self._tokenizer, self.info = tokenizer, info
+            self.grammars = Grammars(tokenizer._tokenizer, info.vocab_size, tokenizer.eos_token_ids)
             self._model = model
             # The model's modules and arrays and the tokenizer are long-lived: move them out of the
             # cyclic GC's generations so its collections during generation stop rescanning them
@@ -99,12 +106,19 @@ class MLXEngine(LLMEngine):
         return self.tokenizer.decode(list(token_ids))
 
     def encode_chat(self, messages: list[dict], chat_template: Optional[str] = None,
-                    add_generation_prompt: bool = True) -> list[int]:
+                    add_generation_prompt: bool = True, tools: Optional[list[dict]] = None,
+                    template_kwargs: Optional[dict] = None) -> list[int]:
         tok = self.tokenizer
         if chat_template is None and not tok.has_chat_template:
             raise BadRequest(f"model {self.model_id} has no chat template; pass one (chat_template) "
                              "or send a plain completion prompt", param="chat_template")
-        kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, "tokenize": True}
+        taken = sorted(set(template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise BadRequest(f"chat_template_kwargs may not set {', '.join(taken)} (the server sets them)",
+                             param="chat_template_kwargs")
+        kw: dict[str, Any] = {**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt, "tokenize": True}
+        if tools:
+            kw["tools"] = tools
         if chat_template is not None:
             kw["chat_template"] = chat_template
         try:
@@ -115,11 +129,15 @@ class MLXEngine(LLMEngine):
             ids = ids["input_ids"]
         return list(ids)
 
+    def chat_format(self, chat_template: Optional[str] = None) -> chat_format.ChatFormat:
+        return chat_format.detect(self.tokenizer, chat_template)
+
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         if self._sched is not None:
             return
         await asyncio.to_thread(self.load)
+        await asyncio.to_thread(lambda: self.grammars.tokenizer)  # llguidance's view of the vocabulary (0.4-2.5 s)
         if self._sched is not None:
             return
         self._sched = Scheduler(self._model, self.config, self.kv_budget_bytes, self.info.kv_bytes_per_token,
@@ -192,6 +210,12 @@ class MLXEngine(LLMEngine):
         if any(not isinstance(t, int) or t < 0 or t >= info.vocab_size for t in prompt):
             raise BadRequest(f"prompt token ids must be in [0, {info.vocab_size})", param="prompt")
         sampling.validate(s, info.vocab_size)
+        grammar = None
+        if s.grammar is not None:
+            if s.ignore_eos:
+                raise BadRequest("ignore_eos cannot be combined with constrained decoding (a complete answer "
+                                 "ends with EOS)", param="ignore_eos")
+            grammar = self.grammars.processor(self.grammars.compile(s.grammar))
         need = len(prompt) + s.max_tokens
         if need > info.max_model_len:
             raise ContextOverflow(
@@ -218,7 +242,7 @@ class MLXEngine(LLMEngine):
             deliver=lambda ev: self._deliver(rid, handle, ev),
             text=TextStream(tok.detokenizer, s.stop),
             sampler=sampling.make_sampler(s, cfg.seed),
-            processors=sampling.make_logits_processors(s, len(prompt)),
+            processors=sampling.make_logits_processors(s, len(prompt)) + ([grammar] if grammar else []),
             stop_ids=stops,
             reserve=need,
             release=lambda: self._release(rid, handle),

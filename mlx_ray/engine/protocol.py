@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
 from ..errors import MlxRayError
+from .chat_format import ChatFormat
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -74,6 +75,18 @@ LIMITS: dict[str, Range] = {
 }
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """What a request's output must match, enforced by constrained decoding (``engine/constrain.py``)."""
+
+    kind: Literal["json_object", "json_schema", "lark"]
+    spec: Any = None  # the JSON schema (a dict) or the Lark text (which may embed %json {schema})
+    param: str = "response_format"  # the request parameter a 400 about it names
+
+
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -90,6 +103,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # 0..MAX_TOP_LOGPROBS
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    grammar: Optional[Grammar] = None  # constrained decoding; None: free text
 
 
 @dataclass
@@ -141,8 +156,14 @@ class LLMEngine(abc.ABC):
 
     @abc.abstractmethod
     def encode_chat(self, messages: list[dict], chat_template: Optional[str] = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        """The chat template applied and tokenized; BadRequest when it cannot be."""
+                    add_generation_prompt: bool = True, tools: Optional[list[dict]] = None,
+                    template_kwargs: Optional[dict] = None) -> list[int]:
+        """The chat template applied (with ``tools`` and extra template variables) and tokenized;
+        BadRequest when it cannot be."""
+
+    def chat_format(self, chat_template: Optional[str] = None) -> ChatFormat:
+        """The tool-call syntax and thinking markers of ``chat_template`` (None: the model's own)."""
+        return ChatFormat()
 
     @abc.abstractmethod
     def decode(self, token_ids: list[int]) -> str: ...

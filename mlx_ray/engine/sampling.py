@@ -28,7 +28,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from ..errors import BadRequest
 from ..kernels import sampler as batch_sampler
-from .protocol import LIMITS, MAX_STOP_STRINGS, SamplingParams
+from .protocol import LIMITS, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -49,6 +49,13 @@ def validate(p: SamplingParams, vocab_size: int) -> None:
         bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
     if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in p.stop_token_ids):
         bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
+    if len(p.logit_bias) > MAX_LOGIT_BIAS:
+        bad("logit_bias", f"must have at most {MAX_LOGIT_BIAS} entries, got {len(p.logit_bias)}")
+    for t, b in p.logit_bias.items():
+        if not isinstance(t, int) or not 0 <= t < vocab_size:
+            bad("logit_bias", f"keys must be token ids in [0, {vocab_size}), got {t!r}")
+        if not -100 <= b <= 100:
+            bad("logit_bias", f"values must be in [-100, 100], got {b} for token {t}")
 
 
 class KeyedSampler:
@@ -144,8 +151,18 @@ def make_sampler(p: SamplingParams, default_seed: Optional[int] = None) -> Sampl
 
 
 def make_logits_processors(p: SamplingParams, prompt_len: int) -> list[LogitsProcessor]:
-    """Processors see (context tokens = prompt + generated so far, logits of shape (1, V))."""
+    """Processors see (context tokens = prompt + generated so far, logits of shape (1, V)).
+
+    The grammar's processor (``constrain.py``) is appended after these by the engine: it runs last."""
     procs: list[LogitsProcessor] = []
+    if p.logit_bias:  # first, as OpenAI adds it to the model's logits
+        ids = mx.array(list(p.logit_bias), dtype=mx.int32)
+        bias = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
+
+        def logit_bias(tokens: mx.array, logits: mx.array) -> mx.array:
+            return logits.at[:, ids].add(bias.astype(logits.dtype))
+
+        procs.append(logit_bias)
     if p.repetition_penalty != 1.0:
         rp = p.repetition_penalty
 

@@ -66,6 +66,12 @@ class ModelConfig(BaseModel):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     chat_template: Optional[str] = Field(None, description="Jinja chat template overriding the tokenizer's.")
     engine_class: str = Field(DEFAULT_ENGINE, description="`module:Class` of the LLMEngine implementation (tests swap it).")
+    tool_parser: Optional[str] = Field(None, description=(
+        "mlx-lm tool parser (a module of mlx_lm/tool_parsers/, e.g. json_tools, mistral, qwen3_coder) for this "
+        "model's tool calls; default: chosen from the chat template as mlx-lm does; \"none\": no tool calling."))
+    think_markers: Optional[tuple[str, str]] = Field(None, description=(
+        "Start and end markers of the model's thinking section, split into reasoning_content; default: "
+        "mlx-lm's markers found in the vocabulary or the chat template."))
 
     @model_validator(mode="after")
     def _default_name(self) -> "ModelConfig":
@@ -122,6 +128,9 @@ class ServeConfig(BaseModel):
     cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: CORS off.")
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request, queueing included; past it: 408.")
     stream_batching_interval_ms: float = Field(10.0, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
+    sse_keepalive_s: float = Field(10.0, gt=0, description=(
+        "A stream with nothing to send for this long (queued, prefilling) gets an SSE comment line "
+        "(': keepalive'), so proxies keep it open."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description="Concurrent HTTP requests one ingress replica handles.")
     ingress_num_replicas: int = Field(1, ge=1)
     direct_ingress: bool = Field(True, description=(

@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 from ..engine.protocol import Event, FinishEvent, LLMEngine, SamplingParams
 from ..errors import MlxRayError
+from .chat_output import Delta
 
 MAX_CHOICES = 16  # ``n``: choices per prompt, each one engine request
 
@@ -37,8 +38,12 @@ class TokenPrompt:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    messages: tuple[dict, ...]  # {"role": ..., "content": str}
+    messages: tuple[dict, ...]  # {"role", "content": str, and "tool_calls" / "tool_call_id" / "name" where given}
     chat_template: Optional[str] = None  # None: the model's (or the server's configured) template
+    tools: Optional[tuple[dict, ...]] = None  # OpenAI tool definitions, rendered by the template
+    tool_choice: Union[str, dict] = "auto"  # "auto" | "none" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
+    template_kwargs: Optional[dict] = None  # chat_template_kwargs, e.g. {"enable_thinking": false}
     param = "messages"
 
     def token_ids(self, engine: LLMEngine, chat_template: Optional[str]) -> list[int]:
@@ -66,6 +71,7 @@ class ChoiceEvent:
     index: int
     event: Event
     token_texts: Optional[dict[int, str]] = None
+    message: Optional[Delta] = None  # a chat choice's text split into content, reasoning and tool calls
 
 
 def first_error(batch: list[ChoiceEvent]) -> Optional[MlxRayError]:

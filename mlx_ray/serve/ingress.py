@@ -43,6 +43,7 @@ STATUS: dict[type, tuple[int, str]] = {
     MlxRayError: (500, "server_error"),
 }
 HEALTH_TIMEOUT_S = 10.0
+KEEPALIVE = ": keepalive\n\n"  # an SSE comment: clients skip it, proxies see bytes
 # The engine answers 408 at the request's deadline itself; past the deadline plus this grace,
 # the replica is taken as wedged or gone: the ingress answers 504 and cancels the request.
 UPSTREAM_GRACE_S = 5.0
@@ -123,8 +124,21 @@ class OpenAIIngress:
             return error_response(e)
 
     async def list_models(self, request: Request) -> Response:
-        cards = [oai.ModelCard(id=m.name, root=m.model, max_model_len=m.engine.max_model_len) for m in self.cfg.models]
+        cards = [oai.ModelCard(id=m.name, root=m.model, max_model_len=await self._max_model_len(m))
+                 for m in self.cfg.models]
         return JSONResponse(oai.ModelList(data=cards).model_dump())
+
+    async def _max_model_len(self, m) -> Optional[int]:
+        """The engine's real context length, asked once per model (None while its replica cannot answer)."""
+        cache = self.__dict__.setdefault("_context_lens", {})
+        if m.name not in cache:
+            try:
+                cache[m.name] = await asyncio.wait_for(_await(self.servers[m.name].max_model_len.remote()),
+                                                       HEALTH_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - starting or gone: the configured limit, not cached
+                log.info("max_model_len of %s not available yet (%s)", m.name, type(e).__name__)
+                return m.engine.max_model_len
+        return cache[m.name]
 
     async def health(self, request: Request) -> Response:
         async def one(name, handle):
@@ -155,12 +169,12 @@ class OpenAIIngress:
         call = ModelRequest(req.prompts(), req.to_sampling(), req.n, timeout, rid)
         stream = handle.options(stream=True).generate.remote(call)
         batches = _Batches(stream, timeout + UPSTREAM_GRACE_S)
-        try:
-            first = await batches.next()
+        try:  # a stream starts once admitted: admission errors come at once, a long prefill gets keepalives
+            first = await batches.next(self.cfg.sse_keepalive_s if req.stream else None)
         except BaseException:
             batches.cancel()
             raise
-        early = first_error(first)
+        early = first_error(first) if first else None
         if early is not None:
             batches.cancel()
             raise early
@@ -179,7 +193,10 @@ class OpenAIIngress:
     async def _sse(self, batches: "_Batches", first, fmt: Body, include_usage: bool) -> AsyncIterator[str]:
         try:
             try:
-                async for batch in batches.rest(first):
+                async for batch in batches.rest(first, self.cfg.sse_keepalive_s):
+                    if batch is None:  # nothing for sse_keepalive_s (queued, prefilling): a comment line
+                        yield KEEPALIVE
+                        continue
                     for chunk in fmt.chunks(batch):
                         yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
                     if fmt.error is not None:
@@ -223,8 +240,20 @@ class _Batches:
         self.done = False
         self.budget_s = budget_s
         self.deadline = time.monotonic() + budget_s
+        self._pending: Optional[asyncio.Future] = None
 
-    async def next(self):
+    async def next(self, within: Optional[float] = None):
+        """The next batch; None when ``within`` seconds pass first (the same wait goes on at the next call)."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._next())
+        if within is not None:
+            done, _ = await asyncio.wait({self._pending}, timeout=within)
+            if not done:
+                return None
+        fut, self._pending = self._pending, None
+        return await fut
+
+    async def _next(self):
         try:
             return await asyncio.wait_for(self.it.__anext__(), max(0.0, self.deadline - time.monotonic()))
         except StopAsyncIteration:
@@ -235,15 +264,18 @@ class _Batches:
             raise UpstreamTimeout(f"the model's replica did not answer within {self.budget_s:.0f}s "
                                   "(wedged or restarting); the request was cancelled, retry") from None
 
-    async def rest(self, first):
+    async def rest(self, first, keepalive_s: Optional[float] = None):
+        """The batches from ``first`` on; with ``keepalive_s``, None after each such wait without one."""
         yield first
         while not self.done:
-            batch = await self.next()
-            if batch:
+            batch = await self.next(keepalive_s)
+            if batch is None or batch:
                 yield batch
         self.done = True
 
     def cancel(self):
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
         if not self.done:
             self.done = True
             cancel = getattr(self.stream, "cancel", None)

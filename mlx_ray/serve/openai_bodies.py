@@ -12,6 +12,7 @@ from typing import Optional
 from ..engine.protocol import FinishEvent, TokenEvent
 from ..errors import MlxRayError
 from . import openai_protocol as oai
+from .chat_output import Delta
 from .generation import ChoiceEvent
 
 
@@ -79,13 +80,16 @@ class Body:
         for idx, (text, lps, fin) in sorted(self.add(batch).items()):
             if fin is not None and fin.error is not None:
                 continue
-            out.append(self._chunk_obj([self._choice_chunk(idx, text, lps, self.reason(fin))]))
+            choice = self._choice_chunk(idx, text, lps, self.reason(fin))
+            if choice is not None:
+                out.append(self._chunk_obj([choice]))
         return out
 
     def _lp_entries(self, idx: int, ev: TokenEvent, texts: dict[int, str]) -> list:
         raise NotImplementedError
 
-    def _choice_chunk(self, idx, text, lps, reason) -> dict:
+    def _choice_chunk(self, idx, text, lps, reason) -> Optional[dict]:
+        """The choice's part of a chunk; None when it has nothing to say (text held back)."""
         raise NotImplementedError
 
     def _chunk_obj(self, choices, usage=None) -> dict:
@@ -96,7 +100,31 @@ class Body:
 
 
 class ChatBody(Body):
+    """Chat bodies: a choice split by the server (``ChoiceEvent.message``) has reasoning and tool calls too."""
+
     object_prefix = "chatcmpl"
+
+    def __init__(self, req):
+        super().__init__(req)
+        self.message: dict[int, Delta] = {}  # per choice, all of it so far
+        self.delta: dict[int, Delta] = {}  # per choice, this batch's
+
+    def add(self, batch: list[ChoiceEvent]):
+        per = super().add(batch)
+        self.delta = {}
+        for item in batch:
+            m = item.message
+            if m is None:
+                continue
+            for d in (self.delta.setdefault(item.index, Delta()), self.message.setdefault(item.index, Delta())):
+                d.content += m.content
+                d.reasoning += m.reasoning
+                d.tool_calls.extend(m.tool_calls)
+        return per
+
+    def _reason(self, idx: int, reason: Optional[str]) -> Optional[str]:
+        m = self.message.get(idx)
+        return "tool_calls" if reason == "stop" and m is not None and m.tool_calls else reason
 
     def _lp_entries(self, idx, ev, texts):
         def entry(tok: str, logprob: float) -> dict:
@@ -107,11 +135,15 @@ class ChatBody(Body):
                 for lp in ev.logprobs]
 
     def _choice_chunk(self, idx, text, lps, reason):
-        delta = {"content": text}
+        d = self.delta.get(idx) if idx in self.message else Delta(content=text)
+        d = d or Delta()
+        delta = _message_fields(d, streamed=True)
         if idx not in self.started:
             self.started.add(idx)
             delta["role"] = "assistant"
-        return {"index": idx, "delta": delta, "finish_reason": reason,
+        elif not d and reason is None and not lps:
+            return None
+        return {"index": idx, "delta": delta, "finish_reason": self._reason(idx, reason),
                 "logprobs": {"content": lps} if self.req.logprobs else None}
 
     def _chunk_obj(self, choices, usage=None):
@@ -119,11 +151,23 @@ class ChatBody(Body):
                                        usage=usage).model_dump(exclude_none=False)
 
     def final(self):
-        choices = [oai.ChatChoice(index=i, message=oai.ChoiceMessage(content=self.text.get(i, "")),
-                                  finish_reason=self.reason(self.finish.get(i)),
+        choices = [oai.ChatChoice(index=i, message=oai.ChoiceMessage(**_message_fields(
+                                      self.message.get(i) or Delta(content=self.text.get(i, "")), streamed=False)),
+                                  finish_reason=self._reason(i, self.reason(self.finish.get(i))),
                                   logprobs={"content": self.logprobs.get(i, [])} if self.req.logprobs else None)
                    for i in range(self.n)]
         return oai.ChatCompletion(id=self.id, model=self.req.model, choices=choices, usage=self.usage()).model_dump()
+
+
+def _message_fields(d: Delta, streamed: bool) -> dict:
+    """OpenAI message (or delta) fields of a split choice: content null when only tool calls came."""
+    out: dict = {"content": d.content if d.content or not (d.tool_calls or d.reasoning) else None}
+    if d.reasoning:
+        out["reasoning_content"] = d.reasoning
+    if d.tool_calls:
+        out["tool_calls"] = d.tool_calls if streamed else [{k: v for k, v in c.items() if k != "index"}
+                                                           for c in d.tool_calls]
+    return out
 
 
 class CompletionBody(Body):

@@ -24,7 +24,9 @@ from typing import AsyncIterator, Optional
 from ..engine.protocol import FinishEvent, GenerationRequest, LLMEngine, TokenEvent
 from ..errors import BadRequest, ContextOverflow, EngineFault, MlxRayError
 from .config import ModelConfig
-from .generation import MAX_CHOICES, ChoiceEvent, ModelRequest
+from . import chat
+from .chat_output import ChoiceSplitter
+from .generation import MAX_CHOICES, ChatPrompt, ChoiceEvent, ModelRequest
 from .metrics import ServerMetrics
 
 log = logging.getLogger("mlx_ray.serve")
@@ -121,7 +123,7 @@ class LLMServer:
         deadline = t0 + request.timeout_s if request.timeout_s else None
         try:
             await self.start()
-            reqs = self._requests(rid, request, deadline)
+            reqs, splitters = self._requests(rid, request, deadline)
         except MlxRayError as e:
             self.metrics.request_done(e.kind)
             yield [ChoiceEvent(i, FinishEvent("error", 0, 0, error=e))
@@ -152,13 +154,15 @@ class LLMServer:
                         elif ev.token_ids:
                             self.metrics.itl.observe((now - last_token_at[idx]) / len(ev.token_ids))
                         last_token_at[idx] = now
-                        out.append(ChoiceEvent(idx, ev, self._token_texts(ev)))
+                        split = splitters.get(idx)
+                        out.append(ChoiceEvent(idx, ev, self._token_texts(ev), split and split.feed(ev.text)))
                     else:
                         pending.discard(idx)
                         self.metrics.finished(ev)
                         if ev.error is not None:
                             status = ev.error.kind
-                        out.append(ChoiceEvent(idx, ev))
+                        split = splitters.get(idx)
+                        out.append(ChoiceEvent(idx, ev, None, split and split.finish()))
                 yield out
                 last_yield = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
@@ -177,16 +181,24 @@ class LLMServer:
 
     # -- internals ---------------------------------------------------------------
 
-    def _requests(self, rid: str, request: ModelRequest, deadline: Optional[float]) -> list[GenerationRequest]:
+    def _requests(self, rid: str, request: ModelRequest, deadline: Optional[float]
+                  ) -> tuple[list[GenerationRequest], dict[int, ChoiceSplitter]]:
+        """The engine requests, and a splitter per chat choice (content / reasoning / tool calls)."""
         if not 1 <= request.n <= MAX_CHOICES:
             raise BadRequest(f"n must be in [1, {MAX_CHOICES}], got {request.n}", param="n")
         max_len = self.engine.max_model_len
-        reqs = []
+        reqs, splitters = [], {}
         for p, spec in enumerate(request.prompts):
-            ids = spec.token_ids(self.engine, self.cfg.chat_template)
+            sp = request.sampling
+            plan = chat.plan(self.engine, spec, self.cfg) if isinstance(spec, ChatPrompt) else None
+            ids = plan.ids if plan else spec.token_ids(self.engine, self.cfg.chat_template)
             if not ids:
                 raise BadRequest("the prompt is empty after tokenization", param=spec.param)
-            sp = request.sampling
+            if plan and plan.grammar is not None:
+                if sp.grammar is not None:
+                    raise BadRequest("response_format cannot be combined with a forced tool_choice "
+                                     "(the tool call's schema is the output's grammar)", param="response_format")
+                sp = dataclasses.replace(sp, grammar=plan.grammar)
             if sp.max_tokens <= 0:  # "as many as fit", OpenAI's chat default
                 if len(ids) >= max_len:
                     raise ContextOverflow(
@@ -196,8 +208,15 @@ class LLMServer:
                     sp = dataclasses.replace(sp, max_tokens=max_len - len(ids))
             for i in range(request.n):
                 s = sp if sp.seed is None or i == 0 else dataclasses.replace(sp, seed=sp.seed + i)
+                if plan is not None:
+                    splitters[len(reqs)] = plan.splitter()
                 reqs.append(GenerationRequest(f"{rid}-{p}-{i}", list(ids), dataclasses.replace(s), deadline))
-        return reqs
+        return reqs, splitters
+
+    async def max_model_len(self) -> int:
+        """The engine's real context length (what GET /v1/models reports)."""
+        await self.start()
+        return self.engine.max_model_len
 
     async def _pump(self, idx: int, req: GenerationRequest, queue: asyncio.Queue) -> None:
         """Forward one engine stream into the shared queue; always ends with a FinishEvent."""
