@@ -1,12 +1,9 @@
 """End to end: the official `openai` client -> HTTP -> Ray Serve -> MLXEngine -> the real fixture model.
 
 One two-node Ray cluster (``tests/fixtures_ray.py``: a head without gpu_apple_mps and
-a "Mac" node with it) and one application, deployed once per session:
-
-* ``smol``: the fixture (float32) on MLXEngine with a tiny admission limit
-  (2 running + 1 waiting) so overload is reachable with a handful of requests;
-* ``smol-faulty``: the same model behind ``mlx_ray.serve.testing.FaultInjectingEngine``,
-  the test hook that makes its engine fail like a dead generation loop on demand.
+a "Mac" node with it) and the session's application (``tests/fixtures_serve.py``:
+``smol`` with a tiny admission limit, and ``smol-faulty`` behind the fault-injecting
+engine), deployed once per session.
 
 Generations are kept short (a few tokens) so the module stays within minutes.
 """
@@ -24,65 +21,18 @@ import httpx
 import openai
 import pytest
 
+from fixtures_serve import APP, LIMIT, MSG
+from fixtures_serve import engine_stats as _stats
+from fixtures_serve import serve_handle as handle
+from fixtures_serve import wait_idle as _wait_idle
 from mlx_ray.serve.config import ServeConfig
 from mlx_ray.serve.testing import FAULT_TRIGGER, WEDGE_TRIGGER
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-APP = "mlx-ray-test"
-MSG = [{"role": "user", "content": "What is the capital of France?"}]
-LIMIT = {"max_num_seqs": 2, "max_queue": 1, "max_model_len": 512}
-
-
-@pytest.fixture(scope="session")
-def served(ray_cluster, mlx_f32):
-    from fixtures_ray import free_ports
-    from mlx_ray.serve.cli import deploy, wait_ready
-
-    cfg = ServeConfig.from_args({
-        "port": free_ports(1)[0],
-        "models": [
-            {"model": str(mlx_f32), "name": "smol", "engine": LIMIT,
-             "placement": {"resource_amount": 0.5, "max_queued_requests": 1}},
-            {"model": str(mlx_f32), "name": "smol-faulty", "engine": LIMIT,
-             "engine_class": "mlx_ray.serve.testing:FaultInjectingEngine",
-             "placement": {"resource_amount": 0.5}},
-        ],
-    })
-    url = deploy(cfg, app_name=APP, proxy_location="HeadOnly")
-    wait_ready(cfg, url, app_name=APP, timeout=300)
-    return url, cfg
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_slots(request):
-    """After every test that used the app: every engine reports 0 in flight (slots never leak)."""
-    yield
-    if "served" not in request.fixturenames:
-        return
-    for name in ("smol", "smol-faulty"):
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                s = _stats(name)
-            except Exception:  # noqa: BLE001 - a replica being replaced (the fault tests) answers later
-                s = None
-            if s and s["inflight"] == 0 and s["running"] == 0 and not s.get("wedged"):
-                break
-            assert time.monotonic() < deadline, f"{name}: slots still held after the test: {s}"
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="session")
 def oa(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def handle(name: str):
-    from ray import serve
-
-    return serve.get_deployment_handle(ServeConfig.from_args({"models": [{"model": "x", "name": name}]})
-                                       .models[0].deployment_name, app_name=APP)
 
 
 def test_replica_lands_on_the_gpu_apple_mps_node(served, ray_cluster):
@@ -180,20 +130,6 @@ def test_error_statuses(served):
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
             model="nope", messages=MSG)
-
-
-def _stats(name="smol"):
-    return handle(name).stats.remote().result(timeout_s=30)
-
-
-def _wait_idle(name="smol", timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = _stats(name)
-        if s["inflight"] == 0 and s["running"] == 0:
-            return s
-        time.sleep(0.2)
-    raise AssertionError(f"engine still busy: {_stats(name)}")
 
 
 def test_client_disconnect_frees_the_slot(served):

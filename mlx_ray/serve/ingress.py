@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, MlxRayError, NotFound,
                       Overloaded, UpstreamTimeout)
 from . import openai_protocol as oai
+from . import openapi
 from .config import ServeConfig
 from .generation import ModelRequest, first_error
 from .openai_bodies import Body, ChatBody, CompletionBody
@@ -87,10 +88,12 @@ def as_taxonomy(e: BaseException) -> MlxRayError:
 
 
 def _validation_error(e: ValidationError) -> BadRequest:
-    err = e.errors()[0]
-    inner = (err.get("ctx") or {}).get("error")
-    if isinstance(inner, ValueError) and inner.args and isinstance(inner.args[0], BadRequest):
-        return inner.args[0]
+    errors = e.errors()
+    for err in errors:  # our own message first (a union's other branches report their own errors too)
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, ValueError) and inner.args and isinstance(inner.args[0], BadRequest):
+            return inner.args[0]
+    err = max(errors, key=lambda x: len(x.get("loc", ())))  # a union's deepest branch says the most
     loc = [str(x) for x in err.get("loc", ())]
     param = loc[0] if loc else None
     where = ".".join(loc)
@@ -348,7 +351,8 @@ def _replica_ingress() -> OpenAIIngress:
 def _routes_app(cfg: ServeConfig, resolve: Callable[[], OpenAIIngress]) -> FastAPI:
     app = _base_app(cfg)
     for path, (name, methods) in ROUTES.items():
-        app.add_api_route(path, _endpoint(resolve, name), methods=methods)
+        app.add_api_route(path, _endpoint(resolve, name), methods=methods, openapi_extra=openapi.request_body(path))
+    openapi.document_request_bodies(app)
     return app
 
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine.protocol import LIMITS, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, Grammar, SamplingParams
 from ..errors import BadRequest
@@ -168,11 +168,27 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
+class TextPart(BaseModel):
+    """A message's content part: text only (an image or audio part is refused, naming its type)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"]
+    text: str
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        if v != "text":
+            raise _param_error("messages", f"content part type {v!r} is not supported (text only)")
+        return v
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
 
     def template_dict(self) -> dict:
@@ -191,12 +207,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise _param_error("messages", f"content part type {part.get('type')!r} is not supported (text only)")
-            parts.append(part.get("text", ""))
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Request):
