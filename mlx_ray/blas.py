@@ -11,6 +11,13 @@ The dynamic loader only reads LD_PRELOAD at process start, so:
 
 Override with ``MLX_RAY_BLAS``: ``auto`` (default), ``reference`` (never
 preload), or an explicit path to a BLAS shared object.
+
+Threads: OpenBLAS sizes its pool from ``OMP_NUM_THREADS`` at load, and Ray
+sets that to an actor's ``num_cpus`` (1 for a replica by default), so a Serve
+replica would prefill on one core while the in-process engine uses all of
+them. The engine therefore sets OpenBLAS's threads at start
+(:func:`set_threads`) to ``MLX_RAY_BLAS_THREADS``, else to the CPUs this
+process may run on (what mlx-ray's own kernels use).
 """
 
 from __future__ import annotations
@@ -61,6 +68,33 @@ def loaded_blas() -> str:
 
 def preload_active() -> bool:
     return preloaded_by_env() or loaded_blas().startswith("openblas")
+
+
+def _openblas():
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(None)  # the preloaded library's symbols are global
+        return lib if hasattr(lib, "openblas_set_num_threads") else None
+    except OSError:
+        return None
+
+
+def threads() -> int | None:
+    """OpenBLAS's thread count in this process, or None when OpenBLAS is not loaded."""
+    lib = _openblas()
+    return int(lib.openblas_get_num_threads()) if lib is not None and hasattr(lib, "openblas_get_num_threads") else None
+
+
+def set_threads() -> int | None:
+    """Set OpenBLAS's threads to ``MLX_RAY_BLAS_THREADS`` or this process's CPUs; the count, or None."""
+    lib = _openblas()
+    if lib is None:
+        return None
+    want = os.environ.get("MLX_RAY_BLAS_THREADS")
+    n = int(want) if want else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    lib.openblas_set_num_threads(max(1, n))
+    return threads()
 
 
 def env_with_fast_blas(env: dict | None = None) -> dict:

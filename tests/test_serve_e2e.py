@@ -44,6 +44,8 @@ def test_replica_lands_on_the_gpu_apple_mps_node(served, ray_cluster):
 
     if wanted_library():
         assert info["blas"].startswith("openblas"), info
+        # Ray set OMP_NUM_THREADS to the replica's num_cpus; the engine gave OpenBLAS every CPU anyway
+        assert info["omp_num_threads"] == "1" and info["blas_threads"] == info["cpus"] > 1, info
     assert info["kernels"].get("dense_cpu") is True, info
     import os
 

@@ -140,6 +140,7 @@ class MLXEngine(LLMEngine):
         await asyncio.to_thread(lambda: self.grammars.tokenizer)  # llguidance's view of the vocabulary (0.4-2.5 s)
         if self._sched is not None:
             return
+        blas.set_threads()  # a Ray replica inherits OMP_NUM_THREADS=num_cpus (mlx_ray/blas.py)
         self._sched = Scheduler(self._model, self.config, self.kv_budget_bytes, self.info.kv_bytes_per_token,
                                 self.prefix_cache_bytes)
         self._sched.start()

@@ -260,9 +260,10 @@ class LLMServer:
 
 def _runtime_facts() -> dict:
     """What decides CPU speed inside this replica process (Ray sets its own thread env vars)."""
-    from ..blas import loaded_blas
+    from ..blas import loaded_blas, threads as blas_threads
 
-    facts = {"blas": loaded_blas(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "niceness": os.nice(0),
+    facts = {"blas": loaded_blas(), "blas_threads": blas_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+             "niceness": os.nice(0),
              "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     try:
         from mlx_ray.kernels import dense, qmm
