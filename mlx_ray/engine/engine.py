@@ -56,6 +56,7 @@ class MLXEngine(LLMEngine):
         self.info: Optional[loader.ModelInfo] = None
         self._sched: Optional[Scheduler] = None
         self._inflight: dict[str, _Handle] = {}
+        self._chat_formats: dict[Optional[str], chat_format.ChatFormat] = {}
         self._shutdown = False
         self.kv_budget_bytes = 0
         self.prefix_cache_bytes = 0
@@ -130,7 +131,17 @@ class MLXEngine(LLMEngine):
         return list(ids)
 
     def chat_format(self, chat_template: Optional[str] = None) -> chat_format.ChatFormat:
-        return chat_format.detect(self.tokenizer, chat_template)
+        # Cached per template: detection reads the whole vocabulary (mlx-lm's _infer_tool_parser
+        # calls get_vocab(), a 49k-entry dict), which py-spy put at 12.6% of a Serve replica's
+        # samples under load when it ran per request on the event loop.
+        cache = self._chat_formats
+        fmt = cache.get(chat_template)
+        if fmt is None:
+            fmt = chat_format.detect(self.tokenizer, chat_template)
+            if len(cache) >= 32:  # per-request templates: keep the cache bounded
+                cache.pop(next(iter(cache)))
+            cache[chat_template] = fmt
+        return fmt
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
