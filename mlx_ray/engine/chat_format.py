@@ -63,5 +63,5 @@ def detect(tokenizer, template: Optional[str], tool_parser: Optional[str] = None
     if think is None and tokenizer.has_thinking:
         think = (tokenizer.think_start, tokenizer.think_end)
     if think is None and text:
-        think = next((p for p in THINK_PAIRS if p[0] in text and p[1] in text), None)
+        think = next((p for p in THINK_PAIRS if p[0] in text), None)  # a template may only open it
     return ChatFormat(tool_parser, think)
