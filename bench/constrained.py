@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
+from mlx_ray.blas import loaded_blas, reexec_with_fast_blas
 from mlx_ray.engine.engine import MLXEngine
 from mlx_ray.engine.protocol import EngineConfig, FinishEvent, GenerationRequest, Grammar, SamplingParams
 
@@ -70,14 +72,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
+    reexec_with_fast_blas()  # MLX's CPU matmul with OpenBLAS, as the engine serves (mlx_ray/blas.py)
     if args.model is None:
-        import tempfile
+        from engine_vs_mlxlm import fixture_model  # the f32 fixture, converted once into the bench cache
 
-        from mlx_ray.conversion.convert import convert
-        from mlx_ray.fixtures import smollm2_hf_dir
-
-        args.model = str(convert(str(smollm2_hf_dir()), cache_dir=tempfile.mkdtemp(), quantize=False, dtype="float32"))
+        args.model = str(fixture_model(False))
+    print(f"BLAS {loaded_blas()}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
     asyncio.run(main_async(args))
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
