@@ -295,7 +295,10 @@ def test_cli_deploys_next_to_a_running_app_on_a_remote_cluster(served, oa, ray_c
 
     from ray import serve
 
-    served_port = served[1].port
+    # Serve's real port: whichever app started Serve on this cluster first chose it (its config's port)
+    from urllib.parse import urlparse
+
+    served_port = urlparse(served[0]).port
     proc = _start_cli_on_cluster(ray_cluster, mlx_f32, "--app-name", "remote", "--route-prefix", "/remote")
     try:
         url, deadline = None, time.monotonic() + 300

@@ -17,8 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from mlx_lm.generate import TextStateMachine
-
 from ..engine.chat_format import ChatFormat, tool_parser_module
 from .tool_calls import parse_section
 
@@ -50,6 +48,9 @@ class ChoiceSplitter:
             transitions.setdefault("normal", []).append((mod.tool_call_start, "tool"))
             transitions["tool"] = [(mod.tool_call_end, "normal")] if mod.tool_call_end else []
         self.passthrough = not transitions
+        from mlx_lm.generate import TextStateMachine  # only where a replica splits output (a stock head has no mlx_lm)
+
+        self._machine = TextStateMachine
         self.state = TextStateMachine(transitions).make_state("reasoning" if in_thinking and fmt.think else "normal")
         self.tool_text = ""
         self.held_ws = ""  # whitespace-only content not yet emitted
@@ -58,7 +59,7 @@ class ChoiceSplitter:
     def feed(self, text: str) -> Delta:
         if self.passthrough:
             return Delta(content=text)
-        self.state, segments = TextStateMachine.split(self.state, text)
+        self.state, segments = self._machine.split(self.state, text)
         out = Delta()
         for i, (name, seg) in enumerate(segments):
             closed = i < len(segments) - 1  # the state changed after this segment

@@ -23,7 +23,6 @@ import uuid
 from typing import Optional, Union
 
 from ..engine.chat_format import tool_parser_module
-from ..engine.constrain import JSON_OPTIONS, schema_text
 from ..engine.protocol import Grammar
 from ..errors import BadRequest
 
@@ -73,6 +72,8 @@ def forced_grammar(parser: Optional[str], tools: list[dict], tool_choice: Union[
     bodies = [{"type": "object",
                "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
                "required": ["name", "arguments"], "additionalProperties": False} for f in funcs]
+    from ..engine.constrain import JSON_OPTIONS, schema_text  # imports MLX: only where a replica builds a grammar
+
     body = dict(bodies[0] if len(bodies) == 1 else {"anyOf": bodies}, **{"x-guidance": JSON_OPTIONS})
     more = ' ("\\n" call)*' if parallel and name is None else ""
     start, end = tool_parser_module(parser).tool_call_start, tool_parser_module(parser).tool_call_end
