@@ -233,6 +233,18 @@ def single_stream(engine, model_dir: Path, ids: list[int], max_tokens: int, repe
             "engine_runs": [r for r, _ in ours], "mlx_lm_runs": [r for r, _ in theirs]}
 
 
+def wait_until(proc: subprocess.Popen, ready, what: str, log: str, timeout: float) -> None:
+    """Poll ``ready()`` until it holds; RuntimeError naming ``log`` if ``proc`` exits or time runs out."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
+        if ready():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {log}")
+
+
 # -- the mlx_lm.server side ------------------------------------------------------------------
 class MlxLmServer:
     def __init__(self, model_dir: Path, decode_concurrency: int):
@@ -246,16 +258,14 @@ class MlxLmServer:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlx_lm.server exited ({self.proc.returncode}); see {self.log.name}")
+        def healthy() -> bool:
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=2).read()
-                return
+                return True
             except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"mlx_lm.server not ready after {timeout:.0f} s; see {self.log.name}")
+                return False
+
+        wait_until(self.proc, healthy, "mlx_lm.server", self.log.name, timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -293,14 +303,8 @@ class MlxRayServe:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlx-ray serve exited ({self.proc.returncode}); see {self.log.name}")
-            if "ready at" in Path(self.log.name).read_text(errors="replace"):
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"mlx-ray serve not ready after {timeout:.0f} s; see {self.log.name}")
+        wait_until(self.proc, lambda: "ready at" in Path(self.log.name).read_text(errors="replace"),
+                   "mlx-ray serve", self.log.name, timeout)
 
     def pids(self) -> list[int]:
         """The serve process and every process it started (Ray's daemons, the proxy, the replica)."""
