@@ -36,7 +36,8 @@ import mlx.core as mx
 log = logging.getLogger("mlx_ray.kernels")
 
 # Modules that define a Metal kernel's SPEC, imported by kernels().
-KERNEL_MODULES = ("mlx_ray.kernels.sampler", "mlx_ray.kernels.skinny_qmm")
+KERNEL_MODULES = ("mlx_ray.kernels.sampler", "mlx_ray.kernels.skinny_qmm",
+                  "mlx_ray.kernels.paged_attention_metal")
 BODY_MARKER = "// --- body ---"
 _OFF = ("0", "false", "off", "no")
 
