@@ -203,28 +203,30 @@ def _quantize(x: mx.array, bits: int, group_size: int) -> tuple:
     return q.reshape(S, H, -1), s.reshape(S, H, -1), b.reshape(S, H, -1)
 
 
-@functools.lru_cache(maxsize=8)
-def _pool(slots: int, hkv: int, D: int, dtype: mx.Dtype, bits: Optional[int], group_size: int, seed: int):
-    """A K and a V pool of ``slots`` slots (shared by the cases of one shape, so memory is held once)."""
+def _pool(slots: int, hkv: int, D: int, dtype: mx.Dtype, bits: Optional[int], group_size: int, seed: int,
+          pools: Optional[dict] = None):
+    """A K and a V pool of ``slots`` slots, unevaluated; ``pools`` shares them between the cases of one shape
+    (the gate's matrix holds each pool once, and frees it with the case list)."""
+    key = (slots, hkv, D, str(dtype), bits, group_size, seed)
+    if pools is not None and key in pools:
+        return pools[key]
     kk, kv = mx.random.split(mx.random.key(seed))
     k = mx.random.normal((slots, hkv, D), key=kk).astype(dtype)
     v = mx.random.normal((slots, hkv, D), key=kv).astype(dtype)
-    if bits is None:
-        mx.eval(k, v)
-        return k, v
-    kq, vq = _quantize(k, bits, group_size), _quantize(v, bits, group_size)
-    mx.eval(*kq, *vq)
-    return kq, vq
+    made = (k, v) if bits is None else (_quantize(k, bits, group_size), _quantize(v, bits, group_size))
+    if pools is not None:
+        pools[key] = made
+    return made
 
 
 def make_case(B: int, hq: int, hkv: int, D: int, ctx: list[int], *, L: int = 1, block_size: int = 16,
               dtype=mx.float16, bits: Optional[int] = None, group_size: int = 64, seed: int = 0,
-              pool_blocks: Optional[int] = None, label: str = "") -> Case:
+              pool_blocks: Optional[int] = None, label: str = "", pools: Optional[dict] = None) -> Case:
     """Rows of the given context lengths, their blocks scattered (shuffled) over a pool; random queries."""
     MB = max(-(-c // block_size) for c in ctx)
     need = sum(-(-c // block_size) for c in ctx)
     nblocks = max(need, pool_blocks or 0)
-    k_cache, v_cache = _pool(nblocks * block_size, hkv, D, dtype, bits, group_size, seed)
+    k_cache, v_cache = _pool(nblocks * block_size, hkv, D, dtype, bits, group_size, seed, pools)
     key = mx.random.key(seed * 1009 + B * 31 + hq + D + L + sum(ctx))
     kq, kp = mx.random.split(key)
     perm = mx.random.permutation(nblocks, key=kp).tolist()
@@ -265,25 +267,33 @@ def cases(kind: str) -> list[Case]:
             make_case(1, 2, 2, 128, [29], L=5, dtype=mx.float16, bits=8, block_size=32, seed=8),  # L=5 in one block
         ]
     if kind == "device":  # the gate / selftest matrix on a Mac
-        out = []
+        out, pools = [], {}
         models = [(9, 3, 64, "SmolLM2-like"), (40, 8, 128, "Qwen2.5-32B-like")]
         for hq, hkv, D, tag in models:
             for B in (1, 8, 16, 32):
                 for ctx in (256, 1024, 4096):
                     # One pool per model shape, big enough for the largest case (32 rows x 4096).
                     out.append(make_case(B, hq, hkv, D, _ragged(B, ctx, B + ctx), dtype=mx.float16, seed=hq,
-                                         pool_blocks=32 * 4096 // 16, label=f"{tag} B={B} ctx<={ctx} f16"))
+                                         pool_blocks=32 * 4096 // 16, pools=pools, label=f"{tag} B={B} ctx<={ctx} f16"))
             for bits in (8, 4):
                 for B, ctx in ((8, 1024), (32, 4096)):
                     out.append(make_case(B, hq, hkv, D, _ragged(B, ctx, B + ctx), dtype=mx.float16, bits=bits,
-                                         seed=hq, pool_blocks=32 * 4096 // 16,
+                                         seed=hq, pool_blocks=32 * 4096 // 16, pools=pools,
                                          label=f"{tag} B={B} ctx<={ctx} q{bits} f16"))
             out.append(make_case(1, hq, hkv, D, [1024], L=4, dtype=mx.float16, seed=hq, pool_blocks=32 * 4096 // 16,
-                                 label=f"{tag} B=1 L=4 ctx=1024 f16"))
+                                 pools=pools, label=f"{tag} B=1 L=4 ctx=1024 f16"))
         return out
     raise ValueError(f"unknown case kind {kind!r} (emulate, device)")
 
 
-SPEC = KernelSpec(name=NAME, metal=KERNEL, metal_fn=metal, twin=_pa.twin,
-                  cpu_fn=getattr(_pa, "cpu", None) or getattr(_pa, "paged_attention_cpu", None),
-                  cases=cases, tolerance=TOLERANCE, check=check)
+def _cpu_fn():
+    """The C++ CPU primitive's entry in ``paged_attention.py``, if that module has one (same contract)."""
+    for name in ("cpu_paged_attention", "paged_attention_cpu"):
+        fn = getattr(_pa, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+SPEC = KernelSpec(name=NAME, metal=KERNEL, metal_fn=metal, twin=_pa.twin, cpu_fn=_cpu_fn(), cases=cases,
+                  tolerance=TOLERANCE, check=check)
