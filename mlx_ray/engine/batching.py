@@ -22,10 +22,14 @@ sampled row in one batched call, greedy rows in one argmax
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
+from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch, StopSequences
 from mlx_lm.models.cache import TokenBuffer
 
+from .memory import batch_kv_bound
+from .prefix_cache import PrefixCache
 from .sampling import BatchSampler, KeyedSampler
 
 
@@ -74,3 +78,86 @@ class EngineBatchGenerator(BatchGenerator):
         super().__init__(model, **kw)
         self._prompt_batch = _PromptBatch.empty(self.model, self.sampler, prefill_step_size=self.prefill_step_size)
         self._generation_batch = EngineGenerationBatch.empty(self.model, self.sampler)
+
+
+class RectBatch:
+    """The scheduler's backend for mlx-lm's rectangular batch cache (models the paged cache cannot take).
+
+    Admission bounds the batch by ``memory.batch_kv_bound`` (every row as long as
+    the longest); prefixes come from ``prefix_cache.PrefixCache`` (copies of
+    finished rows' KV).
+    """
+
+    kind = "batch"
+    first_is_prompt = EngineBatchGenerator.first_is_prompt
+
+    def __init__(self, model, *, kv_budget: int, kv_bytes_per_token: int, prefix_bytes: int, prefill_chunk: int,
+                 max_rows: int):
+        self.model, self.kv_budget, self.bpt = model, kv_budget, kv_bytes_per_token
+        self.prefill_chunk, self.max_rows = prefill_chunk, max_rows
+        self.prefix = PrefixCache(prefix_bytes)
+        self.reserves: dict[int, int] = {}
+        self.gen = self._new_generator()
+
+    def _new_generator(self) -> EngineBatchGenerator:
+        return EngineBatchGenerator(self.model, completion_batch_size=self.max_rows,
+                                    prefill_batch_size=min(8, self.max_rows), prefill_step_size=self.prefill_chunk)
+
+    def fits_alone(self, tokens: int) -> bool:
+        return batch_kv_bound([tokens], self.bpt) <= self.kv_budget
+
+    def try_insert(self, prompt: list[int], max_tokens: int, sampler, processors) -> Optional[tuple[int, int]]:
+        reserve = len(prompt) + max_tokens
+        if self.reserves and batch_kv_bound(list(self.reserves.values()) + [reserve], self.bpt) > self.kv_budget:
+            return None
+        cache, n = self.prefix.fetch(prompt) if len(prompt) > 1 else (None, 0)
+        (uid,) = self.gen.insert(
+            [prompt[n:]],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[list(prompt[:n])],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[StopSequences()],  # stop tokens are matched by the scheduler
+        )
+        self.reserves[uid] = reserve
+        return uid, n
+
+    def remove(self, uids: list[int], keep_cache: bool = False) -> None:
+        for uid in uids:
+            self.reserves.pop(uid, None)
+        caches = self.gen.remove(uids, return_prompt_caches=keep_cache)
+        for cache, tokens in caches.values():
+            self.prefix.insert(tokens, cache)
+
+    def step(self) -> list:
+        _, responses = self.gen.next()
+        for r in responses:
+            if r.finish_reason is not None:  # the generator removed the row itself
+                self.reserves.pop(r.uid, None)
+                if r.prompt_cache is not None:
+                    self.prefix.insert(r.all_tokens, r.prompt_cache)
+        return responses
+
+    def reset(self) -> None:
+        """After a failed step: a fresh batch (the prefix cache's entries are private copies: kept)."""
+        old, self.gen = self.gen, None
+        old.close()
+        del old
+        self.reserves.clear()
+        self.gen = self._new_generator()
+
+    def close(self) -> None:
+        if self.gen is not None:
+            self.gen.close()
+
+    @property
+    def prefix_enabled(self) -> bool:
+        return self.prefix.enabled
+
+    def stats(self) -> dict:
+        p = self.prefix
+        return dict(kv_cache="batch", kv_bits=None, kv_bytes_used=self.gen.prompt_cache_nbytes if self.gen else 0,
+                    kv_copy_bytes_total=None, prefix_hits=p.hits, prefix_misses=p.misses,
+                    prefix_hit_tokens=p.hit_tokens, prefix_cache_bytes=p.nbytes,
+                    prefix_cache_budget_bytes=p.max_bytes, prefix_cache_entries=len(p))

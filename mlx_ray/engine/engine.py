@@ -22,9 +22,10 @@ from typing import Any, AsyncIterator, Optional
 
 from .. import blas
 from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
+from . import backend as kv_backend
 from . import chat_format, loader, sampling
 from .constrain import Grammars
-from .memory import PREFIX_SHARE, batch_kv_bound, default_kv_budget
+from .memory import PREFIX_SHARE, default_kv_budget, round_up
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, LLMEngine
 from .scheduler import Scheduler, Seq
 from .textstream import TextStream
@@ -74,7 +75,11 @@ class MLXEngine(LLMEngine):
                 log.warning("max_model_len %d exceeds the model's %d; using the model's", cfg.max_model_len, info.max_model_len)
             max_len = min(cfg.max_model_len or info.max_model_len, info.max_model_len)
             info.max_model_len = max_len
-            self.kv_budget_bytes = cfg.kv_budget_bytes if cfg.kv_budget_bytes is not None else default_kv_budget(info.weights_bytes)
+            # Default: what the device can spare, but never more than the batch could ever hold
+            # (the paged cache allocates its whole pool at start).
+            most = cfg.max_num_seqs * round_up(max_len) * info.kv_bytes_per_token
+            self.kv_budget_bytes = (cfg.kv_budget_bytes if cfg.kv_budget_bytes is not None
+                                    else min(default_kv_budget(info.weights_bytes), most))
             self.prefix_cache_bytes = (cfg.prefix_cache_bytes if cfg.prefix_cache_bytes is not None
                                        else int(PREFIX_SHARE * self.kv_budget_bytes))
             self._tokenizer, self.info = tokenizer, info
@@ -152,14 +157,19 @@ class MLXEngine(LLMEngine):
         if self._sched is not None:
             return
         blas.set_threads()  # a Ray replica inherits OMP_NUM_THREADS=num_cpus (mlx_ray/blas.py)
-        self._sched = Scheduler(self._model, self.config, self.kv_budget_bytes, self.info.kv_bytes_per_token,
-                                self.prefix_cache_bytes)
+        backend = await asyncio.to_thread(kv_backend.build, self._model, self.config, kv_budget=self.kv_budget_bytes,
+                                          kv_bytes_per_token=self.info.kv_bytes_per_token,
+                                          prefix_bytes=self.prefix_cache_bytes)
+        if self._sched is not None:
+            return
+        self._sched = Scheduler(backend, self.config, self.kv_budget_bytes)
         self._sched.start()
         if blas.wanted_library() and not blas.preload_active():
             log.warning("MLX runs with the reference BLAS (slow); start Python with LD_PRELOAD=%s "
                         "(the mlx-ray CLI and Ray workers do this themselves)", blas.wanted_library())
-        log.info("engine started: %s (%s, %s), kv budget %.0f MiB, prefix cache %.0f MiB", self.model_id,
-                 self.info.dtype, self.info.device, self.kv_budget_bytes / 2**20, self.prefix_cache_bytes / 2**20)
+        log.info("engine started: %s (%s, %s), %s KV cache, kv budget %.0f MiB, prefix cache %.0f MiB", self.model_id,
+                 self.info.dtype, self.info.device, backend.kind, self.kv_budget_bytes / 2**20,
+                 self.prefix_cache_bytes / 2**20)
 
     async def shutdown(self) -> None:
         self._shutdown = True
@@ -233,7 +243,7 @@ class MLXEngine(LLMEngine):
             raise ContextOverflow(
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({s.max_tokens}) exceeds the context of "
                 f"{info.max_model_len} tokens; shorten the prompt or lower max_tokens", param="max_tokens")
-        if batch_kv_bound([need], info.kv_bytes_per_token) > self.kv_budget_bytes:
+        if not self._sched.backend.fits_alone(need):
             raise ContextOverflow(
                 f"prompt plus max_tokens ({need} tokens) needs more KV cache than the engine's budget of "
                 f"{self.kv_budget_bytes / 2**20:.0f} MiB; lower max_tokens or raise kv_budget_bytes", param="max_tokens")

@@ -30,6 +30,12 @@ class EngineConfig(BaseModel):
     stream_interval_ms: float = Field(0.0, ge=0, description="Coalesce text deltas for this long before emitting (0: every token).")
     seed: Optional[int] = Field(None, description="Engine-wide default seed.")
     health_timeout_s: float = Field(120.0, gt=0, description="check_health fails when the generation loop has made no progress for this long.")
+    kv_cache: Literal["auto", "paged", "batch"] = Field(
+        "auto", description="KV cache: paged (block pool, admission by blocks) where its kernel is verified on this "
+                            "device and the model allows it; batch: mlx-lm's rectangular batch cache; auto: paged when it can.")
+    kv_bits: Optional[Literal[4, 8]] = Field(None, description="Quantize the paged KV cache to this many bits (affine, per group); None: the model's dtype.")
+    kv_group_size: Literal[32, 64, 128] = Field(64, description="Group size of the quantized KV cache.")
+    kv_block_size: int = Field(32, ge=1, le=1024, description="Tokens per block of the paged KV cache.")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """The generation loop: one thread that owns the model and the running batch.
 
 Every iteration it takes commands (submit, cancel, stop), expires deadlines,
-admits waiting requests while the batch has a free row and the KV bound
-(``memory.batch_kv_bound``) stays inside the budget, and runs one step of
-mlx-lm's ``BatchGenerator`` (as adapted in ``batching.py``): one decode step for
-every running row plus one prefill chunk (``prefill_chunk`` tokens per prompt,
-up to 8 prompts together) for the prompts being processed, so a long prompt
-never stalls the others for more than a chunk. Requests join and leave the
-batch at any step; prompt prefixes come from the prefix cache when they can.
+admits waiting requests while the batch has a free row and the backend says
+the request's KV fits, and runs one step of the backend: one decode step for
+every running row plus a prefill chunk (``prefill_chunk`` tokens) of the
+prompts being processed, so a long prompt never stalls the others for more
+than a chunk. Requests join and leave the batch at any step; prompt prefixes
+come from the backend's prefix cache when they can.
+
+Two backends, one interface (``try_insert``, ``remove``, ``step``, ``reset``,
+``stats``): ``paged.PagedBatch`` (the engine's own step over a paged KV cache:
+admission by the blocks a request needs) and ``batching.RectBatch`` (mlx-lm's
+``BatchGenerator`` and its rectangular cache, for the models and devices the
+paged cache does not serve).
 
 The loop is the only code that touches MLX state after loading; the async
 side (``engine.py``) talks to it through a command queue; events go back to
@@ -29,12 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import StopSequences
 
 from ..errors import DeadlineExceeded, EngineFault, MlxRayError
-from .batching import EngineBatchGenerator
-from .memory import batch_kv_bound
-from .prefix_cache import PrefixCache
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob
 from .sampling import top_logprobs
 from .textstream import TextStream
@@ -71,12 +72,10 @@ class Seq:
 
 
 class Scheduler:
-    def __init__(self, model, cfg: EngineConfig, kv_budget: int, kv_bytes_per_token: int, prefix_bytes: int):
-        self.model = model
+    def __init__(self, backend, cfg: EngineConfig, kv_budget: int):
+        self.backend = backend  # paged.PagedBatch or batching.RectBatch, built by the engine
         self.cfg = cfg
         self.kv_budget = kv_budget
-        self.bpt = kv_bytes_per_token
-        self.prefix = PrefixCache(prefix_bytes)
         self.cmds: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Seq] = deque()
         self.active: dict[int, Seq] = {}
@@ -87,7 +86,6 @@ class Scheduler:
                              requests_failed=0, batch_failures=0)
         self.published: dict[str, Any] = {}
         self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
-        self._gen: Optional[EngineBatchGenerator] = None
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
         self._closed = False  # set (under _close_lock) once the loop has ended: submits fail at once
         self._close_lock = threading.Lock()
@@ -112,25 +110,16 @@ class Scheduler:
         self.cmds.put(("stop", None))
 
     # -- the loop --------------------------------------------------------------------
-    def _new_generator(self) -> EngineBatchGenerator:
-        return EngineBatchGenerator(
-            self.model,
-            completion_batch_size=self.cfg.max_num_seqs,
-            prefill_batch_size=min(8, self.cfg.max_num_seqs),
-            prefill_step_size=self.cfg.prefill_chunk,
-        )
-
     def _run(self) -> None:
         try:
-            self._gen = self._new_generator()
             while self._drain(block=not self.active and not self.waiting):
                 self._expire(time.monotonic())
                 self._admit()
                 if self.active:
                     self._step()
+                self._publish()  # before the events: a caller that sees its finish sees its stats
                 self._send()
                 self.heartbeat = time.monotonic()
-                self._publish()
             reason = EngineFault("the engine shut down; retry on another replica")
         except BaseException as e:  # the loop itself broke: health must say so
             log.exception("generation loop died")
@@ -151,8 +140,10 @@ class Scheduler:
         self.active.clear()
         self.waiting.clear()
         self._send()
-        if self._gen is not None:
-            self._gen.close()
+        try:
+            self.backend.close()
+        except Exception:  # a broken batch may not close cleanly; nothing is waiting on it now
+            log.debug("closing the batch failed", exc_info=True)
         self._publish()
 
     def _drain(self, block: bool) -> bool:
@@ -199,46 +190,34 @@ class Scheduler:
                     f"the request passed its deadline after {seq.generated} tokens; retry with a longer timeout or fewer max_tokens"))
 
     def _admit(self) -> None:
-        """FIFO admission while a row is free and the batch's KV bound fits the budget."""
+        """FIFO admission while a row is free and the backend has room for the request's KV."""
         while self.waiting and len(self.active) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            rows = [s.reserve for s in self.active.values()] + [seq.reserve]
-            if self.active and batch_kv_bound(rows, self.bpt) > self.kv_budget:
-                return
-            self.waiting.popleft()
+            prompt = seq.req.prompt_token_ids
             try:
-                self._insert(seq)
+                got = self.backend.try_insert(prompt, seq.req.sampling.max_tokens, seq.sampler, seq.processors)
             except Exception as e:
+                self.waiting.popleft()
                 log.exception("could not insert request %s", seq.req.request_id)
                 self._finish(seq, "error", EngineFault(f"could not start the request ({type(e).__name__}: {e})"))
-
-    def _insert(self, seq: Seq) -> None:
-        prompt = seq.req.prompt_token_ids
-        cache, n = self.prefix.fetch(prompt) if len(prompt) > 1 else (None, 0)
-        (uid,) = self._gen.insert(
-            [prompt[n:]],
-            max_tokens=[seq.req.sampling.max_tokens],
-            caches=[cache],
-            all_tokens=[list(prompt[:n])],
-            samplers=[seq.sampler],
-            logits_processors=[seq.processors],
-            stop_sequences=[StopSequences()],  # stop tokens are matched in _on_token
-        )
-        seq.uid, seq.cached = uid, n
-        self.active[uid] = seq
-        self.counters["prompt_tokens_total"] += len(prompt)
+                continue
+            if got is None:  # its KV does not fit beside the running rows yet
+                return
+            self.waiting.popleft()
+            seq.uid, seq.cached = got
+            seq.skip_first = self.backend.first_is_prompt
+            self.active[seq.uid] = seq
+            self.counters["prompt_tokens_total"] += len(prompt)
 
     def _remove(self, uids: list[int], keep_cache: bool = False) -> None:
-        caches = self._gen.remove(uids, return_prompt_caches=keep_cache)
-        for cache, tokens in caches.values():
-            self.prefix.insert(tokens, cache)
+        self.backend.remove(uids, keep_cache=keep_cache)
 
     def _step(self) -> None:
         try:
             if self.inject_fault is not None:
                 fault, self.inject_fault = self.inject_fault, None
                 raise fault
-            _, responses = self._gen.next()
+            responses = self.backend.step()
         except Exception as e:
             self._fail_batch(e)
             return
@@ -272,13 +251,11 @@ class Scheduler:
                 continue
             if reason is None:
                 continue
-            if r.finish_reason is None:  # a stop token or string: the generator does not know yet
+            if r.finish_reason is None:  # a stop token or string: the backend does not know yet
                 stopped_here.append(r.uid)
-            elif r.prompt_cache is not None:
-                self.prefix.insert(r.all_tokens, r.prompt_cache)
             self._finish(seq, reason)
         if stopped_here:
-            self._remove(stopped_here, keep_cache=self.prefix.enabled)
+            self._remove(stopped_here, keep_cache=self.backend.prefix_enabled)
 
     def _on_token(self, seq: Seq, r, lp, now: float) -> Optional[str]:
         seq.generated += 1
@@ -338,28 +315,13 @@ class Scheduler:
         for seq in list(self.active.values()):
             self._finish(seq, "error", err)
         self.active.clear()
-        old, self._gen = self._gen, None
-        old.close()
-        del old
+        self.backend.reset()
         gc.collect()
         mx.clear_cache()
-        self._gen = self._new_generator()
 
     def _publish(self) -> None:
-        gen = self._gen
-        self.published = dict(
-            self.counters,
-            running=len(self.active),
-            waiting=len(self.waiting),
-            kv_bytes_used=gen.prompt_cache_nbytes if gen is not None else 0,
-            kv_budget_bytes=self.kv_budget,
-            prefix_hits=self.prefix.hits,
-            prefix_misses=self.prefix.misses,
-            prefix_hit_tokens=self.prefix.hit_tokens,
-            prefix_cache_bytes=self.prefix.nbytes,
-            prefix_cache_budget_bytes=self.prefix.max_bytes,
-            prefix_cache_entries=len(self.prefix),
-        )
+        self.published = dict(self.counters, running=len(self.active), waiting=len(self.waiting),
+                              kv_budget_bytes=self.kv_budget, **self.backend.stats())
 
 
 def _run_all(items: list) -> None:

@@ -1,0 +1,394 @@
+"""The engine's own batch step over a paged KV cache (``kv_pool.py``), on mlx-lm's model files.
+
+mlx-lm's models call ``cache.update_and_fetch(keys, values)`` and then their
+module's ``scaled_dot_product_attention(q, k, v, cache=cache, ...)``. Here the
+cache handed to each layer is a :class:`LayerView` of this step: its
+``update_and_fetch`` writes the new K/V into the pool at the rows' slots, and
+``scaled_dot_product_attention`` (rebound in the model modules by
+:func:`patch_attention`; any other cache passes through to mlx-lm's own) sends
+a view's layer to ``kernels.paged_attention``, which reads K/V in place
+through the block tables. No architecture is copied: a model whose attention
+does not go this way fails the load-time probe (``probe``) and the engine
+keeps the rectangular batch cache for it (``batching.py``).
+
+A step is: at most ``prefill_chunk`` prompt tokens of the prompts being
+prefilled (one prompt at a time, B = 1, so nothing is padded: a chunk attends
+to its own cached prefix through the block table), then one decode step of
+every running row (B rows, L = 1). A prompt's last token is not prefilled: it
+is the row's first decode input, so a new row costs no forward of its own and
+a prefix-cache hit that covers all but the last token joins at once. Joining
+and leaving the batch copies no KV: a row is its block table.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+
+from ..kernels import paged_attention as pa
+from .block_prefix import BlockPrefixCache
+from .kv_pool import KVPool, LayerShape
+from .sampling import sample_rows
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32  # tokens a block (vLLM: 16); larger blocks cut table work in the kernels, waste <= 31 tokens a row
+
+
+# ------------------------------------------------------------------ the model's view
+class StepState:
+    """What every layer of one forward needs: the slots to write and the block tables to read."""
+
+    def __init__(self, pool: KVPool, slots: mx.array, block_tables: mx.array, context_lens: mx.array, offset):
+        self.pool, self.slots, self.block_tables, self.context_lens, self.offset = \
+            pool, slots, block_tables, context_lens, offset
+
+
+class LayerView:
+    """The cache object a layer sees during one paged forward."""
+
+    def __init__(self, step: StepState, layer: int):
+        self.step, self.layer = step, layer
+
+    @property
+    def offset(self):  # RoPE positions: an int (one prompt chunk) or [B] (decode rows)
+        return self.step.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.step.pool.write(self.layer, self.step.slots, keys, values)
+        return keys, values
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: Optional[int] = None):
+        if window_size is not None:
+            raise NotImplementedError("sliding-window attention is not paged")
+        return None  # causality comes from the context lengths
+
+    def attend(self, queries: mx.array, scale: float, sinks=None) -> mx.array:
+        if sinks is not None:
+            raise NotImplementedError("attention sinks are not paged")
+        st, pool = self.step, self.step.pool
+        return pa.paged_attention(queries, pool.k[self.layer], pool.v[self.layer], st.block_tables, st.context_lens,
+                                  scale=scale, block_size=pool.block_size, bits=pool.bits,
+                                  group_size=pool.group_size)
+
+
+_ORIGINAL = "_mlx_ray_original_sdpa"
+
+
+def _dispatching(original: Callable) -> Callable:
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None, **kw):
+        if isinstance(cache, LayerView):
+            return cache.attend(queries, scale, sinks)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks, **kw)
+
+    setattr(scaled_dot_product_attention, _ORIGINAL, original)
+    return scaled_dot_product_attention
+
+
+def patch_attention() -> int:
+    """Rebind ``scaled_dot_product_attention`` in every loaded mlx-lm model module (idempotent)."""
+    from mlx_lm.models import base
+
+    original = base.scaled_dot_product_attention  # base itself is never rebound
+    n = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("mlx_lm.models.") or mod is None or mod is base:
+            continue
+        if getattr(mod, "scaled_dot_product_attention", None) is original:
+            setattr(mod, "scaled_dot_product_attention", _dispatching(original))
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------ rows
+@dataclass
+class Row:
+    uid: int
+    tokens: list[int]  # prompt + generated so far
+    prompt_len: int
+    max_tokens: int
+    sampler: Any
+    processors: list
+    unallocated: int  # blocks reserved at admission (prompt + max_tokens, less shared ones) not yet allocated
+    blocks: list[int] = field(default_factory=list)
+    n_kv: int = 0  # positions whose K/V is in the pool
+    generated: int = 0
+    cached: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_kv < len(self.tokens) - 1
+
+
+@dataclass
+class Response:
+    """What the scheduler reads of a decoded token (the shape mlx-lm's BatchGenerator responses have)."""
+
+    uid: int
+    token: int
+    logprobs: mx.array
+    finish_reason: Optional[str]
+    prompt_cache: Any = None
+    all_tokens: Any = None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------ the backend
+class PagedBatch:
+    """Rows, their blocks, and the step (the scheduler's backend for the paged cache)."""
+
+    kind = "paged"
+    first_is_prompt = False
+
+    def __init__(self, model, pool: KVPool, prefix_blocks: int, prefill_chunk: int, max_rows: int):
+        self.model, self.pool = model, pool
+        self.prefix = BlockPrefixCache(pool, prefix_blocks)
+        self.prefill_chunk, self.max_rows = prefill_chunk, max_rows
+        self.rows: dict[int, Row] = {}
+        self._next_uid = 0
+        self.outstanding = 0  # blocks reserved by running rows but not yet allocated
+        self.admit_copy_bytes = 0
+        self.finish_copy_bytes = 0  # always 0: finishing drops references only
+        self._layers = len(pool.shapes)
+
+    # -- admission -----------------------------------------------------------------
+    def available(self) -> int:
+        return self.pool.num_free + len(self.prefix.evictable) - self.outstanding
+
+    def fits_alone(self, tokens: int) -> bool:
+        return _cdiv(tokens, self.pool.block_size) <= self.pool.num_blocks
+
+    def try_insert(self, prompt: list[int], max_tokens: int, sampler, processors) -> Optional[tuple[int, int]]:
+        """Admit a row when the blocks for its prompt plus max_tokens are free: (uid, cached tokens), else None."""
+        row = self.insert_row(prompt, max_tokens, sampler, processors)
+        return None if row is None else (row.uid, row.cached)
+
+    def insert_row(self, prompt: list[int], max_tokens: int, sampler, processors) -> Optional[Row]:
+        bs = self.pool.block_size
+        full, tail = self.prefix.match(prompt)
+        need = _cdiv(len(prompt) + max_tokens, bs)
+        fresh = need - len(full)
+        # Shared blocks that sit in the evictable list are counted in available(): take them out.
+        shared_evictable = sum(1 for b in full if b in self.prefix.evictable)
+        if tail is not None and tail[0] in self.prefix.evictable:
+            shared_evictable += 1  # pinned while we copy it
+        if fresh > self.available() - shared_evictable:
+            return None
+        for b in full:
+            self.pool.incref(b)
+        self.prefix.touch(full)
+        row = Row(self._next_uid, list(prompt), len(prompt), max_tokens, sampler, processors, fresh, blocks=list(full))
+        self._next_uid += 1
+        row.n_kv = len(full) * bs
+        self.outstanding += fresh
+        if tail is not None:
+            src, n = tail
+            self.pool.incref(src)
+            self.prefix.touch([src])
+            dst = self._allocate(row)
+            before = self.pool.copied_bytes
+            self.pool.copy_block(src, dst, n)
+            self.admit_copy_bytes += self.pool.copied_bytes - before
+            self.pool.decref(src)
+            self.prefix.release(src)
+            row.n_kv += n
+        row.cached = row.n_kv
+        self.prefix.record(row.cached)
+        self.rows[row.uid] = row
+        return row
+
+    def _allocate(self, row: Row) -> int:
+        while self.pool.num_free == 0 and self.prefix.evict_one():
+            pass
+        b = self.pool.allocate()
+        row.blocks.append(b)
+        if row.unallocated > 0:
+            row.unallocated -= 1
+            self.outstanding -= 1
+        return b
+
+    def remove(self, uids: list[int], keep_cache: bool = False) -> None:
+        for uid in uids:
+            row = self.rows.pop(uid, None)
+            if row is None:
+                continue
+            if keep_cache and self.prefix.enabled and row.n_kv > 0:
+                self.prefix.insert(row.tokens[:row.n_kv], row.blocks[:_cdiv(row.n_kv, self.pool.block_size)])
+            self.outstanding -= row.unallocated
+            for b in row.blocks:
+                if not self.pool.decref(b):
+                    self.prefix.release(b)
+
+    # -- the step --------------------------------------------------------------------
+    def _ensure_blocks(self, row: Row, upto: int) -> None:
+        """Blocks for positions ``< upto``."""
+        while len(row.blocks) * self.pool.block_size < upto:
+            self._allocate(row)
+
+    def _slots(self, row: Row, start: int, end: int) -> list[int]:
+        bs, blocks = self.pool.block_size, row.blocks
+        return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _forward(self, inputs: mx.array, slots: list[int], tables: list[list[int]], lens: list[int], offset):
+        width = max(len(t) for t in tables)
+        bt = mx.array([t + [0] * (width - len(t)) for t in tables], dtype=mx.int32)
+        step = StepState(self.pool, mx.array(slots, dtype=mx.int32), bt, mx.array(lens, dtype=mx.int32), offset)
+        return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for row in list(self.rows.values()):
+            if budget <= 0:
+                break
+            if not row.prefilling:
+                continue
+            start = row.n_kv
+            end = min(len(row.tokens) - 1, start + budget)
+            self._ensure_blocks(row, end)
+            self._forward(mx.array([row.tokens[start:end]], dtype=mx.uint32), self._slots(row, start, end),
+                          [row.blocks], [end], start)
+            mx.eval(self.pool.arrays())  # the logits are never needed: only the K/V is computed
+            row.n_kv = end
+            budget -= end - start
+
+    def _decode_logits(self, rows: list[Row]) -> mx.array:
+        """[B, V] logits of every row's next token: its last token at position n_kv, K/V written there."""
+        bs = self.pool.block_size
+        for r in rows:
+            self._ensure_blocks(r, r.n_kv + 1)
+        slots = [r.blocks[r.n_kv // bs] * bs + r.n_kv % bs for r in rows]
+        inputs = mx.array([[r.tokens[-1]] for r in rows], dtype=mx.uint32)
+        offsets = mx.array([r.n_kv for r in rows], dtype=mx.int32)
+        return self._forward(inputs, slots, [r.blocks for r in rows], [r.n_kv + 1 for r in rows], offsets)[:, -1, :]
+
+    def step(self) -> list[Response]:
+        self._prefill()
+        rows = [r for r in self.rows.values() if not r.prefilling]
+        if not rows:
+            return []
+        logits = self._decode_logits(rows)
+        if any(r.processors for r in rows):
+            parts = []
+            for i, r in enumerate(rows):
+                row = logits[i:i + 1]
+                if r.processors:
+                    ctx = mx.array(r.tokens, dtype=mx.int32)
+                    for p in r.processors:
+                        row = p(ctx, row)
+                parts.append(row)
+            logits = mx.concatenate(parts, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = sample_rows(logprobs, [r.sampler for r in rows])
+        mx.eval(tokens, self.pool.arrays())
+        out = []
+        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):
+            r.n_kv += 1
+            r.tokens.append(t)
+            r.generated += 1
+            done = "length" if r.generated >= r.max_tokens else None
+            out.append(Response(r.uid, t, logprobs[i], done))
+            if done:
+                self.remove([r.uid], keep_cache=True)
+        return out
+
+    # -- lifecycle / stats -------------------------------------------------------------
+    @property
+    def prefix_enabled(self) -> bool:
+        return self.prefix.enabled
+
+    def close(self) -> None:
+        self.remove(list(self.rows))
+        self.prefix.clear()
+
+    def reset(self) -> None:
+        """After a failed step: the pool may hold half-written layers, so every block starts over."""
+        self.rows.clear()
+        self.outstanding = 0
+        self.prefix = BlockPrefixCache(self.pool, self.prefix.max_blocks)
+        self.pool.reset()
+
+    @property
+    def used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
+    def stats(self) -> dict:
+        p = self.pool
+        return dict(
+            kv_cache="paged",
+            kv_bits=p.bits,
+            kv_block_size=p.block_size,
+            kv_blocks_total=p.num_blocks,
+            kv_blocks_used=self.used_blocks - len(self.prefix.evictable),
+            kv_blocks_cached=len(self.prefix),
+            kv_blocks_free=p.num_free + len(self.prefix.evictable),
+            kv_bytes_used=(self.used_blocks - len(self.prefix.evictable)) * p.block_bytes,
+            kv_copy_bytes_total=p.copied_bytes,
+            kv_admit_copy_bytes_total=self.admit_copy_bytes,
+            kv_finish_copy_bytes_total=self.finish_copy_bytes,
+            prefix_hits=self.prefix.hits,
+            prefix_misses=self.prefix.misses,
+            prefix_hit_tokens=self.prefix.hit_tokens,
+            prefix_cache_bytes=len(self.prefix) * p.block_bytes,
+            prefix_cache_budget_bytes=self.prefix.max_blocks * p.block_bytes,
+            prefix_cache_entries=len(self.prefix),
+        )
+
+
+# ------------------------------------------------------------------ building it
+def layer_shapes(model) -> tuple[list[LayerShape], mx.Dtype]:
+    """Each layer's (KV heads, head dim) and the cache dtype, from a 1-token forward with mlx-lm's cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    shapes, dtype = [], None
+    for c in cache:
+        k = c.keys
+        shapes.append(LayerShape(k.shape[1], k.shape[3]))
+        dtype = k.dtype
+    return shapes, dtype
+
+
+def unsupported(model) -> Optional[str]:
+    """Why this model's cache cannot be paged (sliding windows, state caches), or None."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    kinds = {type(c).__name__ for c in make_prompt_cache(model) if type(c) is not KVCache}
+    return f"its mlx-lm cache has {', '.join(sorted(kinds))} layers" if kinds else None
+
+
+def check(model, shapes, dtype, bits: Optional[int], group_size: int) -> Optional[str]:
+    """Run a short prompt through the paged step and through mlx-lm's own cache; why they differ, or None."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    toks = [1, 17, 300, 4242, 9, 77, 1234, 5, 8][: 9]
+    ref = model(mx.array([toks]), cache=make_prompt_cache(model))[0, -1].astype(mx.float32)
+    patch_attention()
+    pool = KVPool(shapes, dtype, num_blocks=4, block_size=4, bits=bits, group_size=group_size)
+    batch = PagedBatch(model, pool, prefix_blocks=0, prefill_chunk=3, max_rows=2)
+    row = batch.insert_row(toks, 1, None, [])
+    while row.prefilling:
+        batch._prefill()
+    got = batch._decode_logits([row])[0].astype(mx.float32)
+    err = mx.abs(got - ref).max().item()
+    span = max(1e-6, mx.abs(ref).max().item())
+    tol = 1e-3 if (dtype == mx.float32 and bits is None) else 5e-2
+    if not err <= tol * span:
+        return f"paged logits differ from mlx-lm's by {err:.3g} (max |logit| {span:.3g})"
+    return None
+
+
+def build(model, shapes: list[LayerShape], dtype: mx.Dtype, *, kv_budget: int, block_size: int,
+          bits: Optional[int], group_size: int, prefix_bytes: int, prefill_chunk: int, max_rows: int) -> PagedBatch:
+    """The pool (every block allocated now, ``kv_budget`` bytes at most) and its batch."""
+    patch_attention()
+    block_bytes = KVPool(shapes, dtype, 1, block_size, bits, group_size).block_bytes
+    pool = KVPool(shapes, dtype, kv_budget // block_bytes, block_size, bits, group_size)
+    return PagedBatch(model, pool, prefix_bytes // pool.block_bytes, prefill_chunk, max_rows)
