@@ -61,6 +61,9 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
   constexpr int KPS = 32 / TPK;   // keys a SIMD group scores at once
   constexpr int NT = NSG * 32;    // threads a threadgroup
   const float NEG_INF = -metal::numeric_limits<float>::infinity();
+  threadgroup float tg_m[NSG * QMAX];  // each SIMD group's running max and sum per query vector
+  threadgroup float tg_s[NSG * QMAX];
+  threadgroup float tg_o[NSG * D];     // each SIMD group's output accumulators, one query vector at a time
 
   const int n_kv = params[0];
   const int G = params[1];
@@ -91,7 +94,7 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
   // The pass's queries: this lane's 8 elements of each, pre-scaled; their key limits.
   float q[QMAX][EPL];
   int lim[QMAX];
-  size_t qrow[QMAX];  // (b * Hq + h) * L + l: the query vector's index in [B, Hq, L]
+  uint qrow[QMAX];  // (b * Hq + h) * L + l: the query vector's index in [B, Hq, L]
   int kmax = 0;
   for (int qi = 0; qi < QMAX; qi++) {
     lim[qi] = 0;
@@ -100,11 +103,11 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
       const int i = i0 + qi;
       const int l = i / G;
       const int h = kvh * G + i % G;
-      qrow[qi] = (size_t(b) * Hq + h) * L + l;
+      qrow[qi] = uint((b * Hq + h) * L + l);
       lim[qi] = ctx - L + l + 1;
       kmax = metal::max(kmax, lim[qi]);
       for (int e = 0; e < EPL; e++) {
-        q[qi][e] = float(queries[qrow[qi] * D + e0 + e]) * qs;
+        q[qi][e] = float(queries[size_t(qrow[qi]) * D + e0 + e]) * qs;
       }
     }
   }
@@ -196,46 +199,46 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
   }
 
   // Merge the NSG SIMD groups through threadgroup memory, one query vector at a time.
-  threadgroup float tg_m[NSG * QMAX];
-  threadgroup float tg_s[NSG * QMAX];
-  threadgroup float tg_o[NSG * D];
   if (lane == 0) {
     for (int qi = 0; qi < QMAX; qi++) {
       tg_m[sg * QMAX + qi] = m[qi];
       tg_s[sg * QMAX + qi] = s[qi];
     }
   }
-  for (int qi = 0; qi < nq; qi++) {
-    if (lane < TPK) {
-      for (int e = 0; e < EPL; e++) {
-        tg_o[sg * D + e0 + e] = o[qi][e];
+  for (int qi = 0; qi < QMAX; qi++) {  // constant bounds: q, o stay in registers
+    if (qi < nq) {  // uniform over the threadgroup, so are the barriers
+      if (lane < TPK) {
+        for (int e = 0; e < EPL; e++) {
+          tg_o[sg * D + e0 + e] = o[qi][e];
+        }
       }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    float mx_all = NEG_INF;
-    for (int w = 0; w < NSG; w++) {
-      mx_all = metal::max(mx_all, tg_m[w * QMAX + qi]);
-    }
-    float f[NSG];
-    float total = 0.0f;
-    for (int w = 0; w < NSG; w++) {
-      f[w] = mx_all == NEG_INF ? 0.0f : metal::exp2(tg_m[w * QMAX + qi] - mx_all);
-      total += tg_s[w * QMAX + qi] * f[w];
-    }
-    for (int d = tid; d < D; d += NT) {
-      float acc = 0.0f;
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      float mx_all = NEG_INF;
       for (int w = 0; w < NSG; w++) {
-        acc += tg_o[w * D + d] * f[w];
+        mx_all = metal::max(mx_all, tg_m[w * QMAX + qi]);
       }
-      if (PARTS) {
-        part_o[(qrow[qi] * n_part + part) * D + d] = acc;
-      } else {
-        out[qrow[qi] * D + d] = static_cast<T>(total > 0.0f ? acc / total : 0.0f);
+      float f[NSG];
+      float total = 0.0f;
+      for (int w = 0; w < NSG; w++) {
+        f[w] = mx_all == NEG_INF ? 0.0f : metal::exp2(tg_m[w * QMAX + qi] - mx_all);
+        total += tg_s[w * QMAX + qi] * f[w];
       }
+      const size_t row = size_t(qrow[qi]);
+      for (int d = tid; d < D; d += NT) {
+        float acc = 0.0f;
+        for (int w = 0; w < NSG; w++) {
+          acc += tg_o[w * D + d] * f[w];
+        }
+        if (PARTS) {
+          part_o[(row * n_part + part) * D + d] = acc;
+        } else {
+          out[row * D + d] = static_cast<T>(total > 0.0f ? acc / total : 0.0f);
+        }
+      }
+      if (PARTS && tid == 0) {
+        part_ms[(row * n_part + part) * 2] = mx_all;
+        part_ms[(row * n_part + part) * 2 + 1] = total;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    if (PARTS && tid == 0) {
-      part_ms[(qrow[qi] * n_part + part) * 2] = mx_all;
-      part_ms[(qrow[qi] * n_part + part) * 2 + 1] = total;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
