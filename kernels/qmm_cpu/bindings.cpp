@@ -3,10 +3,12 @@
 // Python bindings. Built with NB_DOMAIN mlx and the nanobind ABI of mlx.core,
 // so mx.array / mx.Stream cross the boundary as MLX's own objects.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
 #include "mlx/version.h"
+#include "paged_attention.h"
 #include "qmm_cpu.h"
 #include "sampler.h"
 #include "thread_pool.h"
@@ -37,6 +39,13 @@ NB_MODULE(_qmm_cpu, m) {
   m.def("sampler_isa", &mlx_ray::sampler_isa, "The sampler's build in use: 'avx2' or 'base'.");
   m.def("sampler_force_isa", &mlx_ray::sampler_force_isa, "isa"_a,
         "Select the sampler's build: 'auto', 'avx2' or 'base'; False if unsupported.");
+  m.def("paged_attention", &mlx_ray::paged_attention, "queries"_a, "k_cache"_a, "v_cache"_a, "block_tables"_a,
+        "context_lens"_a, "k_scales"_a = nb::none(), "k_biases"_a = nb::none(), "v_scales"_a = nb::none(),
+        "v_biases"_a = nb::none(), nb::kw_only(), "scale"_a, "block_size"_a, "bits"_a = nb::none(),
+        "group_size"_a = 64, "stream"_a = nb::none(),
+        "Paged attention on CPU streams: queries [B, Hq, L, D] against K/V read in place from a block pool "
+        "(see kernels/paged_attention.py for the contract).");
+  m.def("paged_attention_isa", &mlx_ray::paged_attention_isa, "The paged-attention build in use (follows force_isa).");
   m.def("isa", &mlx_ray::isa_name, "The SIMD path in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("force_isa", &mlx_ray::force_isa, "isa"_a, "Select 'auto', 'avx512', 'avx2' or 'scalar'; False if unsupported.");
   m.def("blas", &mlx_ray::blas_name, "'openblas' when a fast sgemm is loaded (prefill path), else 'none'.");
