@@ -106,15 +106,15 @@ def test_deadlines_end_requests_with_deadline_exceeded(small_engine):
 def test_health_fails_while_the_loop_is_wedged_and_recovers(small_engine):
     e = small_engine
     e.check_health()
-    gen_obj = e._sched._gen
+    gen_obj = e._sched.backend
     release = threading.Event()
-    real_next = gen_obj.next
+    real_next = gen_obj.step
 
     def stuck():  # a step that never returns (a hung device call) until released
         release.wait(30)
         return real_next()
 
-    gen_obj.next = stuck
+    gen_obj.step = stuck
     try:
         async def main():
             task = asyncio.ensure_future(collect(e, make_request("wedge", _chat(e, "Hi"), max_tokens=4)))
@@ -127,7 +127,7 @@ def test_health_fails_while_the_loop_is_wedged_and_recovers(small_engine):
         result = run_async(main())
     finally:
         release.set()
-        gen_obj.next = real_next
+        gen_obj.step = real_next
     assert result[4].error is None
     e.check_health()
 
@@ -169,9 +169,9 @@ def test_a_dying_loop_answers_every_queued_request(mlx_f32):
     e = start_engine(mlx_f32, max_num_seqs=2, max_queue=4, kv_budget_bytes=64 << 20, prefix_cache_bytes=0)
     try:
         ids = _chat(e, "Hi")
-        gen_obj = e._sched._gen
+        gen_obj = e._sched.backend
         release = threading.Event()
-        real_next = gen_obj.next
+        real_next = gen_obj.step
 
         def stuck_then_crash():
             release.wait(30)
@@ -180,7 +180,7 @@ def test_a_dying_loop_answers_every_queued_request(mlx_f32):
         async def main():
             first = asyncio.ensure_future(collect(e, make_request("running", ids, max_tokens=50)))
             await _wait_for(lambda: e.stats()["running"] == 1)
-            gen_obj.next = stuck_then_crash
+            gen_obj.step = stuck_then_crash
             await asyncio.sleep(0.3)  # the loop is now inside the hung step
             queued = [asyncio.ensure_future(collect(e, make_request(f"queued{i}", ids, max_tokens=4)))
                       for i in range(3)]

@@ -89,6 +89,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
         self._closed = False  # set (under _close_lock) once the loop has ended: submits fail at once
         self._close_lock = threading.Lock()
+        self._publish()
 
     # -- called from other threads -------------------------------------------------
     def start(self) -> None:

@@ -46,6 +46,11 @@ def configure_parser(p) -> None:
     p.add_argument("--max-model-len", type=int, help="context limit for every model")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded together per model")
     p.add_argument("--max-queue", type=int, help="requests waiting for admission per model")
+    p.add_argument("--kv-cache", choices=("auto", "paged", "batch"),
+                   help="KV cache per model: paged (block pool) where verified, batch (mlx-lm's), auto (default)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the paged KV cache (default: the model's dtype)")
+    p.add_argument("--kv-budget-mib", type=int, help="KV-cache MiB per model (default: from device memory)")
+    p.add_argument("--prefix-cache-mib", type=int, help="prefix-cache MiB per model (0 disables)")
     p.add_argument("--resource", help="custom Ray resource replicas need (default gpu_apple_mps; 'none' for none)")
     p.add_argument("--num-cpus", type=float, help="CPUs per model replica")
     p.add_argument("--print-config", action="store_true", help="print the serveConfigV2 application block and exit")
@@ -72,9 +77,12 @@ def config_from_args(args) -> ServeConfig:
         raise BadRequest("no model given: pass --model M (or --config FILE with models)")
     for m in data["models"]:
         eng = m.setdefault("engine", {})
-        for key in ("max_model_len", "max_num_seqs", "max_queue"):
+        for key in ("max_model_len", "max_num_seqs", "max_queue", "kv_cache", "kv_bits"):
             if getattr(args, key) is not None:
                 eng[key] = getattr(args, key)
+        for key, mib in (("kv_budget_bytes", args.kv_budget_mib), ("prefix_cache_bytes", args.prefix_cache_mib)):
+            if mib is not None:
+                eng[key] = mib << 20
         pl = m.setdefault("placement", {})
         if args.resource is not None:
             pl["resource"] = None if args.resource.lower() in ("none", "") else args.resource
