@@ -298,6 +298,23 @@ class PagedBatch:
                 self.remove([r.uid], keep_cache=True)
         return out
 
+    def score(self, ids: list[int]) -> mx.array:
+        """[len(ids), V] logits of every position, computed through the pool (teacher forcing, one chunk).
+
+        What the parity harness uses to measure the quantized KV cache: each position attends to K/V
+        as stored (quantized with ``bits``), exactly as decode would read them."""
+        row = self.insert_row(list(ids) + [0], 0, None, [])
+        if row is None:
+            raise ValueError(f"{len(ids)} tokens do not fit in the pool")
+        try:
+            self._ensure_blocks(row, len(ids))
+            logits = self._forward(mx.array([ids], dtype=mx.uint32), self._slots(row, 0, len(ids)), [row.blocks],
+                                   [len(ids)], 0)[0]
+            mx.eval(logits)
+            return logits
+        finally:
+            self.remove([row.uid])
+
     # -- lifecycle / stats -------------------------------------------------------------
     @property
     def prefix_enabled(self) -> bool:

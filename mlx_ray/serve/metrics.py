@@ -60,6 +60,9 @@ class ServerMetrics:
         self.kv_usage = _metric("gauge", "mlx_ray_kv_cache_usage_ratio", "KV-cache bytes used / budget.", t)
         self.prefix_hits = _metric("gauge", "mlx_ray_prefix_cache_hits", "Prefix-cache hits since start.", t)
         self.prefix_misses = _metric("gauge", "mlx_ray_prefix_cache_misses", "Prefix-cache misses since start.", t)
+        self.kv_blocks_used = _metric("gauge", "mlx_ray_kv_cache_blocks_used", "Paged KV blocks held by running sequences.", t)
+        self.kv_blocks_free = _metric("gauge", "mlx_ray_kv_cache_blocks_free", "Paged KV blocks free (including evictable prefix-cache blocks).", t)
+        self.kv_blocks_cached = _metric("gauge", "mlx_ray_kv_cache_blocks_cached", "Paged KV blocks kept by the prefix cache.", t)
 
     def request_done(self, status: str) -> None:
         self.requests.inc(1, tags={"status": status})
@@ -79,3 +82,7 @@ class ServerMetrics:
         self.kv_usage.set((s.get("kv_bytes_used", 0) / budget) if budget else 0.0)
         self.prefix_hits.set(s.get("prefix_hits", 0))
         self.prefix_misses.set(s.get("prefix_misses", 0))
+        if s.get("kv_cache") == "paged":
+            self.kv_blocks_used.set(s.get("kv_blocks_used", 0))
+            self.kv_blocks_free.set(s.get("kv_blocks_free", 0))
+            self.kv_blocks_cached.set(s.get("kv_blocks_cached", 0))
