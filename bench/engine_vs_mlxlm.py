@@ -45,104 +45,21 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
 from mlx_ray.bench.openai_load import RequestResult, arun_load, summarize
+from mlx_ray.bench.sides import PROMPTS, MlxLmServer, MlxRayServe, Usage, fixture_model
 from mlx_ray.bench.table import markdown_table
 from mlx_ray.blas import env_with_fast_blas, loaded_blas, reexec_with_fast_blas
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how a refrigerator works, step by step.",
-    "Describe the water cycle to a ten-year-old.",
-    "Write a letter to a friend about your summer holiday by the sea.",
-    "What are the main causes of the French Revolution? Explain in detail.",
-    "Give me a recipe for a vegetable soup with instructions.",
-    "Describe a walk through a busy market in a large city.",
-    "Explain the difference between weather and climate with examples.",
-    "Write a poem about autumn leaves and the passing of time.",
-    "How do bees make honey? Describe the whole process.",
-    "Tell me about the history of the bicycle.",
-    "Write a dialogue between a cat and a dog about breakfast.",
-    "Explain why the sky is blue in simple words.",
-    "Describe your ideal weekend in the mountains.",
-    "What should a beginner know before learning to play the guitar?",
-    "Write a short fairy tale about a brave little mouse.",
-]
-
-
 # -- helpers -------------------------------------------------------------------------------
-class Usage:
-    """CPU seconds and peak resident memory of a set of processes over a ``with`` block.
-
-    The peak is the kernel's high-water mark (``VmHWM``: since process start, so
-    it never decreases across levels); nothing is sampled, so measuring costs the
-    measured process nothing. CPU covers every process of the side (the engine
-    with its in-process client; mlx_lm.server plus the worker running its client).
-    """
-
-    def __init__(self, *pids: int):
-        self.procs = [psutil.Process(p) for p in pids]
-        self.n_peak = max(1, len(self.procs) - 1)  # the server's processes: all but the last (the client)
-        self.peak, self.cpu_s = 0, 0.0
-
-    def _cpu(self) -> float:
-        total = 0.0
-        for p in self.procs:
-            try:
-                t = p.cpu_times()
-            except psutil.NoSuchProcess:  # a Ray worker that ended mid-level: its time is lost
-                continue
-            total += t.user + t.system
-        return total
-
-    def __enter__(self):
-        self._cpu0 = self._cpu()
-        return self
-
-    def __exit__(self, *exc):
-        self.cpu_s = self._cpu() - self._cpu0
-        self.peak = max(peak_rss(p.pid) for p in self.procs[:self.n_peak])
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return psutil.Process(pid).memory_info().rss
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fixture_model(q4: bool) -> Path:
-    from mlx_ray.conversion.convert import convert
-    from mlx_ray.fixtures import smollm2_hf_dir
-
-    cache = Path(tempfile.gettempdir()) / "mlx-ray-bench-cache"
-    kw = dict(quantize=True, q_bits=4, q_group_size=64) if q4 else dict(quantize=False, dtype="float32")
-    try:
-        return Path(convert(str(smollm2_hf_dir()), cache_dir=cache, **kw))
-    except Exception as e:  # already converted by an earlier run
-        from mlx_ray.conversion.cache import resolve_model
-
-        name = "SmolLM2-135M-Instruct/" + ("q4-g64" if q4 else "f32")
-        print(f"(reusing {name}: {e})", file=sys.stderr)
-        return resolve_model(name, cache)
-
-
 # Sampling modes of --sampling (engine side): SamplingParams fields.
 SAMPLING = {
     "greedy": {"temperature": 0.0},
@@ -231,95 +148,6 @@ def single_stream(engine, model_dir: Path, ids: list[int], max_tokens: int, repe
             "mlx_lm_decode_tok_s": statistics.median(r for r, _ in theirs),
             "tokens": ours[0][1], "mlx_lm_tokens": theirs[0][1], "repeats": repeats,
             "engine_runs": [r for r, _ in ours], "mlx_lm_runs": [r for r, _ in theirs]}
-
-
-def wait_until(proc: subprocess.Popen, ready, what: str, log: str, timeout: float) -> None:
-    """Poll ``ready()`` until it holds; RuntimeError naming ``log`` if ``proc`` exits or time runs out."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
-        if ready():
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {log}")
-
-
-# -- the mlx_lm.server side ------------------------------------------------------------------
-class MlxLmServer:
-    def __init__(self, model_dir: Path, decode_concurrency: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.model = str(model_dir)  # requests must name the exact path the server was started with
-        self.log = tempfile.NamedTemporaryFile(prefix="mlx_lm_server_", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", self.model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--decode-concurrency", str(decode_concurrency), "--log-level", "WARNING"]
-        # Same session (autogroup) as the worker that loads it; the driver kills the worker's group.
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        def healthy() -> bool:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).read()
-                return True
-            except OSError:
-                return False
-
-        wait_until(self.proc, healthy, "mlx_lm.server", self.log.name, timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-# -- the mlx-ray serve side ------------------------------------------------------------------
-class MlxRayServe:
-    """``mlx-ray serve`` (embedded Ray, Serve's proxy, the model's replica) on a free loopback port.
-
-    Started in the worker's session, so the whole Ray process tree shares the
-    side's CPU autogroup; the load generator runs in the worker process, as for
-    mlx_lm.server. The engine gets the same limits as the in-process side.
-    """
-
-    MODEL = "bench"
-
-    def __init__(self, model_dir: Path, engine_cfg: dict):
-        import yaml
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.model = self.MODEL
-        cfg = {"models": [{"model": str(model_dir), "name": self.MODEL, "engine": engine_cfg}], "port": self.port}
-        self.cfg = tempfile.NamedTemporaryFile("w", prefix="mlx_ray_serve_", suffix=".yaml", delete=False)
-        yaml.safe_dump(cfg, self.cfg)
-        self.cfg.close()
-        self.log = tempfile.NamedTemporaryFile(prefix="mlx_ray_serve_", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "mlx_ray.cli", "serve", "--config", self.cfg.name]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        wait_until(self.proc, lambda: "ready at" in Path(self.log.name).read_text(errors="replace"),
-                   "mlx-ray serve", self.log.name, timeout)
-
-    def pids(self) -> list[int]:
-        """The serve process and every process it started (Ray's daemons, the proxy, the replica)."""
-        root = psutil.Process(self.proc.pid)
-        return [root.pid] + [c.pid for c in root.children(recursive=True)]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        Path(self.cfg.name).unlink(missing_ok=True)
 
 
 def http_sampling(mode: str, ignore_eos: bool) -> tuple[float, dict]:
