@@ -250,7 +250,10 @@ def request_shape(kind: str, mode: str, eos_ids: list[int]) -> dict:
 def side_spec(args, name: str, side: dict, model_dir: Path, plan: dict, eos_ids: list[int]) -> dict:
     kind = side["kind"]
     top = max([*args.levels, *(args.short_levels if args.short and kind == "mlx-ray" else [])])
-    engine_cfg = dict(max_num_seqs=top, max_queue=top * 4, **side["engine_extra"])
+    # Every mlx-ray side gets the same KV budget and context (their defaults differ: the paged pool is
+    # allocated whole at start, so its default is capped by what the batch could hold).
+    engine_cfg = dict(max_num_seqs=top, max_queue=top * 4, kv_budget_bytes=args.serve_kv_budget_mib * MIB,
+                      max_model_len=args.prompt_max + args.max_tokens + 256, **side["engine_extra"])
 
     def run(key, level, mode, prompts, max_tokens):
         return {"key": key, "level": level, "mode": mode, "prompts": prompts, "max_tokens": max_tokens,
@@ -736,6 +739,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-throughput", action="store_true", help="no workload-L runs through the servers")
     p.add_argument("--admission", action="store_true", help="also: peak concurrent requests at a fixed KV budget")
     p.add_argument("--kv-budget-mib", type=int, default=256, help="with --admission: the engine's KV budget")
+    p.add_argument("--serve-kv-budget-mib", type=int, default=4096,
+                   help="the served mlx-ray sides' KV budget (the same for each; default 4096)")
     p.add_argument("--admission-requests", type=int, default=64, help="with --admission: requests handed over at once")
     p.add_argument("--admission-max-num-seqs", type=int, default=64)
     p.add_argument("--admission-max-s", type=float, default=900.0, help="with --admission: stop polling after this")

@@ -40,8 +40,10 @@ def test_prefix_blocks_are_shared_by_reference_and_tails_copied_on_write():
         pool.decref(blk)
         cache.release(blk)
     assert [pool.refs[x] for x in (a, b, c)] == [1, 1, 1] and len(cache.evictable) == 3
-    full, tail = cache.match(list(range(9)) + [99, 100])  # shares 2 full blocks, then 1 token of the tail
-    assert full == [a, b] and tail == (c, 1)
+    full, tail = cache.match(list(range(10)) + [99, 100])  # shares 2 full blocks, then the 2-token tail
+    assert full == [a, b] and tail == (c, 2)
+    full, tail = cache.match(list(range(9)) + [99, 100])  # 1 token of the tail: under half a block, recomputed
+    assert full == [a, b] and tail is None
     full, tail = cache.match([0, 1, 2, 3, 4, 5, 50, 51, 52])  # leaves the second block part-way
     assert full == [a] and tail == (b, 2)
     full, tail = cache.match([7, 1, 2, 3, 4])
