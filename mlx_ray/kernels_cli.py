@@ -5,7 +5,7 @@
 case: each Metal kernel on a Metal device (this also refreshes its cached
 verdict, kernels/gate.py), each kernel's C++ CPU path, and the CPU matmul
 kernels (``qmm_cpu`` against ``mx.quantized_matmul``, ``dense_cpu`` against
-``x @ w.T``). Without Metal it says so and tests what it can. Exit 1 when a
+``x @ w.T``) and ``paged_attention_cpu`` against its twin (gather + sdpa). Without Metal it says so and tests what it can. Exit 1 when a
 kernel does not match its twin.
 
 ``check`` type-checks every Metal kernel's generated source and runs it under
@@ -97,7 +97,58 @@ def cpu_specs() -> list:
                               skinny_qmm.TOLERANCE, skinny_qmm.check))
     else:
         out.append(("dense_cpu", d["reason"]))
+    out.append(_paged_spec())
     return out
+
+
+def _paged_spec():
+    """paged_attention_cpu against its twin (gather + sdpa), or (name, reason) when not active."""
+    import mlx.core as mx
+
+    from .kernels import paged_attention as pa
+    from .kernels._common import Case, KernelSpec
+
+    st = pa.status()
+    if not st["active"]:
+        return pa.CPU_NAME, st["reason"]
+
+    def cpu(q, k, v, bt, cl, scale, bits):
+        return pa.paged_attention(q, k, v, bt, cl, scale=scale, block_size=32, bits=bits, impl="cpu")
+
+    def twin(q, k, v, bt, cl, scale, bits):
+        return pa.twin(q, k, v, bt, cl, scale=scale, block_size=32, bits=bits)
+
+    def cases(kind):
+        out = []
+        for (hq, hkv, d), B, L, ctx, bits in (((9, 3, 64), 1, 1, 1000, None), ((9, 3, 64), 16, 1, 1000, None),
+                                             ((9, 3, 64), 16, 1, 1000, 8), ((40, 8, 128), 4, 1, 2000, 8),
+                                             ((9, 3, 64), 1, 128, 1000, None)):
+            mb = -(-ctx // 32)
+            keys = mx.random.split(mx.random.key(B + L + d), 3)
+            k = mx.random.normal((B * mb * 32, hkv, d), key=keys[0])
+            v = mx.random.normal((B * mb * 32, hkv, d), key=keys[1])
+            if bits:
+                def qz(x):
+                    w, s, b = mx.quantize(x.reshape(-1, d), group_size=64, bits=bits)
+                    return tuple(a.reshape(x.shape[0], hkv, -1) for a in (w, s, b))
+                k, v = qz(k), qz(v)
+            bt = mx.random.permutation(B * mb, key=keys[2]).astype(mx.int32).reshape(B, mb)
+            cl = mx.full((B,), ctx, dtype=mx.int32)
+            q = mx.random.normal((B, hq, L, d), key=mx.random.key(L))
+            label = f"B={B} L={L} ctx={ctx} Hq={hq} Hkv={hkv} D={d} {'f32' if bits is None else f'{bits}-bit'}"
+            out.append(Case(label, (q, k, v, bt, cl, d ** -0.5, bits)))
+        return out
+
+    def check(outputs, reference):
+        import numpy as np
+
+        from .kernels._common import as_list
+
+        got, want = np.array(as_list(outputs)[0]), np.array(as_list(reference)[0])
+        err = float(np.abs(got - want).max())
+        return None if err <= 1e-5 * max(1.0, float(np.abs(want).max())) else f"max err {err:.3g} > 1e-5"
+
+    return KernelSpec(pa.CPU_NAME, [], cpu, twin, cpu, cases, "float32: 1e-5 relative to the twin", check)
 
 
 # ------------------------------------------------------------------- selftest

@@ -77,14 +77,15 @@ def check_blas() -> Check:
 
 
 def check_kernels() -> Check:
-    """mlx-ray's CPU kernels (quantized and float-weight matmul, the batched sampler): built, self-tested, switched on."""
+    """mlx-ray's CPU kernels (quantized and float-weight matmul, the batched sampler, paged attention):
+    built, self-tested, switched on."""
     try:
-        from mlx_ray.kernels import dense, qmm, sampler
+        from mlx_ray.kernels import dense, paged_attention, qmm, sampler
     except ImportError as e:
         return Check("kernels", WARN, f"CPU kernels not installed ({e})",
                      "build them: pip install -e . (needs cmake and a C++ compiler)")
     states = []
-    for kernel in (qmm, dense, sampler):
+    for kernel in (qmm, dense, sampler, paged_attention):
         try:
             states.append(kernel.status())
         except Exception as e:  # noqa: BLE001
