@@ -42,8 +42,8 @@ def test_prefix_blocks_are_shared_by_reference_and_tails_copied_on_write():
     assert [pool.refs[x] for x in (a, b, c)] == [1, 1, 1] and len(cache.evictable) == 3
     full, tail = cache.match(list(range(10)) + [99, 100])  # shares 2 full blocks, then the 2-token tail
     assert full == [a, b] and tail == (c, 2)
-    full, tail = cache.match(list(range(9)) + [99, 100])  # 1 token of the tail: under half a block, recomputed
-    assert full == [a, b] and tail is None
+    full, tail = cache.match(list(range(9)) + [99, 100])  # 1 token of the tail
+    assert full == [a, b] and tail == (c, 1)
     full, tail = cache.match([0, 1, 2, 3, 4, 5, 50, 51, 52])  # leaves the second block part-way
     assert full == [a] and tail == (b, 2)
     full, tail = cache.match([7, 1, 2, 3, 4])
@@ -110,7 +110,9 @@ def test_paged_prefix_hit_gives_the_same_tokens_as_a_miss(mlx_f32, mlxlm_greedy)
     e = start_engine(mlx_f32, kv_cache="paged", max_num_seqs=4, kv_budget_bytes=64 << 20,
                      prefix_cache_bytes=32 << 20, max_model_len=1024)
     try:
-        ids = chat(e, QUESTIONS[0])
+        # 51 tokens: one full block, then a tail of 18 (copied on write)
+        ids = chat(e, "What is the capital of France? Answer in one short sentence, please, and be precise about it.")
+        assert len(ids) == 51
         miss = run_async(collect(e, make_request("miss", ids, max_tokens=16)))
         hit = run_async(collect(e, make_request("hit", ids, max_tokens=16)))
         assert miss[4].cached_tokens == 0 and hit[4].cached_tokens == len(ids) - 1  # all but the last token

@@ -75,9 +75,9 @@ class BlockPrefixCache:
                 break
             blocks.append(e.block)
             parent, pos = e.key, pos + bs
-        # A shared tail shorter than half a block is recomputed, not copied: copying a few tokens'
-        # K/V per layer costs about what computing them does, and keeps admission copy-free.
-        tail, best = None, max(0, bs // 2 - 1)
+        # Any shared tail is copied: copying n tokens' K/V (n * bytes per token) costs far less than
+        # computing them again (a forward that reads every weight).
+        tail, best = None, 0
         rest = prompt[pos:limit]
         for e in self.children.get(parent, ()):
             n = _common(e.tokens, rest)
