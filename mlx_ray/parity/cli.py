@@ -18,6 +18,11 @@ def configure_parser(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length (default 32)")
     p.add_argument("--ppl-tokens", type=int, default=512, help="reference-text tokens for perplexity (default 512)")
     p.add_argument("--thresholds", help="JSON/YAML overriding the default thresholds (see mlx_ray.parity.thresholds)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="also run the MLX side through the paged KV cache quantized to 4 or 8 bits (affine, per "
+                        "group) and report it against torch and against float KV")
+    p.add_argument("--kv-group-size", type=int, choices=(32, 64, 128), default=32,
+                   help="group size of the quantized KV cache (default 32, the engine's)")
     p.add_argument("--json", help="write the full report (every number) here")
     p.add_argument("--report", help="write the Markdown report here (it is also printed)")
     from ..kernels_cli import add_kernels_flag
@@ -34,7 +39,7 @@ def main(args) -> int:
 
     report = run_parity(args.hf, args.mlx, prompts=args.prompts, device=args.device, torch_dtype=args.torch_dtype,
                         max_new_tokens=args.max_new_tokens, ppl_tokens=args.ppl_tokens,
-                        thresholds_file=args.thresholds)
+                        thresholds_file=args.thresholds, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     if args.kernels:
         report["kernels"] = args.kernels
     md = markdown(report)

@@ -24,10 +24,19 @@ from statistics import median
 from tqdm import tqdm
 
 from .. import blas, errors
-from ..errors import BadRequest, EngineFault
+from ..errors import BadRequest, EngineFault, MlxRayError
 from . import backends, metrics, thresholds
 from .prompts import Prompt, data_path, load_prompts
-from .runners import runner_for
+from .runners import PagedRunner, runner_for
+
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+class KVUnsupported(MlxRayError):
+    """``--kv-bits`` on a model the paged KV cache cannot take (exit 1: the question has no answer here)."""
+
+    kind = "kv_unsupported_error"
 
 
 def _mlx_vocab_size(config: dict) -> int | None:
@@ -63,9 +72,10 @@ def check_vocab_sizes(torch_vocab: int | None, mlx_vocab: int | None, n_tokens: 
     return min(v for v in (torch_vocab, mlx_vocab) if v) if (torch_vocab or mlx_vocab) else n_tokens
 
 
-def _run_side(side, prompt_ids, ref_ids, max_new, eos, conts=None, desc=""):
-    """Greedy + log-probs + reference log-probs on one backend. ``conts``: teacher-force these continuations."""
-    run = runner_for(side)
+def _run_side(side, prompt_ids, ref_ids, max_new, eos, conts=None, desc="", run=None):
+    """Greedy + log-probs + reference log-probs on one backend (``run``: a runner other than the side's own).
+    ``conts``: teacher-force these continuations."""
+    run = run or runner_for(side)
     run.greedy(prompt_ids[0][:8], 2, eos)  # warm-up: first-call compilation, allocator growth
     run.reset_peak()
     gens, logps = [], []
@@ -84,6 +94,78 @@ def _latency(gens, prompt_ids, mem) -> dict:
     return {"ttft_s": median(g.ttft_s for g in gens),
             "prefill_tok_s": median(len(ids) / g.ttft_s for g, ids in zip(gens, prompt_ids)),
             "decode_tok_s": median(decs) if decs else None, **mem}
+
+
+def check_pageable(mlx_path: Path, bits: int) -> None:
+    """Refuse ``--kv-bits`` on a model the paged cache cannot take (sliding windows, state caches), from its
+    structure alone (lazy load: no weights read)."""
+    from mlx_lm.utils import load_model
+
+    from ..engine import paged
+
+    model, _ = load_model(Path(mlx_path), lazy=True, strict=False)
+    why = paged.unsupported(model)
+    del model
+    if why:
+        raise KVUnsupported(f"--kv-bits {bits} needs the paged KV cache, which this model cannot use: {why}")
+
+
+def _kv_side(m_side, bits, group_size, longest, prompt_ids, ref_ids, max_new, eos, conts) -> dict:
+    """The MLX model again, through the paged cache quantized to ``bits``: greedy, log-probs, reference."""
+    from ..engine import paged
+    from ..engine.kv_pool import bytes_per_slot
+
+    shapes, dtype = paged.layer_shapes(m_side.model)
+    dims = sorted({s.head_dim for s in shapes})
+    if any(d % group_size for d in dims):
+        raise KVUnsupported(f"--kv-group-size {group_size} does not divide this model's head dim "
+                            f"({', '.join(map(str, dims))}); use a smaller group")
+    why = paged.check(m_side.model, shapes, dtype, None, group_size)  # the paged path itself, float: exact
+    if why:
+        raise KVUnsupported(f"--kv-bits {bits}: the paged KV cache fails its float probe on this model: {why}")
+    # The engine's load-time probe at these bits (5% of the logit span): what serving with kv_bits would do
+    refusal = paged.check(m_side.model, shapes, dtype, bits, group_size)
+    run = PagedRunner(m_side, bits, group_size, longest)
+    try:
+        gens, lps, ref_lp, mem = _run_side(m_side, prompt_ids, ref_ids, max_new, eos, conts=conts,
+                                           desc=f"mlx kv{bits}", run=run)
+    finally:
+        info = {"bits": bits, "group_size": group_size, "block_size": run.block_size, "dtype": str(dtype).replace(
+            "mlx.core.", ""), "bytes_per_token": run.bytes_per_token, "pool_bytes": run.pool_bytes,
+                "engine_refuses": refusal,
+                "float_bytes_per_token": sum(bytes_per_slot(s, dtype, None, group_size) for s in shapes)}
+        run.close()
+    return {"info": info, "gens": gens, "lps": lps, "ref": ref_lp, "mem": mem}
+
+
+def _greedy_block(pairs: list[dict]) -> dict:
+    """Pool greedy comparisons: prompts identical, mean identical-prefix fraction, token match rate."""
+    return {"prompts": len(pairs), "identical": sum(g["identical"] for g in pairs),
+            "prefix_frac_mean": sum(g["prefix_frac"] for g in pairs) / len(pairs),
+            "token_match_rate": sum(g["prefix_len"] for g in pairs)
+            / max(1, sum(max(g["ref_len"], g["test_len"]) for g in pairs))}
+
+
+def _kv_report(kv: dict, plist, t_gens, m_gens, t_lps, m_lps, t_ref, m_ref, ref_ids, width, tok) -> dict:
+    """The quantized-KV MLX side against torch and against the float-KV MLX side (its ``ref`` there)."""
+    vs_t, vs_f, g_t, g_f, prompts = [], [], [], [], []
+    for p, tg, mg, kg, tl, ml, kl in zip(plist, t_gens, m_gens, kv["gens"], t_lps, m_lps, kv["lps"]):
+        vs_t.append(metrics.position_stats(tl[:, :width], kl[:, :width]))
+        vs_f.append(metrics.position_stats(ml[:, :width], kl[:, :width]))
+        g_t.append(metrics.greedy_compare(tg.tokens, kg.tokens))
+        g_f.append(metrics.greedy_compare(mg.tokens, kg.tokens))
+        prompts.append({"name": p.name, "vs_torch": {"greedy": g_t[-1], "top1_agreement":
+                                                     float(vs_t[-1]["top1"].mean())},
+                        "vs_float": {"greedy": g_f[-1], "top1_agreement": float(vs_f[-1]["top1"].mean())},
+                        "kv_text": tok.decode(kg.tokens)})
+    ppl_t, ppl_f, ppl_k = (metrics.perplexity(x, ref_ids) for x in (t_ref, m_ref, kv["ref"]))
+    return {**kv["info"],
+            "vs_torch": {"logits": metrics.aggregate(vs_t), "greedy": _greedy_block(g_t),
+                         "perplexity": {"torch": ppl_t, "kv": ppl_k, "ratio": ppl_k / ppl_t}},
+            "vs_float": {"logits": {**metrics.aggregate(vs_f), **metrics.decisive_top1(vs_f)},
+                         "greedy": _greedy_block(g_f),
+                         "perplexity": {"float": ppl_f, "kv": ppl_k, "ratio": ppl_k / ppl_f}},
+            "prompts": prompts}
 
 
 _REFERENCE_MEMO: dict = {}  # one torch reference per process: comparing several MLX variants reuses it
@@ -135,15 +217,22 @@ def _torch_in_child(args: tuple):
 
 def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None = None,
                torch_dtype: str = "float32", max_new_tokens: int = 32, ppl_tokens: int = 512,
-               thresholds_file: str | None = None) -> dict:
+               thresholds_file: str | None = None, kv_bits: int | None = None, kv_group_size: int = 32) -> dict:
+    """``kv_bits`` (4 or 8): also run the MLX model through the paged KV cache quantized to that many bits
+    (per-group affine, ``kv_group_size``) and report it against torch and against the float-KV MLX side."""
     from mlx_lm.utils import load_tokenizer
     from transformers import AutoConfig, AutoTokenizer
 
     if max_new_tokens < 1 or ppl_tokens < 2:
         raise BadRequest("--max-new-tokens must be >= 1 and --ppl-tokens >= 2")
+    if kv_bits is not None and (kv_bits not in KV_BITS or kv_group_size not in KV_GROUP_SIZES):
+        raise BadRequest(f"--kv-bits must be 4 or 8 and --kv-group-size 32, 64 or 128 "
+                         f"(got {kv_bits}, {kv_group_size})")
     overrides = thresholds.load_overrides(thresholds_file)
     plist = load_prompts(prompts)
     mlx_path = backends.resolve_mlx_path(mlx)
+    if kv_bits:
+        check_pageable(mlx_path, kv_bits)  # before anything spends its minutes
     ref_text = data_path("reference.txt").read_text()
     try:
         torch_tok = AutoTokenizer.from_pretrained(hf)
@@ -167,6 +256,11 @@ def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None
     m_info = dict(m_side.info)
     m_gens, m_lps, m_ref, m_mem = _run_side(m_side, prompt_ids, ref_ids, max_new_tokens, eos,
                                             conts=[g.tokens for g in t_gens], desc="mlx")
+    kv_side = None
+    if kv_bits:
+        longest = max([len(ids) + max_new_tokens for ids in prompt_ids] + [len(ref_ids)])
+        kv_side = _kv_side(m_side, kv_bits, kv_group_size, longest, prompt_ids, ref_ids, max_new_tokens, eos,
+                           [g.tokens for g in t_gens])
     backends.free(m_side)
 
     per_prompt, stats = [], []
@@ -196,6 +290,12 @@ def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None
         "latency": {"torch": _latency(t_gens, prompt_ids, t_mem), "mlx": _latency(m_gens, prompt_ids, m_mem)},
         "prompts": per_prompt,
     }
+    if kv_side:
+        report["settings"].update(kv_bits=kv_bits, kv_group_size=kv_group_size)
+        report["greedy"]["token_match_rate"] = _greedy_block([e["greedy"] for e in per_prompt])["token_match_rate"]
+        report["kv"] = _kv_report(kv_side, plist, t_gens, m_gens, t_lps, m_lps, t_ref, m_ref, ref_ids, width,
+                                  torch_tok)
+        report["latency"]["mlx_kv"] = _latency(kv_side["gens"], prompt_ids, kv_side["mem"])
     level = thresholds.level_of(m_info, torch_dtype)
     limits = thresholds.thresholds_for(level, overrides)
     checks = thresholds.evaluate(report, limits)

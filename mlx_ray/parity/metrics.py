@@ -31,8 +31,25 @@ def position_stats(ref: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
     ref_top = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
     test_top = np.argpartition(-test, k - 1, axis=-1)[:, :k]
     overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(ref_top, test_top)])
+    two = np.partition(ref, -2, axis=-1)[:, -2:]
     return {"max_abs": diff.max(axis=-1), "mean_abs": diff.mean(axis=-1), "kl": np.maximum(kl, 0.0),
-            "top1": top1.astype(float), "top5": overlap}
+            "top1": top1.astype(float), "top5": overlap, "ref_gap": (two[:, 1] - two[:, 0]).astype(np.float64)}
+
+
+NEAR_TIE_NATS = 0.01
+
+
+def decisive_top1(stats: list[dict[str, np.ndarray]], near_tie: float = NEAR_TIE_NATS) -> dict:
+    """Top-1 agreement where the reference's top-1/top-2 log-prob gap is at least ``near_tie`` nats.
+
+    A flip under that gap is a tie broken the other way (any rounding can do it), not a lost answer;
+    the raw figure counts both."""
+    top1 = np.concatenate([s["top1"] for s in stats])
+    gap = np.concatenate([s["ref_gap"] for s in stats])
+    keep = gap >= near_tie
+    return {"near_tie_nats": near_tie, "near_tie_positions": int((~keep).sum()),
+            "top1_agreement_decisive": float(top1[keep].mean()) if keep.any() else 1.0,
+            "top1_disagreements_near_tie": int(((top1 == 0) & ~keep).sum())}
 
 
 def aggregate(stats: list[dict[str, np.ndarray]]) -> dict:

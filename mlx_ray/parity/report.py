@@ -29,6 +29,46 @@ def header(r: dict) -> list[str]:
     ]
 
 
+def _cmp_row(label: str, lg: dict, greedy: dict, ppl_ratio: float) -> list:
+    return [label, fmt(lg["top1_agreement"], 4), f"{lg['top1_disagreements']}/{lg['positions']}",
+            fmt(lg["top5_overlap"], 4), fmt(lg["kl_mean"]), fmt(lg["max_abs_diff"]), fmt(lg["mean_abs_diff"]),
+            f"{greedy['identical']}/{greedy['prompts']}", fmt(greedy["token_match_rate"], 3), fmt(ppl_ratio, 4)]
+
+
+def kv_section(r: dict) -> list[str]:
+    """The quantized KV cache: both MLX sides against torch, and quantized against float KV directly."""
+    kv, lg, gr = r["kv"], r["logits"], r["greedy"]
+    vf = kv["vs_float"]["logits"]
+    q = f"{kv['bits']}-bit KV"
+    rows = [_cmp_row("MLX float KV vs torch", lg, gr, r["perplexity"]["ratio"]),
+            _cmp_row(f"MLX {q} vs torch", kv["vs_torch"]["logits"], kv["vs_torch"]["greedy"],
+                     kv["vs_torch"]["perplexity"]["ratio"]),
+            _cmp_row(f"MLX {q} vs MLX float KV", kv["vs_float"]["logits"], kv["vs_float"]["greedy"],
+                     kv["vs_float"]["perplexity"]["ratio"])]
+    lines = [f"## Quantized KV cache ({kv['bits']}-bit affine, group {kv['group_size']})", "",
+             markdown_table(["comparison", "top-1", "top-1 misses", "top-5 overlap", "KL mean",
+                             "max abs logprob diff", "mean abs logprob diff", "greedy identical",
+                             "greedy token match", "ppl ratio"], rows), ""]
+    lines += [f"Float KV is mlx-lm's cache (the served path without `kv_bits`); the {q} side runs the engine's "
+              f"paged cache (blocks of {kv['block_size']}): teacher-forced positions attend to K/V as stored, "
+              f"greedy decodes through it. Greedy token match: identical-prefix tokens / continuation tokens. "
+              f"KV bytes per token: {kv['bytes_per_token']:.0f} ({q}) vs {kv['float_bytes_per_token']:.0f} "
+              f"({kv['dtype']}), {kv['float_bytes_per_token'] / kv['bytes_per_token']:.2f}x smaller. "
+              f"Against float KV, {vf['top1_disagreements_near_tie']} of the {vf['top1_disagreements']} top-1 misses "
+              f"are near-ties (float top-1/top-2 gap < {fmt(vf['near_tie_nats'])} nats, {vf['near_tie_positions']} "
+              f"positions); top-1 elsewhere {fmt(vf['top1_agreement_decisive'], 4)}.", ""]
+    if kv.get("engine_refuses"):
+        lines += [f"**The engine refuses `kv_bits={kv['bits']}` (group {kv['group_size']}) for this model** at load: "
+                  f"its probe finds {kv['engine_refuses']}.", ""]
+    for c in kv.get("checks", []):
+        lines.append(f"- {CHECK_LABELS.get(c['name'], c['name'])}: {fmt(c['value'], 4)} "
+                     f"({'≤' if c['name'].endswith('_max') else '≥'} {fmt(c['limit'], 4)}) "
+                     f"{'pass' if c['passed'] else '**FAIL**'}")
+    if kv.get("checks"):
+        lines.append("")
+    return lines
+
+
 def markdown(r: dict) -> str:
     lines = ["# mlx-ray parity report", ""] + header(r)
     s = r["settings"]
@@ -42,6 +82,8 @@ def markdown(r: dict) -> str:
               f"max {fmt(lg['max_abs_diff'])}; KL max {fmt(lg['kl_max'])}; {lg['top1_disagreements']} top-1 "
               f"disagreements. Perplexity: torch {fmt(r['perplexity']['torch'], 4)}, MLX "
               f"{fmt(r['perplexity']['mlx'], 4)}.", ""]
+    if r.get("kv"):
+        lines += kv_section(r)
     rows = []
     for p in r["prompts"]:
         g = p["greedy"]
@@ -68,6 +110,13 @@ def markdown(r: dict) -> str:
              ratio(lm["decode_tok_s"], lt["decode_tok_s"])],
             ["peak memory", f"{_mib(lt['peak_bytes'])} ({lt['peak_kind']})", f"{_mib(lm['peak_bytes'])} "
              f"({lm['peak_kind']})", "-"]]
-    lines += ["", "## Latency", "", markdown_table(["", "torch", "MLX", "MLX speed-up"], rows), "",
+    head = ["", "torch", "MLX", "MLX speed-up"]
+    lk = r["latency"].get("mlx_kv")
+    if lk:  # the paged step is the engine's, not mlx-lm's generate loop: a different path, shown beside it
+        head.append(f"MLX {r['kv']['bits']}-bit KV")
+        rows[0].append(f"{fmt(lk['ttft_s'] * 1000)} ms")
+        rows[1].append(fmt(lk["decode_tok_s"]))
+        rows[2].append(f"{_mib(lk['peak_bytes'])} ({lk['peak_kind']})")
+    lines += ["", "## Latency", "", markdown_table(head, rows), "",
               f"**Verdict: {r['verdict']}**", ""]
     return "\n".join(lines)

@@ -144,5 +144,71 @@ class TorchRunner:
         return process_peak_rss(), "process peak RSS"
 
 
+class PagedRunner:
+    """The MLX model through the engine's paged KV cache (``engine/paged.py``), float or ``bits``-quantized.
+
+    ``logprobs``: one teacher-forced chunk through the pool (``PagedBatch.score``), so every position
+    attends to K/V as stored; ``greedy``: the engine's prefill then one decode step a token, each
+    reading the cache back. One row at a time; the pool holds ``max_tokens`` tokens (+ a block)."""
+
+    def __init__(self, side: Side, bits: int | None, group_size: int, max_tokens: int, block_size: int = 32):
+        import mlx.core as mx
+
+        from ..engine import paged
+        from ..engine.kv_pool import KVPool
+
+        self.mx, self.side = mx, side
+        shapes, dtype = paged.layer_shapes(side.model)
+        block_bytes = KVPool(shapes, dtype, 1, block_size, bits, group_size).block_bytes
+        blocks = -(-(max_tokens + 1) // block_size) + 2  # + one spare, + the batch's trash block (if any)
+        self.batch = paged.build(side.model, shapes, dtype, kv_budget=blocks * block_bytes, block_size=block_size,
+                                 bits=bits, group_size=group_size, prefix_bytes=0, prefill_chunk=512, max_rows=1)
+        self.bits, self.group_size, self.block_size = bits, group_size, block_size
+        self.pool_bytes = self.batch.pool.num_blocks * self.batch.pool.block_bytes
+        self.bytes_per_token = block_bytes / block_size
+
+    def logprobs(self, ids: list[int]) -> np.ndarray:
+        mx = self.mx
+        logits = self.batch.score(ids).astype(mx.float32)
+        return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def greedy(self, ids: list[int], max_new: int, eos: set[int]) -> Generation:
+        mx, b = self.mx, self.batch
+        tokens, stamps, margins = [], [], []
+        t0 = time.perf_counter()
+        row = b.insert_row(list(ids), max_new, None, [])
+        if row is None:
+            raise ValueError(f"{len(ids)} + {max_new} tokens do not fit in the pool")
+        try:
+            while row.prefilling:
+                b._prefill()
+            for _ in range(max_new):
+                logits = b._decode_logits([row])[0].astype(mx.float32)
+                tok = mx.argmax(logits)
+                mx.eval(tok, logits, b.pool.arrays())
+                tokens.append(int(tok.item()))
+                stamps.append(time.perf_counter())
+                lp = np.array(logits - mx.logsumexp(logits))
+                margins.append(_top2_gap(lp))
+                row.n_kv += 1
+                row.tokens.append(tokens[-1])
+                if tokens[-1] in eos:
+                    break
+        finally:
+            b.remove([row.uid])
+        ttft, dec, total = _timing(t0, stamps)
+        return Generation(tokens, ttft, dec, margins, total)
+
+    def reset_peak(self) -> None:
+        self.mx.reset_peak_memory()
+
+    def peak(self) -> tuple[int, str]:
+        return int(self.mx.get_peak_memory()), "mlx peak memory"
+
+    def close(self) -> None:
+        self.batch.close()
+        self.batch = None
+
+
 def runner_for(side: Side):
     return MlxRunner(side) if side.backend == "mlx" else TorchRunner(side)
