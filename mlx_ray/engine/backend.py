@@ -32,7 +32,9 @@ def build(model, cfg: EngineConfig, *, kv_budget: int, kv_bytes_per_token: int, 
     why = _paged_refusal(model, cfg)
     if why is None:
         shapes, dtype = paged.layer_shapes(model)
-        why = paged.check(model, shapes, dtype, cfg.kv_bits, cfg.kv_group_size)
+        # The probe checks that the architecture goes through the paged step, at the cache's float
+        # precision (exact); what quantized KV costs is a parity question (mlx-ray parity --kv-bits).
+        why = paged.check(model, shapes, dtype, None, cfg.kv_group_size)
         if why is None:
             bad_dim = sorted({s.head_dim for s in shapes} - set(pa.HEAD_DIMS))
             if bad_dim and cfg.kv_cache == "auto":

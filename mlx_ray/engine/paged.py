@@ -37,6 +37,7 @@ from .sampling import sample_rows
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32  # tokens a block (vLLM: 16); larger blocks cut table work in the kernels, waste <= 31 tokens a row
+MAX_PREFILL_ROWS = 8  # prompts prefilled together in one forward (as mlx-lm's prefill batch)
 
 
 # ------------------------------------------------------------------ the model's view
@@ -157,13 +158,14 @@ class PagedBatch:
         self.admit_copy_bytes = 0
         self.finish_copy_bytes = 0  # always 0: finishing drops references only
         self._layers = len(pool.shapes)
+        self.trash = pool.allocate()  # never freed: where padded prefill positions write
 
     # -- admission -----------------------------------------------------------------
     def available(self) -> int:
         return self.pool.num_free + len(self.prefix.evictable) - self.outstanding
 
     def fits_alone(self, tokens: int) -> bool:
-        return _cdiv(tokens, self.pool.block_size) <= self.pool.num_blocks
+        return _cdiv(tokens, self.pool.block_size) <= self.pool.num_blocks - 1  # less the trash block
 
     def try_insert(self, prompt: list[int], max_tokens: int, sampler, processors) -> Optional[tuple[int, int]]:
         """Admit a row when the blocks for its prompt plus max_tokens are free: (uid, cached tokens), else None."""
@@ -243,20 +245,39 @@ class PagedBatch:
         return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk
-        for row in list(self.rows.values()):
-            if budget <= 0:
+        """One forward over the next chunks of up to ``MAX_PREFILL_ROWS`` prompts (FIFO, ``prefill_chunk`` tokens).
+
+        Chunks of different lengths are right-padded to the longest: a padding query only sees
+        keys up to its own position, so it never touches a real query's result; its K/V lands in
+        the row's own block past its real end (overwritten before any real query reads that
+        position) or in the trash block. The padded area stays within 1.5x the token budget."""
+        budget, chunks = self.prefill_chunk, []
+        for row in self.rows.values():
+            if budget <= 0 or len(chunks) >= MAX_PREFILL_ROWS:
                 break
             if not row.prefilling:
                 continue
-            start = row.n_kv
-            end = min(len(row.tokens) - 1, start + budget)
+            n = min(len(row.tokens) - 1 - row.n_kv, budget)
+            if chunks and (len(chunks) + 1) * max(n, *(e - s for _, s, e in chunks)) > 1.5 * self.prefill_chunk:
+                break
+            chunks.append((row, row.n_kv, row.n_kv + n))
+            budget -= n
+        if not chunks:
+            return
+        L, bs = max(e - s for _, s, e in chunks), self.pool.block_size
+        inputs, slots, tables = [], [], []
+        for row, start, end in chunks:
             self._ensure_blocks(row, end)
-            self._forward(mx.array([row.tokens[start:end]], dtype=mx.uint32), self._slots(row, start, end),
-                          [row.blocks], [end], start)
-            mx.eval(self.pool.arrays())  # the logits are never needed: only the K/V is computed
+            table = row.blocks + [self.trash] * (_cdiv(start + L, bs) - len(row.blocks))
+            inputs.append(row.tokens[start:end] + [0] * (L - (end - start)))
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + L)]
+            tables.append(table)
+        starts = [start for _, start, _ in chunks]
+        offset = starts[0] if len(chunks) == 1 else mx.array(starts, dtype=mx.int32)
+        self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset)
+        mx.eval(self.pool.arrays())  # the logits are never needed: only the K/V is computed
+        for row, _, end in chunks:
             row.n_kv = end
-            budget -= end - start
 
     def _decode_logits(self, rows: list[Row]) -> mx.array:
         """[B, V] logits of every row's next token: its last token at position n_kv, K/V written there."""
@@ -330,10 +351,11 @@ class PagedBatch:
         self.outstanding = 0
         self.prefix = BlockPrefixCache(self.pool, self.prefix.max_blocks)
         self.pool.reset()
+        self.trash = self.pool.allocate()
 
     @property
     def used_blocks(self) -> int:
-        return self.pool.num_blocks - self.pool.num_free
+        return self.pool.num_blocks - 1 - self.pool.num_free
 
     def stats(self) -> dict:
         p = self.pool
@@ -341,7 +363,7 @@ class PagedBatch:
             kv_cache="paged",
             kv_bits=p.bits,
             kv_block_size=p.block_size,
-            kv_blocks_total=p.num_blocks,
+            kv_blocks_total=p.num_blocks - 1,
             kv_blocks_used=self.used_blocks - len(self.prefix.evictable),
             kv_blocks_cached=len(self.prefix),
             kv_blocks_free=p.num_free + len(self.prefix.evictable),
