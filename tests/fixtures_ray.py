@@ -30,13 +30,21 @@ RESOURCE = "gpu_apple_mps"
 RAY = ray_executable()  # this interpreter's Ray (the session may run on another Ray version's env)
 
 
+_GIVEN: set[int] = set()  # ports already handed out in this session
+
+
 def free_ports(n: int) -> list[int]:
+    """n distinct free ports, never one handed out before in this session (the OS may give a port
+    that was just closed again: the head's GCS port once came back as its object manager's)."""
     socks, ports = [], []
-    for _ in range(n):
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
+        socks.append(s)  # held open until the end: this call never gets the same port twice
+        port = s.getsockname()[1]
+        if port not in _GIVEN:
+            ports.append(port)
+            _GIVEN.add(port)
     for s in socks:
         s.close()
     return ports
