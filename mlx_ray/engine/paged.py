@@ -110,7 +110,6 @@ def patch_attention() -> int:
 class Row:
     uid: int
     tokens: list[int]  # prompt + generated so far
-    prompt_len: int
     max_tokens: int
     sampler: Any
     processors: list
@@ -127,14 +126,12 @@ class Row:
 
 @dataclass
 class Response:
-    """What the scheduler reads of a decoded token (the shape mlx-lm's BatchGenerator responses have)."""
+    """What the scheduler reads of a decoded token (the fields mlx-lm's BatchGenerator responses have)."""
 
     uid: int
     token: int
     logprobs: mx.array
     finish_reason: Optional[str]
-    prompt_cache: Any = None
-    all_tokens: Any = None
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -186,7 +183,7 @@ class PagedBatch:
         for b in full:
             self.pool.incref(b)
         self.prefix.touch(full)
-        row = Row(self._next_uid, list(prompt), len(prompt), max_tokens, sampler, processors, fresh, blocks=list(full))
+        row = Row(self._next_uid, list(prompt), max_tokens, sampler, processors, fresh, blocks=list(full))
         self._next_uid += 1
         row.n_kv = len(full) * bs
         self.outstanding += fresh
@@ -407,7 +404,7 @@ def check(model, shapes, dtype, bits: Optional[int], group_size: int) -> Optiona
     """Run a short prompt through the paged step and through mlx-lm's own cache; why they differ, or None."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    toks = [1, 17, 300, 4242, 9, 77, 1234, 5, 8][: 9]
+    toks = [1, 17, 300, 4242, 9, 77, 1234, 5, 8]
     ref = model(mx.array([toks]), cache=make_prompt_cache(model))[0, -1].astype(mx.float32)
     patch_attention()
     pool = KVPool(shapes, dtype, num_blocks=4, block_size=4, bits=bits, group_size=group_size)
