@@ -44,7 +44,10 @@ no prefix cache is handed ``--admission-requests`` (64) workload-L requests of
 ``--max-tokens`` each (ignore_eos) at once; ``stats()["running"]`` is polled
 every few ms until the first request finishes (so no row has been freed yet)
 and the peak is reported, new / base (targets: >= 2x; >= 3.5x with 8-bit KV,
-``EngineConfig.kv_bits``, skipped while the engine has no such field).
+``EngineConfig.kv_bits``, skipped while the engine has no such field). Each new
+side runs twice: with its default admission (backfilling: later requests that
+cannot delay the waiting head start beside it) and with ``admission="fifo"``
+(``<side>-fifo``: strictly in arrival order, as vLLM's and TGI's schedulers).
 
 **Short** (``--short``): the short prompts of ``bench/engine_vs_mlxlm.py`` at
 concurrency 1/4/16/32, 64 tokens, greedy, ignore_eos, ``max(4, 2 x level)``
@@ -393,6 +396,10 @@ async def admission_async(spec: dict) -> dict:
         if "kv_bits" not in fields:
             return {"skipped": "EngineConfig has no kv_bits (not yet)", "mlx_ray": mlx_ray.__file__}
         cfg["kv_bits"] = spec["kv_bits"]
+    if spec.get("admission"):
+        if "admission" not in fields:
+            return {"skipped": "EngineConfig has no admission policy (not yet)", "mlx_ray": mlx_ray.__file__}
+        cfg["admission"] = spec["admission"]
     engine = MLXEngine(spec["model"], EngineConfig(**cfg))
     await engine.start()
     try:
@@ -505,6 +512,13 @@ def run(args) -> dict:
             r.update(load_avg_before=la, load_avg_after=os.getloadavg())
             report["admission"][name] = r
             log(f"   peak running {r.get('peak_running', '-')} ({r.get('stopped_by') or r.get('skipped')})")
+            if name != "base":  # the same engine with strict FIFO admission (no backfilling), beside it
+                r = run_worker("--admission-worker", dict(spec, admission="fifo"), env_with_pythonpath(None),
+                               f"admission {name} fifo")
+                if "skipped" not in r:
+                    r.update(load_avg_before=la, load_avg_after=os.getloadavg())
+                    report["admission"][f"{name}-fifo"] = r
+                    log(f"   fifo: peak running {r.get('peak_running', '-')} ({r.get('stopped_by')})")
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     derive(report)
     return report
@@ -623,11 +637,12 @@ def text_report(report: dict) -> str:
         rows = []
         for name, a in adm.items():
             if "skipped" in a:
-                rows.append([name, "-", "-", "-", "-", "-", "-", "skipped: " + a["skipped"]])
+                rows.append([name, "-", "-", "-", "-", "-", "-", "-", "skipped: " + a["skipped"]])
                 continue
-            target = TARGETS["admission_kv8_x_base"] if name == "new-kv8" else TARGETS["admission_x_base"]
+            target = TARGETS["admission_kv8_x_base"] if name.startswith("new-kv8") else TARGETS["admission_x_base"]
             sp = a["stats_at_peak"]
-            rows.append([name, a["engine_config"].get("kv_bits") or "-", a["peak_running"], sp.get("waiting"),
+            policy = a["engine_config"].get("admission") or ("fifo" if name == "base" else "backfill")
+            rows.append([name, a["engine_config"].get("kv_bits") or "-", policy, a["peak_running"], sp.get("waiting"),
                          mib(sp.get("kv_bytes_used")), a.get("x_base"),
                          "-" if name == "base" else ok(a.get("x_base"), target),
                          f"{a['stopped_by']} at {a['stop_s']:.1f} s"])
@@ -636,8 +651,9 @@ def text_report(report: dict) -> str:
         out.append(f"\nadmission: {a0.get('submitted', '-')} workload-L requests at once "
                    f"({min(pts)}-{max(pts)} prompt tokens, {cfg['max_tokens']} max_tokens, ignore_eos) into the engine "
                    f"in process, kv_budget {cfg['kv_budget_mib']} MiB, max_num_seqs {cfg['admission_max_num_seqs']}, "
-                   "no prefix cache; peak of stats()['running'] before the first finish:\n"
-                   + markdown_table(["side", "kv_bits", "peak running", "waiting at peak", "kv used MiB at peak",
+                   "no prefix cache; peak of stats()['running'] before the first finish "
+                   "(the new sides with backfilling, their default, and with strict FIFO):\n"
+                   + markdown_table(["side", "kv_bits", "admission", "peak running", "waiting at peak", "kv used MiB at peak",
                                      "x base", "target (2x; kv8 3.5x)", "stopped"], rows))
     shorts = {name: s["short"] for name, s in report["sides"].items() if s.get("short")}
     if shorts:

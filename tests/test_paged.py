@@ -158,10 +158,73 @@ def test_admission_by_blocks_runs_more_rows_than_the_batch_cache_in_the_same_bud
         run_async(batch.shutdown())
 
 
+def _timeline(e, first, rest):
+    """Start ``first`` (rid, ids, max_tokens), wait for its first token, then submit ``rest`` in order:
+    each request's (first-token time, finish time), and the engine's stats at the end."""
+    from mlx_ray.engine.protocol import TokenEvent
+
+    async def main():
+        loop, times = asyncio.get_running_loop(), {}
+
+        async def one(rid, ids, n, started=None):
+            t0 = None
+            async for ev in e.generate(make_request(rid, ids, max_tokens=n, ignore_eos=True)):
+                if isinstance(ev, TokenEvent) and t0 is None:
+                    t0 = loop.time()
+                    if started:
+                        started.set()
+                elif not isinstance(ev, TokenEvent):
+                    assert ev.error is None and ev.completion_tokens == n
+            times[rid] = (t0, loop.time())
+
+        started = asyncio.Event()
+        tasks = [asyncio.ensure_future(one(*first, started=started))]
+        await started.wait()
+        tasks += [asyncio.ensure_future(one(*r)) for r in rest]
+        await asyncio.gather(*tasks)
+        return times
+    return run_async(main()), e.stats()
+
+
+def test_backfill_starts_only_what_cannot_delay_the_waiting_head(mlx_f32):
+    """EASY backfilling: with A running, head H waits for A's blocks; D would fit now but would still
+    hold blocks when A is done (H would wait for it): it must wait behind H; C fits and finishes
+    before A: it starts at once. Strict FIFO (admission="fifo") starts C only after H."""
+    block = 30 * 3 * 64 * 2 * 4 * 8  # f32 K+V of 8 tokens, 30 layers of 3 KV heads of 64
+    kw = dict(kv_cache="paged", kv_block_size=8, kv_budget_bytes=21 * block, prefix_cache_bytes=0,
+              max_num_seqs=8, max_model_len=256)
+    p = [[1, 17, 300, 4242, 9 + i] for i in range(4)]  # 5 tokens each
+    A = ("A", p[0], 50)   # 7 blocks, ~50 steps
+    H = ("H", p[1], 150)  # 20 blocks: waits until A is done (13 free beside A)
+    D = ("D", p[2], 60)   # 9 blocks: fits now, but outlasts A and the pool has nothing spare for H then
+    C = ("C", p[3], 10)   # 2 blocks, done long before A
+    e = start_engine(mlx_f32, **kw)
+    try:
+        assert e.stats()["kv_blocks_total"] == 20
+        t, s = _timeline(e, A, [H, D, C])
+        assert s["requests_backfilled"] == 1
+        assert t["C"][1] < t["A"][1]  # C ran beside A
+        assert t["H"][0] < t["D"][0]  # D did not overtake H
+        assert s["kv_blocks_used"] == 0 and s["inflight"] == 0
+    finally:
+        run_async(e.shutdown())
+    e = start_engine(mlx_f32, admission="fifo", **kw)
+    try:
+        t, s = _timeline(e, A, [H, D, C])
+        assert s["requests_backfilled"] == 0
+        assert t["C"][0] > t["H"][0] and t["C"][0] > t["A"][1]
+    finally:
+        run_async(e.shutdown())
+
+
 def test_8_bit_kv_agrees_with_float_kv_on_the_next_token(mlx_f32, mlxlm_f32):
     """Teacher-forced top-1 agreement of 8-bit KV against float32 KV on the parity prompts (>= 0.99).
 
-    At the default group of 32 (two groups per 64-wide head); group 64 gave 283/288 (0.983) here."""
+    Each prompt and its 48-token greedy continuation (float KV) are scored through each pool (``score``: every
+    position attends to K/V as stored, as decode reads them). At the default group of 32 (two groups
+    per 64-wide head); group 64 gave 283/288 (0.983) here."""
+    from mlx_lm.sample_utils import greedy_sampler
+
     from mlx_ray.engine import paged
     from mlx_ray.parity.prompts import load_prompts
 
@@ -169,22 +232,17 @@ def test_8_bit_kv_agrees_with_float_kv_on_the_next_token(mlx_f32, mlxlm_f32):
     shapes, dtype = paged.layer_shapes(model)
     batches = {bits: paged.build(model, shapes, dtype, kv_budget=64 << 20, block_size=32, bits=bits, group_size=EngineConfig().kv_group_size,
                                  prefix_bytes=0, prefill_chunk=64, max_rows=1) for bits in (None, 8)}
+    prompts = [p.token_ids(tok) for p in load_prompts(None)[:6]]
+    conts = {batches[None].insert_row(ids, 48, greedy_sampler, []).uid: [] for ids in prompts}
+    while batches[None].rows or any(len(c) < 48 for c in conts.values()):  # the float cache's greedy text, batched
+        for r in batches[None].step():
+            conts[r.uid].append(r.token)
     agree = total = 0
-    for p in load_prompts(None)[:6]:
-        ids = p.token_ids(tok)
-        rows = {bits: b.insert_row(ids, 48, None, []) for bits, b in batches.items()}
-        for b, r in zip(batches.values(), rows.values()):
-            while r.prefilling:
-                b._prefill()
-        for _ in range(48):
-            top = {bits: int(mx.argmax(batches[bits]._decode_logits([r])[0]).item()) for bits, r in rows.items()}
-            agree += top[None] == top[8]
-            total += 1
-            for bits, r in rows.items():  # both continue with the float cache's token
-                r.n_kv += 1
-                r.tokens.append(top[None])
-        for bits, r in rows.items():
-            batches[bits].remove([r.uid])
+    for ids, cont in zip(prompts, conts.values()):
+        top = {bits: mx.argmax(b.score(ids + cont[:-1])[len(ids) - 1:], axis=-1).tolist() for bits, b in batches.items()}
+        assert len(top[8]) == 48
+        agree += sum(a == b for a, b in zip(top[None], top[8]))
+        total += 48
     assert total == 6 * 48 and agree / total >= 0.99, f"top-1 agreement {agree}/{total}"
 
 

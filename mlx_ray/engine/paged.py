@@ -12,17 +12,27 @@ does not go this way fails the load-time probe (``probe``) and the engine
 keeps the rectangular batch cache for it (``batching.py``).
 
 A step is: at most ``prefill_chunk`` prompt tokens of the prompts being
-prefilled (one prompt at a time, B = 1, so nothing is padded: a chunk attends
-to its own cached prefix through the block table), then one decode step of
-every running row (B rows, L = 1). A prompt's last token is not prefilled: it
-is the row's first decode input, so a new row costs no forward of its own and
-a prefix-cache hit that covers all but the last token joins at once. Joining
-and leaving the batch copies no KV: a row is its block table.
+prefilled (up to ``MAX_PREFILL_ROWS`` of them in one padded forward; a chunk
+attends to its own cached prefix through the block table), then one decode
+step of every running row (B rows, L = 1). A prompt's last token is not
+prefilled: it is the row's first decode input, so a new row costs no forward
+of its own and a prefix-cache hit that covers all but the last token joins at
+once. Joining and leaving the batch copies no KV: a row is its block table.
+
+Steps are pipelined as mlx-lm's generators are: a step's graph is built on the
+previous step's *lazy* tokens and handed to ``mx.async_eval``, and only then
+are the previous step's tokens read on the host, so building step t+1 (Python,
+30 layers of graph) overlaps computing step t. What the host learns late costs
+one row-step: a row that sampled a stop token has already been put in the
+next step, whose result for it is dropped. Rows with logits processors
+(penalties, grammars) need their context on the host, so a step that has one
+reads the previous tokens first (no overlap for that step).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -116,8 +126,9 @@ class Row:
     unallocated: int  # blocks reserved at admission (prompt + max_tokens, less shared ones) not yet allocated
     blocks: list[int] = field(default_factory=list)
     n_kv: int = 0  # positions whose K/V is in the pool
-    generated: int = 0
+    generated: int = 0  # tokens sampled, including one still in flight
     cached: int = 0
+    final: bool = False  # its last token (max_tokens) is in flight: not decoded again
 
     @property
     def prefilling(self) -> bool:
@@ -132,6 +143,29 @@ class Response:
     token: int
     logprobs: mx.array
     finish_reason: Optional[str]
+
+
+@dataclass
+class _InFlight:
+    """A step handed to ``mx.async_eval`` whose tokens the host has not read yet."""
+
+    rows: list[Row]
+    tokens: mx.array  # [B] uint32, lazy
+    logprobs: mx.array  # [B, V], lazy
+    index: dict[int, int]  # uid -> row of ``tokens``
+    final: list[bool]  # this token is the row's last (max_tokens)
+
+
+@dataclass
+class Reservation:
+    """When the head of the queue will fit (EASY backfilling's "shadow time"), and what is spare then.
+
+    ``steps``: loop steps until running rows have finished enough to free the head's blocks (an
+    upper bound: a row's steps left assume it runs to max_tokens); ``spare``: blocks free beyond
+    the head's at that step."""
+
+    steps: float
+    spare: int
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -156,6 +190,7 @@ class PagedBatch:
         self.finish_copy_bytes = 0  # always 0: finishing drops references only
         self._layers = len(pool.shapes)
         self.trash = pool.allocate()  # never freed: where padded prefill positions write
+        self._inflight: Optional[_InFlight] = None
 
     # -- admission -----------------------------------------------------------------
     def available(self) -> int:
@@ -202,6 +237,45 @@ class PagedBatch:
         self.prefix.record(row.cached)
         self.rows[row.uid] = row
         return row
+
+    def _need(self, prompt: list[int], max_tokens: int) -> int:
+        """Blocks a request would take from the pool now: prompt + max_tokens, less the cached full blocks."""
+        full, _ = self.prefix.match(prompt)
+        return _cdiv(len(prompt) + max_tokens, self.pool.block_size) - len(full)
+
+    def _steps_left(self, row: Row) -> int:
+        left = max(0, len(row.tokens) - 1 - row.n_kv)
+        return _cdiv(left, self.prefill_chunk) + row.max_tokens - row.generated
+
+    def reservation(self, prompt: list[int], max_tokens: int) -> Reservation:
+        """The head's reservation: the step by which the running rows will have freed its blocks."""
+        need, avail = self._need(prompt, max_tokens), self.available()
+        ends = sorted((self._steps_left(r), len(r.blocks) + r.unallocated) for r in self.rows.values())
+        for steps, blocks in [(0, 0)] + ends:
+            avail += blocks
+            if avail >= need:
+                return Reservation(steps, avail - need)
+        return Reservation(0, 0)  # never, while these rows run (e.g. blocks pinned): no backfilling
+
+    def try_backfill(self, res: Reservation, prompt: list[int], max_tokens: int, sampler,
+                     processors) -> Optional[tuple[int, int]]:
+        """Admit a request behind the waiting head only if that cannot delay the head (EASY backfilling).
+
+        It may start when its blocks are free now and either it will have finished by the head's
+        reservation (``res.steps``; its own steps counted with its prefill sharing the chunk with
+        every prompt now prefilling) or it fits in the blocks spare at that point (then taken from
+        ``res.spare``). vLLM's and TGI's schedulers stop at the first request that does not fit; with
+        long prompts of mixed length that leaves most of the pool idle behind one long prompt."""
+        need = self._need(prompt, max_tokens)
+        sharing = 1 + sum(r.prefilling for r in self.rows.values())
+        steps = _cdiv(max(0, len(prompt) - 1), self.prefill_chunk) * sharing + max_tokens
+        early = steps <= res.steps
+        if not early and need > res.spare:
+            return None
+        got = self.try_insert(prompt, max_tokens, sampler, processors)
+        if got is not None and not early:
+            res.spare -= need
+        return got
 
     def _allocate(self, row: Row) -> int:
         while self.pool.num_free == 0 and self.prefix.evict_one():
@@ -271,27 +345,56 @@ class PagedBatch:
             tables.append(table)
         starts = [start for _, start, _ in chunks]
         offset = starts[0] if len(chunks) == 1 else mx.array(starts, dtype=mx.int32)
+        # Lazy: the logits are never needed, only the K/V writes, which the step evaluates with the pool.
         self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset)
-        mx.eval(self.pool.arrays())  # the logits are never needed: only the K/V is computed
         for row, _, end in chunks:
             row.n_kv = end
 
-    def _decode_logits(self, rows: list[Row]) -> mx.array:
-        """[B, V] logits of every row's next token: its last token at position n_kv, K/V written there."""
+    def _decode_logits(self, rows: list[Row], inputs: Optional[mx.array] = None) -> mx.array:
+        """[B, V] logits of every row's next token: its last token at position n_kv, K/V written there.
+
+        ``inputs`` ([B] uint32, possibly lazy) are those last tokens when the host does not have them yet."""
         bs = self.pool.block_size
         for r in rows:
             self._ensure_blocks(r, r.n_kv + 1)
         slots = [r.blocks[r.n_kv // bs] * bs + r.n_kv % bs for r in rows]
-        inputs = mx.array([[r.tokens[-1]] for r in rows], dtype=mx.uint32)
+        if inputs is None:
+            inputs = mx.array([r.tokens[-1] for r in rows], dtype=mx.uint32)
         offsets = mx.array([r.n_kv for r in rows], dtype=mx.int32)
-        return self._forward(inputs, slots, [r.blocks for r in rows], [r.n_kv + 1 for r in rows], offsets)[:, -1, :]
+        return self._forward(inputs[:, None], slots, [r.blocks for r in rows], [r.n_kv + 1 for r in rows],
+                             offsets)[:, -1, :]
 
     def step(self) -> list[Response]:
+        """Queue this step (prefill chunk + decode of every running row) and return the previous step's tokens."""
+        prev, self._inflight = self._inflight, None
+        out: list[Response] = []
         self._prefill()
-        rows = [r for r in self.rows.values() if not r.prefilling]
-        if not rows:
-            return []
-        logits = self._decode_logits(rows)
+        rows = [r for r in self.rows.values() if not r.prefilling and not r.final]
+        if prev is not None and any(r.processors for r in rows):
+            out = self._read(prev)  # the processors need every row's context on the host
+            prev = None
+            rows = [r for r in rows if r.uid in self.rows]
+        if rows:
+            self._inflight = self._queue(rows, prev)
+        else:
+            mx.async_eval(self.pool.arrays())  # a prefill-only step
+        if prev is not None:
+            out = self._read(prev)
+        return out
+
+    def _queue(self, rows: list[Row], prev: Optional[_InFlight]) -> _InFlight:
+        # Rows of the previous step first (their inputs are its lazy tokens), then rows the host knows.
+        if prev is not None:
+            rows = [r for r in rows if r.uid in prev.index] + [r for r in rows if r.uid not in prev.index]
+            carried = [prev.index[r.uid] for r in rows if r.uid in prev.index]
+            known = [r.tokens[-1] for r in rows[len(carried):]]
+            parts = [prev.tokens[mx.array(carried, dtype=mx.int32)]] if carried else []
+            if known:
+                parts.append(mx.array(known, dtype=mx.uint32))
+            inputs = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        else:
+            inputs = None
+        logits = self._decode_logits(rows, inputs)
         if any(r.processors for r in rows):
             parts = []
             for i, r in enumerate(rows):
@@ -304,14 +407,22 @@ class PagedBatch:
             logits = mx.concatenate(parts, axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = sample_rows(logprobs, [r.sampler for r in rows])
-        mx.eval(tokens, self.pool.arrays())
-        out = []
-        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):
+        mx.async_eval(tokens, logprobs, *self.pool.arrays())
+        for r in rows:
             r.n_kv += 1
-            r.tokens.append(t)
             r.generated += 1
-            done = "length" if r.generated >= r.max_tokens else None
-            out.append(Response(r.uid, t, logprobs[i], done))
+            r.final = r.generated >= r.max_tokens
+        return _InFlight(rows, tokens, logprobs, {r.uid: i for i, r in enumerate(rows)}, [r.final for r in rows])
+
+    def _read(self, step: _InFlight) -> list[Response]:
+        """The host side of a queued step: its tokens, for the rows still in the batch."""
+        out = []
+        for i, (r, t, final) in enumerate(zip(step.rows, step.tokens.tolist(), step.final)):
+            if self.rows.get(r.uid) is not r:  # removed (stop token, cancel, deadline) while in flight
+                continue
+            r.tokens.append(t)
+            done = "length" if final else None
+            out.append(Response(r.uid, t, step.logprobs[i], done))
             if done:
                 self.remove([r.uid], keep_cache=True)
         return out
@@ -345,6 +456,7 @@ class PagedBatch:
     def reset(self) -> None:
         """After a failed step: the pool may hold half-written layers, so every block starts over."""
         self.rows.clear()
+        self._inflight = None
         self.outstanding = 0
         self.prefix = BlockPrefixCache(self.pool, self.prefix.max_blocks)
         self.pool.reset()

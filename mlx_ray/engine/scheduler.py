@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -43,6 +44,7 @@ from .textstream import TextStream
 log = logging.getLogger(__name__)
 
 IDLE_TICK_S = 0.25  # the idle loop still beats this often (health)
+BACKFILL_LOOKAHEAD = 64  # waiting requests looked at behind a head that does not fit
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Scheduler:
         self.error: Optional[BaseException] = None
         self.inject_fault: Optional[BaseException] = None  # test hook: raised inside the next step
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps=0, requests_finished=0,
-                             requests_failed=0, batch_failures=0)
+                             requests_failed=0, batch_failures=0, requests_backfilled=0)
         self.published: dict[str, Any] = {}
         self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
@@ -191,24 +193,49 @@ class Scheduler:
                     f"the request passed its deadline after {seq.generated} tokens; retry with a longer timeout or fewer max_tokens"))
 
     def _admit(self) -> None:
-        """FIFO admission while a row is free and the backend has room for the request's KV."""
+        """FIFO admission while a row is free and the backend has room for the request's KV; then backfilling.
+
+        When the head of the queue waits for KV, the paged backend may start requests behind it
+        that cannot delay it (``PagedBatch.try_backfill``), up to ``BACKFILL_LOOKAHEAD`` deep, with
+        one row kept for the head. ``admission="fifo"`` turns that off."""
         while self.waiting and len(self.active) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            prompt = seq.req.prompt_token_ids
-            try:
-                got = self.backend.try_insert(prompt, seq.req.sampling.max_tokens, seq.sampler, seq.processors)
-            except Exception as e:
-                self.waiting.popleft()
-                log.exception("could not insert request %s", seq.req.request_id)
-                self._finish(seq, "error", EngineFault(f"could not start the request ({type(e).__name__}: {e})"))
+            got = self._insert(seq, self.backend.try_insert)
+            if got is False:
                 continue
             if got is None:  # its KV does not fit beside the running rows yet
+                break
+        else:
+            return
+        reservation = getattr(self.backend, "reservation", None)
+        if self.cfg.admission != "backfill" or reservation is None or len(self.waiting) < 2:
+            return
+        head = self.waiting[0]
+        res = reservation(head.req.prompt_token_ids, head.req.sampling.max_tokens)
+        for seq in list(islice(self.waiting, 1, 1 + BACKFILL_LOOKAHEAD)):
+            if len(self.active) >= self.cfg.max_num_seqs - 1:
                 return
-            self.waiting.popleft()
-            seq.uid, seq.cached = got
-            seq.skip_first = self.backend.first_is_prompt
-            self.active[seq.uid] = seq
-            self.counters["prompt_tokens_total"] += len(prompt)
+            self._insert(seq, lambda *a: self.backend.try_backfill(res, *a), backfill=True)
+
+    def _insert(self, seq: Seq, insert, backfill: bool = False) -> Any:
+        """Start a waiting request: True, None (no room yet), False (it failed and was answered)."""
+        prompt = seq.req.prompt_token_ids
+        try:
+            got = insert(prompt, seq.req.sampling.max_tokens, seq.sampler, seq.processors)
+        except Exception as e:
+            self.waiting.remove(seq)
+            log.exception("could not insert request %s", seq.req.request_id)
+            self._finish(seq, "error", EngineFault(f"could not start the request ({type(e).__name__}: {e})"))
+            return False
+        if got is None:
+            return None
+        self.waiting.remove(seq)
+        seq.uid, seq.cached = got
+        seq.skip_first = self.backend.first_is_prompt
+        self.active[seq.uid] = seq
+        self.counters["prompt_tokens_total"] += len(prompt)
+        self.counters["requests_backfilled"] += backfill
+        return True
 
     def _remove(self, uids: list[int], keep_cache: bool = False) -> None:
         self.backend.remove(uids, keep_cache=keep_cache)

@@ -49,6 +49,9 @@ def configure_parser(p) -> None:
     p.add_argument("--kv-cache", choices=("auto", "paged", "batch"),
                    help="KV cache per model: paged (block pool) where verified, batch (mlx-lm's), auto (default)")
     p.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the paged KV cache (default: the model's dtype)")
+    p.add_argument("--admission", choices=("backfill", "fifo"),
+                   help="backfill (default): while the oldest request waits for KV, start later ones that cannot "
+                        "delay it; fifo: strictly in arrival order")
     p.add_argument("--kv-budget-mib", type=int, help="KV-cache MiB per model (default: from device memory)")
     p.add_argument("--prefix-cache-mib", type=int, help="prefix-cache MiB per model (0 disables)")
     p.add_argument("--resource", help="custom Ray resource replicas need (default gpu_apple_mps; 'none' for none)")
@@ -77,7 +80,7 @@ def config_from_args(args) -> ServeConfig:
         raise BadRequest("no model given: pass --model M (or --config FILE with models)")
     for m in data["models"]:
         eng = m.setdefault("engine", {})
-        for key in ("max_model_len", "max_num_seqs", "max_queue", "kv_cache", "kv_bits"):
+        for key in ("max_model_len", "max_num_seqs", "max_queue", "kv_cache", "kv_bits", "admission"):
             if getattr(args, key) is not None:
                 eng[key] = getattr(args, key)
         for key, mib in (("kv_budget_bytes", args.kv_budget_mib), ("prefix_cache_bytes", args.prefix_cache_mib)):

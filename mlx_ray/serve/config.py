@@ -232,7 +232,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
 # short form / env vars -> full form. Keys: arg name, env var, where it goes.
 _ENGINE_KEYS = {"max_model_len": "MAX_MODEL_LEN", "max_num_seqs": "MAX_NUM_SEQS", "max_queue": "MAX_QUEUE",
                 "prefill_chunk": "PREFILL_CHUNK", "kv_budget_bytes": "KV_BUDGET_BYTES",
-                "prefix_cache_bytes": "PREFIX_CACHE_BYTES", "kv_cache": "KV_CACHE", "kv_bits": "KV_BITS"}
+                "prefix_cache_bytes": "PREFIX_CACHE_BYTES", "kv_cache": "KV_CACHE", "kv_bits": "KV_BITS",
+                "admission": "ADMISSION"}
 _PLACEMENT_KEYS = {"resource": "MLX_RAY_RESOURCE", "num_cpus": "NUM_CPUS", "num_gpus": "NUM_GPUS",
                    "num_replicas": "NUM_REPLICAS"}
 _TOP_KEYS = {"api_key_file": "API_KEY_FILE", "api_key_env": "API_KEY_ENV", "request_timeout_s": "REQUEST_TIMEOUT_S"}
