@@ -345,8 +345,10 @@ class PagedBatch:
             tables.append(table)
         starts = [start for _, start, _ in chunks]
         offset = starts[0] if len(chunks) == 1 else mx.array(starts, dtype=mx.int32)
-        # Lazy: the logits are never needed, only the K/V writes, which the step evaluates with the pool.
+        # The logits are never needed, only the K/V writes. Queued on their own (async): in one graph with
+        # the decode step that follows, MLX could not always update the pool in place and copied whole layers.
         self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset)
+        mx.async_eval(self.pool.arrays())
         for row, _, end in chunks:
             row.n_kv = end
 
