@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from fixtures_engine import collect, make_request, run_async
@@ -167,6 +168,21 @@ def test_logprobs_and_top_logprobs(engine_f32):
         assert len(lp.top) == 5
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
         assert lp.top[0] == (tok, pytest.approx(lp.logprob))  # greedy picks the most likely
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=5e-324), dict(repetition_penalty=1e300),
+                                dict(temperature=5e-324), dict(temperature=1e-300, top_k=3, seed=1)], ids=str)
+def test_extreme_valid_sampling_values_give_finite_logprobs_and_honour_filters(engine_f32, kw):
+    """Found by the fuzz: repetition_penalty 5e-324 is 0 in float32 (0/0 = NaN logprobs, a 500 on JSON),
+    and a denormal temperature turned the row's logprobs to NaN, so top_k 3 kept a token at -20.9 nats."""
+    ids = chat(engine_f32, QUESTIONS[0])
+    got, _, _, lps, fin = run_async(collect(engine_f32, make_request("x", ids, max_tokens=4, logprobs=True,
+                                                                    top_logprobs=3, **kw)))
+    assert fin.finish_reason == "length" and len(lps) == len(got) == 4
+    for tok, lp in zip(got, lps):
+        assert math.isfinite(lp.logprob) and all(math.isfinite(v) for _, v in lp.top)
+        if "temperature" in kw:  # below 1e-5 it is greedy, as in vLLM
+            assert lp.top[0][0] == tok
 
 
 @pytest.mark.parametrize("prompt,raw", [("北京是中国的首都。上海是", True), ("Reply only with emoji: party", False)])

@@ -99,7 +99,7 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (below 1e-5: sampling.GREEDY_BELOW_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0
@@ -124,10 +124,19 @@ class GenerationRequest:
     deadline: Optional[float] = None  # time.monotonic() deadline; past it: finish "error" with DeadlineExceeded
 
 
+# The floor of a reported logprob (vLLM's): -inf and NaN are not JSON, and a token the
+# penalties or logit_bias made impossible still gets a number a client can parse.
+MIN_LOGPROB = -9999.0
+
+
+def finite_logprob(v: float) -> float:
+    return v if v > MIN_LOGPROB else MIN_LOGPROB  # NaN fails the comparison too
+
+
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float  # >= MIN_LOGPROB, never NaN
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
 
 

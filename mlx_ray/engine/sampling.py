@@ -24,6 +24,7 @@ import random
 from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import greedy_sampler
 
 from ..errors import BadRequest
@@ -32,6 +33,12 @@ from .protocol import LIMITS, MAX_LOGIT_BIAS, MAX_STOP_STRINGS, SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+# Temperatures below this sample greedily, as vLLM's do (its _SAMPLING_EPS): dividing
+# logprobs by a denormal or zero float32 temperature gives inf - inf = NaN, and the
+# filters then keep tokens they must not (top_k 3 picked a token at -20.9 nats).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
 def validate(p: SamplingParams, vocab_size: int) -> None:
@@ -144,7 +151,7 @@ class BatchSampler:
 
 def make_sampler(p: SamplingParams, default_seed: Optional[int] = None) -> Sampler:
     """Greedy (one shared function, so an all-greedy batch samples in one call) or keyed."""
-    if p.temperature == 0:
+    if p.temperature < GREEDY_BELOW_TEMPERATURE:
         return greedy_sampler
     seed = p.seed if p.seed is not None else default_seed
     return KeyedSampler(p, seed if seed is not None else random.getrandbits(63))
@@ -164,13 +171,17 @@ def make_logits_processors(p: SamplingParams, prompt_len: int) -> list[LogitsPro
 
         procs.append(logit_bias)
     if p.repetition_penalty != 1.0:
-        rp = p.repetition_penalty
+        # Any penalty > 0 is valid (vLLM, HF), but 5e-324 is 0 in float32 and 0/0 is NaN: keep
+        # the penalty a normal float32 and the penalized logits finite in the logits' dtype.
+        rp = min(max(p.repetition_penalty, _F32_TINY), _F32_MAX)
 
         def repetition(tokens: mx.array, logits: mx.array) -> mx.array:
             if tokens.size == 0:
                 return logits
-            sel = logits[:, tokens]
-            logits[:, tokens] = mx.where(sel < 0, sel * rp, sel / rp)
+            sel = logits[:, tokens].astype(mx.float32)
+            big = float(mx.finfo(logits.dtype).max)
+            pen = mx.clip(mx.where(sel < 0, sel * rp, sel / rp), -big, big)
+            logits[:, tokens] = pen.astype(logits.dtype)
             return logits
 
         procs.append(repetition)

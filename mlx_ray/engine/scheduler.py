@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 
 from ..errors import DeadlineExceeded, EngineFault, MlxRayError
-from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob
+from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob, finite_logprob
 from .sampling import top_logprobs
 from .textstream import TextStream
 
@@ -297,8 +297,8 @@ class Scheduler:
         seq.buf_ids.append(r.token)
         seq.buf_text += text
         if lp is not None:
-            top = list(zip(lp[1].tolist(), lp[2].tolist())) if len(lp) > 1 else []
-            seq.buf_lp.append(TokenLogprob(r.token, lp[0].item(), top))
+            top = [(t, finite_logprob(v)) for t, v in zip(lp[1].tolist(), lp[2].tolist())] if len(lp) > 1 else []
+            seq.buf_lp.append(TokenLogprob(r.token, finite_logprob(lp[0].item()), top))
         if reason is None and (now - seq.last_emit) * 1000.0 >= self.cfg.stream_interval_ms:
             self._flush(seq, now)
         return reason
