@@ -245,3 +245,33 @@ def test_finish_event_usage_counts(engine_f32):
     for key in ("running", "waiting", "kv_bytes_used", "kv_budget_bytes", "prefix_hits", "prefix_misses",
                 "prompt_tokens_total", "generation_tokens_total"):
         assert key in s
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "batch"])
+def test_warm_up_runs_at_start_caches_the_preamble_and_zeroes_the_counters(mlx_f32, mlxlm_greedy, kv_cache, caplog):
+    """The start-up warm-up (greedy with logprobs, top_p, top_k + min_p chat requests) runs through the
+    real loop; the counters are zero after it, and a user's first chat request hits the chat template's
+    preamble in the prefix cache, with mlx-lm's tokens."""
+    from mlx_ray.engine.warmup import WARMUP_REQUESTS
+    import logging
+
+    from fixtures_engine import start_engine
+
+    with caplog.at_level(logging.INFO, logger="mlx_ray.engine.warmup"):
+        e = start_engine(mlx_f32, kv_cache=kv_cache, max_num_seqs=4, kv_budget_bytes=64 << 20,
+                         prefix_cache_bytes=32 << 20, max_model_len=1024)
+    try:
+        assert any("warmed up" in r.getMessage() for r in caplog.records)
+        s = e.stats()
+        assert s["requests_finished"] == s["steps"] == s["prompt_tokens_total"] == s["generation_tokens_total"] == 0
+        assert s["prefix_hits"] == s["prefix_misses"] == 0 and s["prefix_cache_entries"] > 0
+        assert s["kv_bytes_used"] == 0 and s["inflight"] == 0
+        ids = chat(e, QUESTIONS[0])
+        warm = chat(e, WARMUP_REQUESTS[0][0])
+        shared = next(i for i, (a, b) in enumerate(zip(ids, warm)) if a != b)
+        assert shared >= 8  # SmolLM2's template: "<|im_start|>system\nYou are a helpful AI assistant ..."
+        got, _, _, _, fin = run_async(collect(e, make_request("first", ids, max_tokens=8)))
+        assert 0 < fin.cached_tokens <= shared and got == mlxlm_greedy(ids, 8)
+        assert e.stats()["requests_finished"] == 1 and e.stats()["prefix_hits"] == 1
+    finally:
+        run_async(e.shutdown())

@@ -107,8 +107,9 @@ def test_paged_batch_is_token_identical_to_mlx_lm_and_copies_no_kv(paged_engine,
 
 
 def test_paged_prefix_hit_gives_the_same_tokens_as_a_miss(mlx_f32, mlxlm_greedy):
+    # warmup=False: an empty prefix cache (the warm-up would leave the chat preamble cached)
     e = start_engine(mlx_f32, kv_cache="paged", max_num_seqs=4, kv_budget_bytes=64 << 20,
-                     prefix_cache_bytes=32 << 20, max_model_len=1024)
+                     prefix_cache_bytes=32 << 20, max_model_len=1024, warmup=False)
     try:
         # 51 tokens: one full block, then a tail of 18 (copied on write)
         ids = chat(e, "What is the capital of France? Answer in one short sentence, please, and be precise about it.")

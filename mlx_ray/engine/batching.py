@@ -151,6 +151,10 @@ class RectBatch:
         if self.gen is not None:
             self.gen.close()
 
+    def reset_counters(self) -> None:
+        """The prefix cache's hit counters back to zero (its entries kept)."""
+        self.prefix.reset_counters()
+
     @property
     def prefix_enabled(self) -> bool:
         return self.prefix.enabled

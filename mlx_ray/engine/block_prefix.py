@@ -162,6 +162,10 @@ class BlockPrefixCache:
             if e.block in self.by_block:
                 self._drop(e)
 
+    def reset_counters(self) -> None:
+        """Hits and misses back to zero, the entries kept (after the engine's warm-up)."""
+        self.hits = self.misses = self.hit_tokens = 0
+
 
 def _common(a: tuple, b: list) -> int:
     """Length of the common prefix of a and b."""

@@ -44,7 +44,8 @@ async def _generate(args: argparse.Namespace, prompt: str) -> int:
     from .engine import MLXEngine
     from .protocol import EngineConfig, GenerationRequest, SamplingParams, TokenEvent
 
-    config = EngineConfig(max_num_seqs=1, max_queue=0, max_model_len=args.max_model_len)
+    # One request: a warm-up would only delay it.
+    config = EngineConfig(max_num_seqs=1, max_queue=0, max_model_len=args.max_model_len, warmup=False)
     engine = MLXEngine(args.model, config)
     t0 = time.perf_counter()
     await engine.start()

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Optional
 from .. import blas
 from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
 from . import backend as kv_backend
-from . import chat_format, loader, sampling
+from . import chat_format, loader, sampling, warmup
 from .constrain import Grammars
 from .memory import PREFIX_SHARE, default_kv_budget, round_up
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, LLMEngine
@@ -170,6 +170,14 @@ class MLXEngine(LLMEngine):
         log.info("engine started: %s (%s, %s), %s KV cache, kv budget %.0f MiB, prefix cache %.0f MiB", self.model_id,
                  self.info.dtype, self.info.device, backend.kind, self.kv_budget_bytes / 2**20,
                  self.prefix_cache_bytes / 2**20)
+        if self.config.warmup:
+            await warmup.warm_up(self)
+
+    async def reset_counters(self) -> None:
+        """Zero the loop's counters (after the warm-up); the prefix cache keeps its entries."""
+        done = self._sched.reset_counters()
+        if not await asyncio.to_thread(done.wait, 60):
+            raise EngineFault("the generation loop did not answer after the warm-up; restart the replica")
 
     async def shutdown(self) -> None:
         self._shutdown = True

@@ -455,6 +455,11 @@ class PagedBatch:
         self.remove(list(self.rows))
         self.prefix.clear()
 
+    def reset_counters(self) -> None:
+        """The prefix cache's hit and the copy counters back to zero (its entries kept)."""
+        self.prefix.reset_counters()
+        self.pool.copied_bytes = self.admit_copy_bytes = self.finish_copy_bytes = 0
+
     def reset(self) -> None:
         """After a failed step: the pool may hold half-written layers, so every block starts over."""
         self.rows.clear()

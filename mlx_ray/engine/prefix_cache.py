@@ -73,3 +73,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._lru.trim_to(n_sequences=0)
+
+    def reset_counters(self) -> None:
+        """Hits and misses back to zero, the entries kept (after the engine's warm-up)."""
+        self.hits = self.misses = self.hit_tokens = 0

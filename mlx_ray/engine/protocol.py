@@ -36,6 +36,9 @@ class EngineConfig(BaseModel):
     kv_bits: Optional[Literal[4, 8]] = Field(None, description="Quantize the paged KV cache to this many bits (affine, per group); None: the model's dtype.")
     kv_group_size: Literal[32, 64, 128] = Field(32, description="Group size of the quantized KV cache (32: top-1 agreement >= 0.99 with float KV on the parity prompts, where 64 fell short).")
     kv_block_size: int = Field(32, ge=1, le=1024, description="Tokens per block of the paged KV cache.")
+    warmup: bool = Field(True, description="At start, run a few short chat requests (greedy and sampled) through the real "
+                                           "path, leaving the chat template's preamble in the prefix cache, then zero the "
+                                           "counters: the first users do not pay one-time costs.")
     admission: Literal["backfill", "fifo"] = Field(
         "backfill", description="fifo: requests start strictly in arrival order; backfill (paged cache): while the "
                                 "oldest waits for KV, later requests that cannot delay it start (EASY backfilling).")

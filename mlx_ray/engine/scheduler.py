@@ -112,6 +112,18 @@ class Scheduler:
     def stop(self) -> None:
         self.cmds.put(("stop", None))
 
+    def reset_counters(self) -> threading.Event:
+        """Zero every counter (the backend's too), on the loop; the event is set once done. For the warm-up."""
+        done = threading.Event()
+        self.cmds.put(("reset_counters", done))
+        return done
+
+    def _reset_counters(self, done: threading.Event) -> None:
+        self.counters = dict.fromkeys(self.counters, 0)
+        self.backend.reset_counters()
+        self._publish()
+        done.set()
+
     # -- the loop --------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -163,6 +175,8 @@ class Scheduler:
                 self.waiting.append(arg)
             elif kind == "cancel":
                 self._cancel(arg)
+            elif kind == "reset_counters":
+                self._reset_counters(arg)
             try:
                 cmd = self.cmds.get_nowait()
             except queue.Empty:
