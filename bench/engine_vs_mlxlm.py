@@ -420,7 +420,8 @@ def table(report: dict) -> str:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """This script's options (``bench/serve_ab.py`` drives its workers with them)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="MLX model directory (default: the fixture, converted)")
     p.add_argument("--q4", action="store_true", help="without --model: use the fixture at q4-g64")
@@ -449,7 +450,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--side", choices=sorted(SIDE_FLAGS.values()), help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--side-out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     reexec_with_fast_blas()
     if args.side:
         Path(args.side_out).write_text(json.dumps(run_side(args), default=str))

@@ -264,7 +264,7 @@ def test_prometheus_metrics_are_exported(served, ray_cluster):
     node = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] == ray_cluster.node_ids()["mac"])
     url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
     want = ["mlx_ray_requests_total", "mlx_ray_generation_tokens_total", "mlx_ray_time_to_first_token_seconds",
-            "mlx_ray_inter_token_latency_seconds", "mlx_ray_requests_waiting", "mlx_ray_kv_cache_usage_ratio"]
+            "mlx_ray_request_time_per_output_token_seconds", "mlx_ray_requests_waiting", "mlx_ray_kv_cache_usage_ratio"]
     deadline = time.monotonic() + 60
     while True:
         text = httpx.get(url, timeout=10).text

@@ -54,7 +54,11 @@ class ServerMetrics:
         self.generation_tokens = _metric("counter", "mlx_ray_generation_tokens_total", "Tokens generated.", t)
         self.cached_tokens = _metric("counter", "mlx_ray_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.", t)
         self.ttft = _metric("histogram", "mlx_ray_time_to_first_token_seconds", "Time to first token.", t, TTFT_BUCKETS)
-        self.itl = _metric("histogram", "mlx_ray_inter_token_latency_seconds", "Time between tokens of one stream.", t, ITL_BUCKETS)
+        # Observed once per request, as vLLM's request_time_per_output_token and TGI's
+        # time_per_token: a Ray histogram observe per streamed token cost the replica's event
+        # loop GIL time that the engine's loop thread waited for (py-spy under load).
+        self.tpot = _metric("histogram", "mlx_ray_request_time_per_output_token_seconds",
+                            "Mean time between output tokens of a request (after the first).", t, ITL_BUCKETS)
         self.running = _metric("gauge", "mlx_ray_requests_running", "Sequences in the running batch.", t)
         self.waiting = _metric("gauge", "mlx_ray_requests_waiting", "Requests waiting for admission (queue depth).", t)
         self.kv_usage = _metric("gauge", "mlx_ray_kv_cache_usage_ratio", "KV-cache bytes used / budget.", t)
@@ -67,7 +71,9 @@ class ServerMetrics:
     def request_done(self, status: str) -> None:
         self.requests.inc(1, tags={"status": status})
 
-    def finished(self, ev) -> None:
+    def finished(self, ev, first_token_at: Optional[float] = None, last_token_at: Optional[float] = None) -> None:
+        if first_token_at is not None and last_token_at is not None and ev.completion_tokens > 1:
+            self.tpot.observe((last_token_at - first_token_at) / (ev.completion_tokens - 1))
         if ev.prompt_tokens > 0:
             self.prompt_tokens.inc(ev.prompt_tokens)
         if ev.completion_tokens > 0:

@@ -151,14 +151,12 @@ class LLMServer:
                         if idx not in first_token_at:
                             first_token_at[idx] = now
                             self.metrics.ttft.observe(now - t0)
-                        elif ev.token_ids:
-                            self.metrics.itl.observe((now - last_token_at[idx]) / len(ev.token_ids))
                         last_token_at[idx] = now
                         split = splitters.get(idx)
                         out.append(ChoiceEvent(idx, ev, self._token_texts(ev), split and split.feed(ev.text)))
                     else:
                         pending.discard(idx)
-                        self.metrics.finished(ev)
+                        self.metrics.finished(ev, first_token_at.get(idx), last_token_at.get(idx))
                         if ev.error is not None:
                             status = ev.error.kind
                         split = splitters.get(idx)
