@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fixtures_worker import clean_env, free_port
 
-pytestmark = pytest.mark.ray  # also run on the cluster's Ray (scripts/test.sh)
+pytestmark = pytest.mark.ray  # run on the cluster's Ray by scripts/test.sh
 
 CLI = [sys.executable, "-m", "mlx_ray.cli", "doctor"]
 

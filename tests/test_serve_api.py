@@ -27,7 +27,7 @@ from mlx_ray.serve.ingress import OpenAIIngress, create_app
 from mlx_ray.serve.local import LocalHandle
 from mlx_ray.serve.server import LLMServer
 
-pytestmark = pytest.mark.ray  # also run on the cluster's Ray (scripts/test.sh)
+pytestmark = pytest.mark.ray  # run on the cluster's Ray by scripts/test.sh
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "zeta"]
 

@@ -19,7 +19,7 @@ from importlib.metadata import version
 import pytest
 from fixtures_worker import clean_env, cluster_nodes, free_port, gcs_nodes, group_alive, stop_group
 
-pytestmark = pytest.mark.ray  # also run on the cluster's Ray (scripts/test.sh)
+pytestmark = pytest.mark.ray  # run on the cluster's Ray by scripts/test.sh
 
 CLI = [sys.executable, "-m", "mlx_ray.cli"]
 
