@@ -269,8 +269,9 @@ def requests_for(args, c: int) -> int:
     return max(args.min_requests, args.requests_per_slot * c)
 
 
-def spawn_side(args, side: str, model_dir: Path, rep: int = 0) -> dict:
-    """Run one side in a worker process with its own session; kill its whole group afterwards."""
+def spawn_side(args, side: str, model_dir: Path, rep: int = 0, extra_env: dict | None = None) -> dict:
+    """Run one side in a worker process with its own session (``extra_env`` on top of this one's); kill its
+    whole group afterwards."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--model", str(model_dir),
@@ -282,7 +283,7 @@ def spawn_side(args, side: str, model_dir: Path, rep: int = 0) -> dict:
             cmd += ["--prefix-cache-mib", str(args.prefix_cache_mib)]
     if side == "serve" and args.cold_burst:
         cmd += ["--cold-burst", str(args.cold_burst)]
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env_with_fast_blas())
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**env_with_fast_blas(), **(extra_env or {})})
     try:
         if proc.wait() != 0:
             raise RuntimeError(f"the {side} worker failed ({proc.returncode})")

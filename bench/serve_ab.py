@@ -53,21 +53,14 @@ def main(argv=None) -> int:
                            a.sampling, "--ignore-eos", "--max-tokens", str(a.max_tokens)])
     model_dir = fixture_model(False)
     runs: dict[str, list[dict]] = {k: [] for k in ["engine", *variants]}
-    base_env = dict(os.environ)
-    try:
-        for rep in range(a.repeats):
-            order = ["engine", *variants] if rep % 2 == 0 else [*reversed(list(variants)), "engine"]
-            for side in order:
-                os.environ.clear()
-                os.environ.update(base_env, **variants.get(side, {}))
-                r = evm.spawn_side(args, "engine" if side == "engine" else "serve", model_dir, rep)
-                runs[side].append({k: v["output_tok_s"] for k, v in r.items() if isinstance(v, dict)
-                                   and "output_tok_s" in v})
-                print(f"[{rep + 1}/{a.repeats}] {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[side][-1].items())
-                      + f" tok/s (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(base_env)
+    for rep in range(a.repeats):
+        order = ["engine", *variants] if rep % 2 == 0 else [*reversed(list(variants)), "engine"]
+        for side in order:
+            r = evm.spawn_side(args, "engine" if side == "engine" else "serve", model_dir, rep, variants.get(side))
+            runs[side].append({k: v["output_tok_s"] for k, v in r.items() if isinstance(v, dict)
+                               and "output_tok_s" in v})
+            print(f"[{rep + 1}/{a.repeats}] {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[side][-1].items())
+                  + f" tok/s (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     report = {"variants": variants, "runs": runs, "x_engine": {}}
     print("| variant | level:mode | × engine, median | per repeat |\n|---|---|---|---|")
     for side in variants:

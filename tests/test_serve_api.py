@@ -378,3 +378,22 @@ def test_remote_token_auth_env(tmp_path):
     (tmp_path / "tok").write_text("abc")
     assert use_token_auth({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "tok")})
     assert use_token_auth({"RAY_AUTH_TOKEN": "abc", "RAY_AUTH_MODE": "disabled"}) is False  # the user's choice wins
+
+
+def test_time_per_output_token_is_observed_once_per_request():
+    """TPOT = (last token - first token) / (completion tokens - 1), one observation per finished request."""
+    from mlx_ray.serve.metrics import ServerMetrics
+
+    class Recorder:
+        def __init__(self):
+            self.values = []
+
+        def observe(self, v, *a, **k):
+            self.values.append(v)
+
+    m = ServerMetrics("smol")
+    m.tpot = Recorder()
+    m.finished(FinishEvent("length", 5, 9), first_token_at=10.0, last_token_at=12.0)
+    m.finished(FinishEvent("length", 5, 1), first_token_at=10.0, last_token_at=10.0)  # one token: no interval
+    m.finished(FinishEvent("error", 5, 0))  # no token at all
+    assert m.tpot.values == [pytest.approx(0.25)]

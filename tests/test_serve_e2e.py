@@ -257,14 +257,18 @@ def test_replica_stays_pending_with_a_clear_message_without_the_resource(served,
         serve.delete("pending", _blocking=False)
 
 
-def test_prometheus_metrics_are_exported(served, ray_cluster):
+def test_prometheus_metrics_are_exported(served, ray_cluster, oa):
     """Ray's metrics agent on the model's node exports our ray.serve.metrics (reported every few seconds)."""
     import ray
 
+    # a request of its own (several tokens, so a time per output token), whatever ran before
+    r = oa.completions.create(model="smol", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.usage.completion_tokens == 6
     node = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] == ray_cluster.node_ids()["mac"])
     url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
     want = ["mlx_ray_requests_total", "mlx_ray_generation_tokens_total", "mlx_ray_time_to_first_token_seconds",
-            "mlx_ray_request_time_per_output_token_seconds", "mlx_ray_requests_waiting", "mlx_ray_kv_cache_usage_ratio"]
+            "mlx_ray_request_time_per_output_token_seconds_count", "mlx_ray_requests_waiting",
+            "mlx_ray_kv_cache_usage_ratio"]
     deadline = time.monotonic() + 60
     while True:
         text = httpx.get(url, timeout=10).text
@@ -273,9 +277,9 @@ def test_prometheus_metrics_are_exported(served, ray_cluster):
             break
         time.sleep(2)
     assert not missing, missing
-    line = next(x for x in text.splitlines()
-                if not x.startswith("#") and "mlx_ray_generation_tokens_total" in x and 'model="smol"' in x)
-    assert float(line.rsplit(" ", 1)[1]) > 0
+    for name in ("mlx_ray_generation_tokens_total", "mlx_ray_request_time_per_output_token_seconds_count"):
+        line = next(x for x in text.splitlines() if not x.startswith("#") and name in x and 'model="smol"' in x)
+        assert float(line.rsplit(" ", 1)[1]) > 0, line
 
 
 def _start_cli_on_cluster(ray_cluster, mlx_f32, *extra):

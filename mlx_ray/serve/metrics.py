@@ -13,7 +13,7 @@ from typing import Optional
 log = logging.getLogger("mlx_ray.serve")
 
 TTFT_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
-ITL_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56]
+TPOT_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56]
 
 
 class _Noop:
@@ -58,7 +58,7 @@ class ServerMetrics:
         # time_per_token: a Ray histogram observe per streamed token cost the replica's event
         # loop GIL time that the engine's loop thread waited for (py-spy under load).
         self.tpot = _metric("histogram", "mlx_ray_request_time_per_output_token_seconds",
-                            "Mean time between output tokens of a request (after the first).", t, ITL_BUCKETS)
+                            "Mean time between output tokens of a request (after the first).", t, TPOT_BUCKETS)
         self.running = _metric("gauge", "mlx_ray_requests_running", "Sequences in the running batch.", t)
         self.waiting = _metric("gauge", "mlx_ray_requests_waiting", "Requests waiting for admission (queue depth).", t)
         self.kv_usage = _metric("gauge", "mlx_ray_kv_cache_usage_ratio", "KV-cache bytes used / budget.", t)
