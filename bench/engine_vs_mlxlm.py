@@ -177,7 +177,7 @@ def burst(url: str, model: str, n: int, tag: str) -> dict:
 
 def run_serve_side(args, levels: list[int], engine_cfg: dict) -> dict:
     out: dict = {}
-    server = MlxRayServe(Path(args.model), engine_cfg)
+    server = MlxRayServe(Path(args.model), engine_cfg, serve_config=json.loads(args.serve_config))
     try:
         server.wait_ready()
         if args.cold_burst:
@@ -269,9 +269,10 @@ def requests_for(args, c: int) -> int:
     return max(args.min_requests, args.requests_per_slot * c)
 
 
-def spawn_side(args, side: str, model_dir: Path, rep: int = 0, extra_env: dict | None = None) -> dict:
-    """Run one side in a worker process with its own session (``extra_env`` on top of this one's); kill its
-    whole group afterwards."""
+def spawn_side(args, side: str, model_dir: Path, rep: int = 0, extra_env: dict | None = None,
+               serve_config: dict | None = None) -> dict:
+    """Run one side in a worker process with its own session (``extra_env`` on top of this one's; the serve
+    side's ``serve_config`` on top of its config); kill its whole group afterwards."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--model", str(model_dir),
@@ -283,6 +284,8 @@ def spawn_side(args, side: str, model_dir: Path, rep: int = 0, extra_env: dict |
             cmd += ["--prefix-cache-mib", str(args.prefix_cache_mib)]
     if side == "serve" and args.cold_burst:
         cmd += ["--cold-burst", str(args.cold_burst)]
+    if side == "serve" and serve_config:
+        cmd += ["--serve-config", json.dumps(serve_config)]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**env_with_fast_blas(), **(extra_env or {})})
     try:
         if proc.wait() != 0:
@@ -451,6 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--side", choices=sorted(SIDE_FLAGS.values()), help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--side-out", help=argparse.SUPPRESS)
+    p.add_argument("--serve-config", default="{}", help=argparse.SUPPRESS)  # JSON: ServeConfig fields of the serve side
     return p.parse_args(argv)
 
 

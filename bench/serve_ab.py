@@ -1,4 +1,4 @@
-"""Interleaved A/B: the engine in process against `mlx-ray serve` variants that differ by environment.
+"""Interleaved A/B: the engine in process against `mlx-ray serve` variants that differ by environment or serve config.
 
     python bench/serve_ab.py [--repeats 3] [--levels 16,32] [--sampling greedy,top_p]
         [--variant NAME=K=V,K=V ...] [--json out.json]
@@ -6,8 +6,10 @@
 Each repeat runs the engine side, then every variant of the serve side (in
 reverse order on odd repeats, so no side always runs first), each in its own
 session process through ``bench/engine_vs_mlxlm.py``'s workers: the same load
-generator, the same prompts, warm-up and limits. A variant's variables are set
-in the environment of ``mlx-ray serve``, so its embedded Ray and the model's
+generator, the same prompts, warm-up and limits. A variant's ``K=V`` pairs
+are fields of its serve config where ``K`` is one (``ServeConfig``, values as
+JSON: ``--variant nobudget=stream_messages_per_s=0``), and otherwise variables
+set in the environment of ``mlx-ray serve``, so its embedded Ray and the model's
 replica inherit them (e.g. ``--variant samethread=RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``).
 Without ``--variant``: one variant, ``serve``, as configured by default.
 It prints tok/s per side and repeat and each variant's ratio to the engine of
@@ -31,11 +33,23 @@ from mlx_ray.bench.sides import fixture_model  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
+    """NAME=K=V,K=V -> (NAME, {"env": {...}, "config": {...}}): ServeConfig fields to the config, the rest to env."""
+    from mlx_ray.serve.config import ServeConfig
+
     name, _, rest = text.partition("=")
-    env = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
-    if not name or any(not k for k in env):
+    pairs = [kv.split("=", 1) for kv in rest.split(",") if kv]
+    if not name or any(len(kv) != 2 or not kv[0] for kv in pairs):
         raise SystemExit(f"--variant {text!r}: write NAME=K=V,K=V (or NAME= for no variables)")
-    return name, env
+    out: dict = {"env": {}, "config": {}}
+    for k, v in pairs:
+        if k in ServeConfig.model_fields:
+            try:
+                out["config"][k] = json.loads(v)
+            except ValueError:
+                raise SystemExit(f"--variant {text!r}: {k} is a serve config field; give its value as JSON") from None
+        else:
+            out["env"][k] = v
+    return name, out
 
 
 def main(argv=None) -> int:
@@ -48,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the per-repeat figures here")
     a = p.parse_args(argv)
     evm.reexec_with_fast_blas()
-    variants = dict(parse_variant(v) for v in a.variant) or {"serve": {}}
+    variants = dict(parse_variant(v) for v in a.variant) or {"serve": {"env": {}, "config": {}}}
     args = evm.parse_args(["--levels", a.levels, "--serve", "--skip-server", "--skip-single", "--sampling",
                            a.sampling, "--ignore-eos", "--max-tokens", str(a.max_tokens)])
     model_dir = fixture_model(False)
@@ -56,7 +70,9 @@ def main(argv=None) -> int:
     for rep in range(a.repeats):
         order = ["engine", *variants] if rep % 2 == 0 else [*reversed(list(variants)), "engine"]
         for side in order:
-            r = evm.spawn_side(args, "engine" if side == "engine" else "serve", model_dir, rep, variants.get(side))
+            v = variants.get(side) or {}
+            r = evm.spawn_side(args, "engine" if side == "engine" else "serve", model_dir, rep, v.get("env"),
+                               v.get("config"))
             runs[side].append({k: v["output_tok_s"] for k, v in r.items() if isinstance(v, dict)
                                and "output_tok_s" in v})
             print(f"[{rep + 1}/{a.repeats}] {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[side][-1].items())

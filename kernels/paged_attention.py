@@ -219,12 +219,26 @@ def cpu_state() -> tuple[bool, str, object]:
     return active, reason, ext
 
 
+def _cpu_ext():
+    """The hot path's check (every layer of every step): the extension when the primitive may run now, else None.
+
+    It never calls into the extension. ``cpu_state``'s description asks the pool for its thread
+    count, which waits for the kernel running on MLX's CPU stream, and nanobind holds the GIL
+    meanwhile: per layer, that stalled the next step's graph (and every other Python thread of
+    the process) behind the current step's kernels.
+    """
+    if env_disabled(CPU_NAME):
+        return None
+    active, _, ext = _cpu_verdict()
+    return ext if active else None
+
+
 def cpu_paged_attention(queries, k_cache, v_cache, block_tables, context_lens, *, scale, block_size,
                         bits=None, group_size=64) -> mx.array:
     """The C++ primitive, whatever L (RuntimeError when it is unavailable, ValueError on a bad shape)."""
-    active, reason, ext = cpu_state()
-    if not active:
-        raise RuntimeError(f"{CPU_NAME} unavailable: {reason}")
+    ext = _cpu_ext()
+    if ext is None:
+        raise RuntimeError(f"{CPU_NAME} unavailable: {cpu_state()[1]}")
     problem = _shape_problem(queries, k_cache, v_cache, block_tables, context_lens, block_size, bits, group_size)
     if problem:
         raise ValueError(f"paged_attention: {problem}")
@@ -268,7 +282,7 @@ def choose(queries: mx.array, k_cache: Cache, bits: Optional[int] = None, group_
     if mx.default_device() == mx.cpu:
         if queries.shape[2] > _max_prefill_l():
             return "twin"
-        return "cpu" if cpu_state()[0] else "twin"
+        return "cpu" if _cpu_ext() is not None else "twin"
     return "metal" if _metal_fn() is not None else "twin"
 
 

@@ -183,9 +183,9 @@ def cpu_state():
 
 def cpu_sample(logits, temperature, top_k, top_p, min_p, uniforms) -> mx.array:
     """The C++ CPU primitive (a CPU stream; RuntimeError if it is not available)."""
-    active, reason, ext = cpu_state()
-    if not active:
-        raise RuntimeError(f"{CPU_NAME} unavailable: {reason}")
+    ext = _cpu_ext() if _common.env_disabled(CPU_NAME) is None else None  # cpu_state() would ask the pool
+    if ext is None:
+        raise RuntimeError(f"{CPU_NAME} unavailable: {cpu_state()[1]}")
     args = as_rows(logits, temperature, top_k, top_p, min_p, uniforms)
     if mx.default_device() == mx.cpu:
         return ext.sample(*args)

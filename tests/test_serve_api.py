@@ -25,7 +25,7 @@ from mlx_ray.serve.config import ServeConfig
 from mlx_ray.serve.generation import ModelRequest, TextPrompt
 from mlx_ray.serve.ingress import OpenAIIngress, create_app
 from mlx_ray.serve.local import LocalHandle
-from mlx_ray.serve.server import LLMServer
+from mlx_ray.serve.server import MAX_COALESCE_S, Inbox, LLMServer
 
 pytestmark = pytest.mark.ray  # run on the cluster's Ray by scripts/test.sh
 
@@ -291,6 +291,68 @@ def test_stream_coalesces_tokens():
     batches = asyncio.run(count())
     tokens = sum(1 for b in batches for item in b if isinstance(item.event, TokenEvent))
     assert tokens == 40 and len(batches) < 20
+
+
+def test_message_budget_coalesces_concurrent_streams_but_not_first_tokens():
+    """4 streams at a budget of 20 messages/s: each batch waits 4 / 20 = 0.2 s, so 30 tokens 10 ms apart
+    come in a few batches per stream, not ~30; the first batch is not held (it carries the first token
+    alone), and every stream still delivers all its tokens and its finish."""
+    cfg = ServeConfig.from_args({"models": [{"model": "m"}]})
+    assert cfg.stream_messages_per_s > 0  # on by default
+
+    async def run(budget):
+        engine = FakeEngine("m", cfg.models[0].engine)
+        engine.step_s = 0.01
+        server = LLMServer(cfg.models[0], stream_batching_interval_ms=1, engine=engine, stream_messages_per_s=budget)
+        from mlx_ray.engine.protocol import SamplingParams
+
+        async def one(i):
+            return [b async for b in server.generate(ModelRequest([TextPrompt(f"p{i}")], SamplingParams(max_tokens=30)))]
+
+        out = await asyncio.gather(*(one(i) for i in range(4)))
+        assert server.open_streams == 0
+        return out
+
+    for budget, most in ((20.0, 8), (0.0, None)):
+        streams = asyncio.run(run(budget))
+        for batches in streams:
+            tokens = [item for b in batches for item in b if isinstance(item.event, TokenEvent)]
+            assert len(tokens) == 30 and isinstance(batches[-1][-1].event, FinishEvent)
+            assert sum(isinstance(item.event, TokenEvent) for item in batches[0]) == 1
+            if most is not None:
+                assert len(batches) <= most, len(batches)
+            else:
+                assert len(batches) >= 20, len(batches)  # 10 ms steps, 1 ms interval: about a batch per token
+
+
+def test_stream_interval_is_the_budget_share_capped():
+    cfg = ServeConfig.from_args({"models": [{"model": "m"}]})
+    server = LLMServer(cfg.models[0], stream_batching_interval_ms=10, engine=FakeEngine("m", cfg.models[0].engine),
+                       stream_messages_per_s=50)
+    for n, want in ((0, 0.01), (1, 0.02), (16, 0.32), (32, 0.64), (500, MAX_COALESCE_S)):
+        server.open_streams = n
+        assert server.stream_interval() == pytest.approx(want)
+    server.messages_per_s = 0
+    server.open_streams = 32
+    assert server.stream_interval() == pytest.approx(0.01)
+
+
+def test_inbox_hands_a_finish_over_at_once():
+    """A batch held for the interval is released as soon as a choice finishes (no end-of-stream delay)."""
+    async def run():
+        inbox = Inbox()
+        loop = asyncio.get_running_loop()
+        inbox.put_nowait((0, TokenEvent([1], "a")))
+        later = asyncio.ensure_future(inbox.take(loop.time() + 60))
+        await asyncio.sleep(0.01)
+        assert not later.done()  # a token alone waits for the interval
+        inbox.put_nowait((0, FinishEvent("stop", 1, 1)))
+        batch = await asyncio.wait_for(later, 5)
+        assert [type(ev) for _, ev in batch] == [TokenEvent, FinishEvent]
+        inbox.put_nowait((1, TokenEvent([2], "b")))  # past not_before: at once
+        assert [ev.text for _, ev in await asyncio.wait_for(inbox.take(0.0), 5)] == ["b"]
+
+    asyncio.run(run())
 
 
 def test_cancel_reaches_engine():

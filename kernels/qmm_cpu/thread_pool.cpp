@@ -39,6 +39,9 @@ ThreadPool::~ThreadPool() {
 }
 
 int ThreadPool::num_threads() {
+  // call_mu_ is held for a whole parallel_for: taking it here made a Python caller (holding the
+  // GIL) wait for the kernel that MLX's CPU stream was running.
+  if (int n = nthreads_.load(std::memory_order_acquire)) return n;
   std::lock_guard<std::mutex> lk(call_mu_);
   if (nthreads_ == 0) start(available_cpus());
   return nthreads_;

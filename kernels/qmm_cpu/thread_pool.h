@@ -21,6 +21,7 @@ class ThreadPool {
 
   // Total threads including the caller; <= 0 means "all CPUs this process may use".
   void set_num_threads(int n);
+  // Never waits for a running job once the pool has started (callers hold the GIL).
   int num_threads();
   // How long idle workers spin before sleeping.
   void set_spin_us(int us) {
@@ -51,7 +52,7 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::thread> workers_;
-  int nthreads_ = 0;
+  std::atomic<int> nthreads_{0};  // written under call_mu_; read without it once started
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> quit_{false};
   std::atomic<int> spin_us_{200};

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import psutil
 
@@ -191,20 +191,25 @@ class MlxRayServe:
     mlx_lm.server. ``pythonpath`` serves another checkout's ``mlx_ray`` (a git
     worktree, also the server's working directory: see ``bench/workload_l.py``);
     ``extra_args`` go to the command line
-    after ``--config`` (e.g. ``--kv-bits 8``).
+    after ``--config`` (e.g. ``--kv-bits 8``); ``serve_config``: more ServeConfig fields
+    (e.g. ``{"stream_messages_per_s": 0}``); ``engine_class``: the model's (``bench/serve_overhead.py``).
     """
 
     MODEL = "bench"
     APP = "mlx-ray"  # `mlx-ray serve`'s default --app-name
 
     def __init__(self, model_dir: Path, engine_cfg: dict, pythonpath: str | None = None,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), serve_config: Optional[dict] = None,
+                 engine_class: Optional[str] = None):
         import yaml
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = self.MODEL
-        cfg = {"models": [{"model": str(model_dir), "name": self.MODEL, "engine": engine_cfg}], "port": self.port}
+        model = {"model": str(model_dir), "name": self.MODEL, "engine": engine_cfg}
+        if engine_class:
+            model["engine_class"] = engine_class
+        cfg = {"models": [model], "port": self.port, **(serve_config or {})}
         self.cfg = tempfile.NamedTemporaryFile("w", prefix="mlx_ray_serve_", suffix=".yaml", delete=False)
         yaml.safe_dump(cfg, self.cfg)
         self.cfg.close()

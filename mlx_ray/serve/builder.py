@@ -55,11 +55,12 @@ def build_from_config(cfg: ServeConfig, runtime_env: Optional[dict] = None):
         (m,) = cfg.models
         cls = serve.ingress(asgi_app_builder(cfg.to_args()))(LLMServerIngress)
         return serve.deployment(cls).options(**direct_options(cfg, runtime_env)).bind(
-            m.model_dump(mode="json"), cfg.stream_batching_interval_ms, cfg.to_args())
+            m.model_dump(mode="json"), cfg.stream_batching_interval_ms, cfg.to_args(), cfg.stream_messages_per_s)
     servers: dict[str, Any] = {}
     for m in cfg.models:
         dep = serve.deployment(LLMServer).options(**m.deployment_options(runtime_env))
-        servers[m.name] = dep.bind(m.model_dump(mode="json"), cfg.stream_batching_interval_ms)
+        servers[m.name] = dep.bind(m.model_dump(mode="json"), cfg.stream_batching_interval_ms,
+                                   stream_messages_per_s=cfg.stream_messages_per_s)
     ingress_cls = serve.ingress(asgi_app_builder(cfg.to_args()))(OpenAIIngress)
     ingress = serve.deployment(ingress_cls).options(
         name=INGRESS_NAME,

@@ -128,6 +128,11 @@ class ServeConfig(BaseModel):
     cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: CORS off.")
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request, queueing included; past it: 408.")
     stream_batching_interval_ms: float = Field(10.0, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
+    stream_messages_per_s: float = Field(50.0, ge=0, description=(
+        "A model replica's budget of stream messages per second, shared by its open streams: with n open, "
+        "each stream's tokens are coalesced for n / budget s (at most 1 s, at least stream_batching_interval_ms), "
+        "so streaming's CPU cost stays flat as streams are added. A lone stream still gets every token at once; "
+        "first tokens and finishes are never held. 0: no budget."))
     sse_keepalive_s: float = Field(10.0, gt=0, description=(
         "A stream with nothing to send for this long (queued, prefilling) gets an SSE comment line "
         "(': keepalive'), so proxies keep it open."))

@@ -190,29 +190,42 @@ class OpenAIIngress:
             if fmt.error is not None:
                 raise fmt.error
             return JSONResponse(fmt.final())
-        return StreamingResponse(self._sse(batches, first, fmt, req.include_usage()), media_type="text/event-stream",
+        choices = len(call.prompts) * call.n
+        return StreamingResponse(self._sse(batches, first, fmt, req.include_usage(), choices), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, batches: "_Batches", first, fmt: Body, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, batches: "_Batches", first, fmt: Body, include_usage: bool,
+                   choices: int) -> AsyncIterator[str]:
+        tail = text = ""
         try:
             try:
                 async for batch in batches.rest(first, self.cfg.sse_keepalive_s):
                     if batch is None:  # nothing for sse_keepalive_s (queued, prefilling): a comment line
                         yield KEEPALIVE
                         continue
-                    for chunk in fmt.chunks(batch):
-                        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                    # a batch's chunks as one body write: one ASGI message, one Ray message to the proxy;
+                    # the last batch waits for the stream's end and goes with its closing frames
+                    text = "".join(_event(chunk) for chunk in fmt.chunks(batch))
                     if fmt.error is not None:
                         break
+                    if len(fmt.finish) >= choices:
+                        tail = text
+                    elif text:
+                        yield text
             except Exception as e:  # noqa: BLE001 - a timeout or a lost replica mid-stream: a terminal error event
                 fmt.error = as_taxonomy(e)
+                text = ""
             if fmt.error is not None:
-                yield f"data: {error_response(fmt.error).body.decode()}\n\n"
+                tail = text + f"data: {error_response(fmt.error).body.decode()}\n\n"
             elif include_usage:
-                yield f"data: {json.dumps(fmt.usage_chunk(), separators=(',', ':'))}\n\n"
-            yield "data: [DONE]\n\n"
+                tail += _event(fmt.usage_chunk())
+            yield tail + "data: [DONE]\n\n"
         finally:
             batches.cancel()  # no-op once finished; on client disconnect it stops the engine
+
+
+def _event(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
 async def _json(request: Request) -> Any:

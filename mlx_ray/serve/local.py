@@ -59,8 +59,9 @@ class _LocalCall:
 class LLMServerIngress(OpenAIIngress):
     """The OpenAI routes and one model's LLMServer in one replica (plain class: the builder decorates it)."""
 
-    def __init__(self, model_config: dict, stream_batching_interval_ms: float, config: dict):
-        self.server = LLMServer(model_config, stream_batching_interval_ms)
+    def __init__(self, model_config: dict, stream_batching_interval_ms: float, config: dict,
+                 stream_messages_per_s: float = 0.0):
+        self.server = LLMServer(model_config, stream_batching_interval_ms, stream_messages_per_s=stream_messages_per_s)
         super().__init__({self.server.cfg.name: LocalHandle(self.server)}, config)
 
     # what Serve and the tests call on the model's replica, as on an LLMServer deployment

@@ -3,8 +3,10 @@
 It turns a ``ModelRequest``'s prompts (``generation.py``) into token ids, fans
 ``n`` choices out as engine requests,
 merges their event streams and coalesces them into batches (one batch per
-``stream_batching_interval_ms``, the first one at once), as Ray Serve LLM does,
-so the proxy carries few large messages instead of one per token. It knows
+``stream_batching_interval_ms``, the first one and finishes at once), as Ray
+Serve LLM does, so the proxy carries few large messages instead of one per
+token. Under load the interval grows: ``stream_messages_per_s`` is the replica's
+budget of stream messages, shared by its open streams (``Inbox``). It knows
 nothing of HTTP: errors travel as ``FinishEvent(error=...)`` and the ingress
 maps them. ``check_health`` is what Serve calls; it calls the engine's, so a
 dead generation loop makes Serve replace the replica.
@@ -31,6 +33,9 @@ from .metrics import ServerMetrics
 
 log = logging.getLogger("mlx_ray.serve")
 
+# The longest a stream's tokens are held back for the message budget (the budget's interval is capped here).
+MAX_COALESCE_S = 1.0
+
 
 def load_engine_class(path: str) -> type:
     module, _, attr = path.partition(":")
@@ -51,12 +56,14 @@ class LLMServer:
     """Owns one engine. Built by Serve from a ModelConfig dict, or directly in tests."""
 
     def __init__(self, model_config: dict | ModelConfig, stream_batching_interval_ms: float = 10.0,
-                 engine: Optional[LLMEngine] = None):
+                 engine: Optional[LLMEngine] = None, stream_messages_per_s: float = 0.0):
         self._gauge_task: Optional[asyncio.Task] = None
         self._started = False
         self._start_lock: Optional[asyncio.Lock] = None
         self.cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
         self.interval = stream_batching_interval_ms / 1000.0
+        self.messages_per_s = stream_messages_per_s
+        self.open_streams = 0
         self.metrics = ServerMetrics(self.cfg.name)
         # The model loads in start() (Serve's first health check), off the constructor.
         self.engine = engine if engine is not None else build_engine(self.cfg)
@@ -129,21 +136,17 @@ class LLMServer:
             yield [ChoiceEvent(i, FinishEvent("error", 0, 0, error=e))
                    for i in range(len(request.prompts) * max(1, request.n))]
             return
-        queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.get_running_loop().create_task(self._pump(i, r, queue)) for i, r in enumerate(reqs)]
+        inbox = Inbox()
+        tasks = [asyncio.get_running_loop().create_task(self._pump(i, r, inbox)) for i, r in enumerate(reqs)]
         pending = set(range(len(reqs)))
         first_token_at: dict[int, float] = {}
         last_token_at: dict[int, float] = {}
         status = "ok"
+        self.open_streams += 1
         try:
-            last_yield = 0.0
+            not_before = 0.0  # the first batch at once (TTFT)
             while pending:
-                wait = last_yield + self.interval - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                batch = [await queue.get()]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
+                batch = await inbox.take(not_before)
                 now = time.monotonic()
                 out = []
                 for idx, ev in batch:
@@ -162,11 +165,12 @@ class LLMServer:
                         split = splitters.get(idx)
                         out.append(ChoiceEvent(idx, ev, None, split and split.finish()))
                 yield out
-                last_yield = time.monotonic()
+                not_before = asyncio.get_running_loop().time() + self.stream_interval()
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
         finally:
+            self.open_streams -= 1
             for t in tasks:
                 if not t.done():
                     t.cancel()
@@ -176,6 +180,18 @@ class LLMServer:
                 except Exception:
                     log.debug("cancel of %s failed", reqs[idx].request_id, exc_info=True)
             self.metrics.request_done(status)
+
+    def stream_interval(self) -> float:
+        """Seconds between two batches of one stream: the configured interval, or under load the message
+        budget's share of each open stream (n streams at B messages/s: n / B), whichever is longer.
+
+        Each message costs CPU in this replica, Serve's proxy and the client whatever it holds, so
+        one token per message and step spends more of a small machine on streaming as streams
+        are added; with a budget, that cost stays flat and messages carry more tokens.
+        """
+        if self.messages_per_s <= 0:
+            return self.interval
+        return max(self.interval, min(MAX_COALESCE_S, self.open_streams / self.messages_per_s))
 
     # -- internals ---------------------------------------------------------------
 
@@ -216,8 +232,9 @@ class LLMServer:
         await self.start()
         return self.engine.max_model_len
 
-    async def _pump(self, idx: int, req: GenerationRequest, queue: asyncio.Queue) -> None:
-        """Forward one engine stream into the shared queue; always ends with a FinishEvent."""
+    async def _pump(self, idx: int, req: GenerationRequest, inbox: "Inbox") -> None:
+        """Forward one engine stream into the shared inbox; always ends with a FinishEvent."""
+        queue = inbox  # put_nowait, as an asyncio.Queue
         try:
             async for ev in self.engine.generate(req):
                 queue.put_nowait((idx, ev))
@@ -254,6 +271,46 @@ class LLMServer:
     def __del__(self):  # Serve tears replicas down without awaiting anything
         if self._gauge_task is not None:
             self._gauge_task.cancel()
+
+
+class Inbox:
+    """The events of one request's choices, taken in batches: a batch waits for ``not_before`` (the
+    stream's interval), except that a finish is handed over at once. One event loop; no locks."""
+
+    __slots__ = ("items", "urgent", "_waiter")
+
+    def __init__(self):
+        self.items: list = []
+        self.urgent = False
+        self._waiter: Optional[asyncio.Future] = None
+
+    def put_nowait(self, item: tuple) -> None:
+        first = not self.items
+        self.items.append(item)
+        if isinstance(item[1], FinishEvent):
+            self.urgent = True
+        if (first or self.urgent) and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self, not_before: float) -> list:
+        """Every event so far, once there is one and ``not_before`` (the loop's clock) has passed or one finishes."""
+        loop = asyncio.get_running_loop()
+        while not (self.items and (self.urgent or loop.time() >= not_before)):
+            self._waiter = loop.create_future()
+            timer = loop.call_at(not_before, _wake, self._waiter) if self.items else None
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        out, self.items, self.urgent = self.items, [], False
+        return out
+
+
+def _wake(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _runtime_facts() -> dict:

@@ -1,0 +1,108 @@
+"""CPU time the Serve path spends per streamed token, around a null engine (no model compute).
+
+    python bench/serve_overhead.py [--concurrency 16] [--repeats 2] [--variant NAME=K=V,...] [--json out.json]
+
+``mlx-ray serve`` serves ``mlx_ray.bench.null_engine:NullEngine`` (the fixture's
+tokenizer, one token per request every ``--step-s``, as a decode step) and the
+same load generator as the other benches drives it from this process. Every
+process of the server's tree and the client is measured (user + system CPU
+seconds over the run), so the report is cores and milliseconds of CPU per
+streamed token, by process. On 2 vCPUs the engine's own speed drifts more than
+this path costs; CPU time does not. Variants are serve config fields
+(``--variant nobudget=stream_messages_per_s=0``), as in ``bench/serve_ab.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_ab import parse_variant  # noqa: E402
+
+from mlx_ray.bench.openai_load import arun_load  # noqa: E402
+from mlx_ray.bench.sides import PROMPTS, MlxRayServe, fixture_model  # noqa: E402
+from mlx_ray.bench.table import markdown_table  # noqa: E402
+from mlx_ray.blas import reexec_with_fast_blas  # noqa: E402
+
+
+def role(p: psutil.Process, me: int) -> str:
+    if p.pid == me:
+        return "client"
+    cmd = " ".join(p.cmdline())
+    for key, name in (("ServeReplica", "replica"), ("ProxyActor", "proxy"), ("ServeController", "controller"),
+                      ("gcs_server", "gcs"), ("raylet", "raylet")):
+        if key in cmd or key in p.name():
+            return name
+    return "other"
+
+
+def measure(server: MlxRayServe, c: int, max_tokens: int) -> dict:
+    me = os.getpid()
+    procs = [psutil.Process(pid) for pid in server.pids()] + [psutil.Process(me)]
+    before = {p.pid: p.cpu_times() for p in procs}
+    t0 = time.monotonic()
+    r = asyncio.run(arun_load(server.url, server.model, c, 4 * c, PROMPTS, max_tokens=max_tokens,
+                              extra_body={"ignore_eos": True}))
+    wall = time.monotonic() - t0
+    tokens = r["output_tok_s"] * wall
+    cpu: dict[str, float] = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        b = before[p.pid]
+        cpu[role(p, me)] = cpu.get(role(p, me), 0.0) + (t.user + t.system - b.user - b.system)
+    return {"tok_s": r["output_tok_s"], "cores": sum(cpu.values()) / wall,
+            "ms_per_token": {k: 1000 * v / tokens for k, v in cpu.items()},
+            "ms_per_token_total": 1000 * sum(cpu.values()) / tokens, "errors": r.get("errors", 0)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--step-s", type=float, default=0.11, help="the null engine's step (default 0.11 s)")
+    p.add_argument("--variant", action="append", default=[], help="NAME=K=V,...: serve config fields (or env)")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    reexec_with_fast_blas()
+    os.environ["NULL_STEP_S"] = str(a.step_s)
+    variants = dict(parse_variant(v) for v in a.variant) or {"default": {"env": {}, "config": {}}}
+    model = fixture_model(False)
+    report: dict = {"concurrency": a.concurrency, "step_s": a.step_s, "runs": {}}
+    for name, v in variants.items():
+        os.environ.update(v["env"])
+        server = MlxRayServe(model, {"max_num_seqs": max(64, a.concurrency)},
+                             serve_config={**v["config"]}, engine_class="mlx_ray.bench.null_engine:NullEngine")
+        try:
+            server.wait_ready()
+            asyncio.run(arun_load(server.url, server.model, a.concurrency, a.concurrency, PROMPTS, max_tokens=16))
+            report["runs"][name] = [measure(server, a.concurrency, a.max_tokens) for _ in range(a.repeats)]
+        finally:
+            server.stop()
+        for k in v["env"]:
+            os.environ.pop(k, None)
+    roles = sorted({k for runs in report["runs"].values() for r in runs for k in r["ms_per_token"]})
+    rows = [[name, i + 1, f"{r['tok_s']:.1f}", f"{r['cores']:.3f}", f"{r['ms_per_token_total']:.2f}",
+             *(f"{r['ms_per_token'].get(k, 0):.2f}" for k in roles)]
+            for name, runs in report["runs"].items() for i, r in enumerate(runs)]
+    print(f"the Serve path around a null engine: {a.concurrency} concurrent, {a.max_tokens} tokens each, "
+          f"a step every {a.step_s * 1000:.0f} ms; CPU ms per streamed token by process")
+    print(markdown_table(["variant", "run", "tok/s", "cores", "ms/token", *roles], rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
