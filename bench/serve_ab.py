@@ -15,6 +15,8 @@ Without ``--variant``: one variant, ``serve``, as configured by default.
 It prints tok/s per side and repeat and each variant's ratio to the engine of
 the same repeat; on this project's 2-vCPU VMs the machine's speed drifts
 within minutes, so only these paired ratios, over several repeats, mean anything.
+Each side's line also gives the CPU time the hypervisor stole from the VM
+while it ran (``Steal``): a pair whose sides saw different steal is noise.
 """
 
 from __future__ import annotations
@@ -52,6 +54,32 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, out
 
 
+class Steal:
+    """Share of this VM's CPU time the hypervisor gave to others over a span (/proc/stat's steal column).
+
+    On the project's 2-vCPU VMs it comes in bursts (7.5% over one 10 s window, 1.3% over hours), it slows
+    whichever side runs then, and no side can see it in its own figures: each side's line reports it, so
+    a pair whose sides saw different steal can be told from a real difference."""
+
+    def __init__(self):
+        self.t0 = self._read()
+
+    @staticmethod
+    def _read() -> list[int] | None:
+        try:
+            with open("/proc/stat") as f:
+                return [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):  # not Linux
+            return None
+
+    def percent(self) -> float | None:
+        t1 = self._read()
+        if self.t0 is None or t1 is None:
+            return None
+        d = [b - a for a, b in zip(self.t0, t1)]
+        return 100.0 * d[7] / max(1, sum(d))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -67,17 +95,21 @@ def main(argv=None) -> int:
                            a.sampling, "--ignore-eos", "--max-tokens", str(a.max_tokens)])
     model_dir = fixture_model(False)
     runs: dict[str, list[dict]] = {k: [] for k in ["engine", *variants]}
+    steal: dict[str, list] = {k: [] for k in runs}
     for rep in range(a.repeats):
         order = ["engine", *variants] if rep % 2 == 0 else [*reversed(list(variants)), "engine"]
         for side in order:
             v = variants.get(side) or {}
+            st = Steal()
             r = evm.spawn_side(args, "engine" if side == "engine" else "serve", model_dir, rep, v.get("env"),
                                v.get("config"))
             runs[side].append({k: v["output_tok_s"] for k, v in r.items() if isinstance(v, dict)
                                and "output_tok_s" in v})
+            steal[side].append(st.percent())
+            stolen = "" if steal[side][-1] is None else f", CPU steal {steal[side][-1]:.1f}%"
             print(f"[{rep + 1}/{a.repeats}] {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[side][-1].items())
-                  + f" tok/s (load avg {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-    report = {"variants": variants, "runs": runs, "x_engine": {}}
+                  + f" tok/s (load avg {os.getloadavg()[0]:.1f}{stolen})", file=sys.stderr, flush=True)
+    report = {"variants": variants, "runs": runs, "steal_percent": steal, "x_engine": {}}
     print("| variant | level:mode | × engine, median | per repeat |\n|---|---|---|---|")
     for side in variants:
         report["x_engine"][side] = {}

@@ -1,13 +1,15 @@
 """CPU time the Serve path spends per streamed token, around a null engine (no model compute).
 
-    python bench/serve_overhead.py [--concurrency 16] [--repeats 2] [--variant NAME=K=V,...] [--json out.json]
+    python bench/serve_overhead.py [--concurrency 16] [--repeats 2] [--idle-s 20] [--variant NAME=K=V,...]
+        [--json out.json]
 
 ``mlx-ray serve`` serves ``mlx_ray.bench.null_engine:NullEngine`` (the fixture's
 tokenizer, one token per request every ``--step-s``, as a decode step) and the
 same load generator as the other benches drives it from this process. Every
 process of the server's tree and the client is measured (user + system CPU
 seconds over the run), so the report is cores and milliseconds of CPU per
-streamed token, by process. On 2 vCPUs the engine's own speed drifts more than
+streamed token, by process; before the load, the idle server's cores by
+process (the control plane's floor, which a small machine pays per token too). On 2 vCPUs the engine's own speed drifts more than
 this path costs; CPU time does not. Variants are serve config fields
 (``--variant nobudget=stream_messages_per_s=0``), as in ``bench/serve_ab.py``.
 """
@@ -44,15 +46,14 @@ def role(p: psutil.Process, me: int) -> str:
     return "other"
 
 
-def measure(server: MlxRayServe, c: int, max_tokens: int) -> dict:
+def cpu_by_role(server: MlxRayServe, work, client: bool = True) -> tuple[object, float, dict[str, float]]:
+    """Run ``work()``; returns its result, the wall seconds and the CPU seconds of each role meanwhile."""
     me = os.getpid()
-    procs = [psutil.Process(pid) for pid in server.pids()] + [psutil.Process(me)]
+    procs = [psutil.Process(pid) for pid in server.pids()] + ([psutil.Process(me)] if client else [])
     before = {p.pid: p.cpu_times() for p in procs}
     t0 = time.monotonic()
-    r = asyncio.run(arun_load(server.url, server.model, c, 4 * c, PROMPTS, max_tokens=max_tokens,
-                              extra_body={"ignore_eos": True}))
+    out = work()
     wall = time.monotonic() - t0
-    tokens = r["output_tok_s"] * wall
     cpu: dict[str, float] = {}
     for p in procs:
         try:
@@ -61,9 +62,23 @@ def measure(server: MlxRayServe, c: int, max_tokens: int) -> dict:
             continue
         b = before[p.pid]
         cpu[role(p, me)] = cpu.get(role(p, me), 0.0) + (t.user + t.system - b.user - b.system)
+    return out, wall, cpu
+
+
+def measure(server: MlxRayServe, c: int, max_tokens: int) -> dict:
+    r, wall, cpu = cpu_by_role(server, lambda: asyncio.run(arun_load(
+        server.url, server.model, c, 4 * c, PROMPTS, max_tokens=max_tokens, extra_body={"ignore_eos": True})))
+    tokens = r["output_tok_s"] * wall
     return {"tok_s": r["output_tok_s"], "cores": sum(cpu.values()) / wall,
             "ms_per_token": {k: 1000 * v / tokens for k, v in cpu.items()},
             "ms_per_token_total": 1000 * sum(cpu.values()) / tokens, "errors": r.get("errors", 0)}
+
+
+def measure_idle(server: MlxRayServe, seconds: float) -> dict:
+    """Cores each process of the server's tree takes with the app deployed and no traffic."""
+    _, wall, cpu = cpu_by_role(server, lambda: time.sleep(seconds), client=False)
+    cores = {k: v / wall for k, v in cpu.items()}
+    return {"cores": sum(cores.values()), "by_process": cores}
 
 
 def main(argv=None) -> int:
@@ -73,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--step-s", type=float, default=0.11, help="the null engine's step (default 0.11 s)")
     p.add_argument("--variant", action="append", default=[], help="NAME=K=V,...: serve config fields (or env)")
+    p.add_argument("--idle-s", type=float, default=20.0, help="first measure the idle server this long (0: skip)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     reexec_with_fast_blas()
@@ -87,6 +103,9 @@ def main(argv=None) -> int:
         try:
             server.wait_ready()
             asyncio.run(arun_load(server.url, server.model, a.concurrency, a.concurrency, PROMPTS, max_tokens=16))
+            if a.idle_s > 0:
+                time.sleep(5)  # the warm-up's stragglers
+                report.setdefault("idle", {})[name] = measure_idle(server, a.idle_s)
             report["runs"][name] = [measure(server, a.concurrency, a.max_tokens) for _ in range(a.repeats)]
         finally:
             server.stop()
@@ -99,6 +118,12 @@ def main(argv=None) -> int:
     print(f"the Serve path around a null engine: {a.concurrency} concurrent, {a.max_tokens} tokens each, "
           f"a step every {a.step_s * 1000:.0f} ms; CPU ms per streamed token by process")
     print(markdown_table(["variant", "run", "tok/s", "cores", "ms/token", *roles], rows))
+    if report.get("idle"):
+        roles = sorted({k for r in report["idle"].values() for k in r["by_process"]})
+        print(f"idle (deployed, no traffic, {a.idle_s:.0f} s): cores by process")
+        print(markdown_table(["variant", "cores", *roles],
+                             [[name, f"{r['cores']:.3f}", *(f"{r['by_process'].get(k, 0):.3f}" for k in roles)]
+                              for name, r in report["idle"].items()]))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2))
     return 0

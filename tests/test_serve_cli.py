@@ -31,6 +31,7 @@ def test_mlx_ray_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(mlx_f32, t
         answer = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
         body = json.loads(answer.stdout)
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+        _assert_embedded_control_plane(proc.pid)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         assert "shutting down" in log.read_text()
@@ -38,3 +39,21 @@ def test_mlx_ray_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(mlx_f32, t
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _assert_embedded_control_plane(root: int) -> None:
+    """The cluster `mlx-ray serve` started: Serve's controller got the slower control loop
+    (control_loop_interval_s), and the model's replica and the proxy run at the server's own priority."""
+    import psutil
+
+    base = psutil.Process(root).nice()
+    found: dict[str, list[psutil.Process]] = {}
+    for p in psutil.Process(root).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        for key in ("ServeController", "ServeReplica", "ProxyActor"):
+            if key in cmd:
+                found.setdefault(key, []).append(p)
+    (controller,) = found["ServeController"]
+    assert controller.environ().get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
+    assert [p.nice() for p in found["ServeReplica"]] == [base], found
+    assert found["ProxyActor"] and {p.nice() for p in found["ProxyActor"]} == {base}, found

@@ -136,6 +136,10 @@ class ServeConfig(BaseModel):
     sse_keepalive_s: float = Field(10.0, gt=0, description=(
         "A stream with nothing to send for this long (queued, prefilling) gets an SSE comment line "
         "(': keepalive'), so proxies keep it open."))
+    control_loop_interval_s: float = Field(0.5, gt=0, le=10, description=(
+        "Serve's control loop period in the cluster `mlx-ray serve` starts itself (Ray's default: 0.1 s, "
+        "which on a small machine costs the engine CPU; see the README); a cluster joined with --address "
+        "keeps its own."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description="Concurrent HTTP requests one ingress replica handles.")
     ingress_num_replicas: int = Field(1, ge=1)
     direct_ingress: bool = Field(True, description=(
