@@ -1,6 +1,6 @@
-"""Build hook for the optional C++ kernels in ``kernels/`` (everything else is in pyproject.toml).
+"""Build hook for the optional C++ kernels in ``mlx_ray/kernels/`` (everything else is in pyproject.toml).
 
-``kernels/qmm_cpu`` is an MLX C++ extension (a custom primitive + nanobind
+``mlx_ray/kernels/qmm_cpu`` is an MLX C++ extension (a custom primitive + nanobind
 bindings) compiled with CMake against the installed mlx wheel. The build is
 best effort: with no compiler, no CMake, an unsupported platform or any build
 error, the install still succeeds, mlx-ray falls back to MLX's own op, and
@@ -124,6 +124,6 @@ class OptionalCMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("mlx_ray.kernels._qmm_cpu", HERE / "kernels" / "qmm_cpu")],
+    ext_modules=[CMakeExtension("mlx_ray.kernels._qmm_cpu", HERE / "mlx_ray" / "kernels" / "qmm_cpu")],
     cmdclass={"build_ext": OptionalCMakeBuild},
 )

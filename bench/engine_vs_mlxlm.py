@@ -175,37 +175,94 @@ def burst(url: str, model: str, n: int, tag: str) -> dict:
     return asyncio.run(arun_load(url, model, n, n, prompts, max_tokens=16))
 
 
-def run_serve_side(args, levels: list[int], engine_cfg: dict) -> dict:
-    out: dict = {}
-    server = MlxRayServe(Path(args.model), engine_cfg, serve_config=json.loads(args.serve_config))
-    try:
-        server.wait_ready()
-        if args.cold_burst:
-            out["burst_cold"] = burst(server.url, server.model, args.cold_burst, "cold")
-        http_prompt_warmup(server.url, server.model, args)
-        if args.cold_burst:
-            out["burst_warm"] = burst(server.url, server.model, args.cold_burst, "warm")
-        for c in levels:
-            for mode in rotated_modes(args):
-                t, body = http_sampling(mode, args.ignore_eos)
-                with Usage(*server.pids(), os.getpid()) as mem:
-                    r = asyncio.run(arun_load(server.url, server.model, c, requests_for(args, c), PROMPTS,
-                                              max_tokens=args.max_tokens, temperature=t, extra_body=body,
-                                              seeded=mode != "greedy"))
-                out[level_key(c, mode)] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s)
-    finally:
-        server.stop()
-    return out
+class EngineSession:
+    """The engine in this process, warmed up; ``measure`` runs one level and mode of the load."""
+
+    def __init__(self, args, engine_cfg: dict):
+        from mlx_ray.engine.engine import MLXEngine
+        from mlx_ray.engine.protocol import EngineConfig
+
+        self.args = args
+        self.engine = MLXEngine(args.model, EngineConfig(**engine_cfg))
+        asyncio.run(self.engine.start())
+        try:
+            self.prompts = [self.engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+            asyncio.run(engine_load(self.engine, self.prompts, 1, 1, 8))  # warm-up
+            for mode in modes(args)[1:]:  # warm-up of each sampling path
+                asyncio.run(engine_load(self.engine, self.prompts, 2, 2, 8, SAMPLING[mode]))
+            if len(modes(args)) > 1:  # every prompt in the prefix cache first, so no mode pays the others' prefill
+                asyncio.run(engine_load(self.engine, self.prompts, 4, len(self.prompts), 1))
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def measure(self, c: int, mode: str) -> dict:
+        import mlx.core as mx
+
+        mx.reset_peak_memory()
+        with Usage(os.getpid()) as mem:
+            r = asyncio.run(engine_load(self.engine, self.prompts, c, requests_for(self.args, c), self.args.max_tokens,
+                                        SAMPLING[mode], self.args.ignore_eos))
+        return dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s, mlx_peak_bytes=mx.get_peak_memory())
+
+    def extra(self) -> dict:
+        return {"engine_stats": self.engine.stats()}
+
+    def close(self) -> None:
+        asyncio.run(self.engine.shutdown())
+
+
+class ServeSession:
+    """``mlx-ray serve`` with the engine side's limits, warmed up the same way; the load generator in this process."""
+
+    def __init__(self, args, engine_cfg: dict):
+        self.args, self.extras = args, {}
+        self.server = MlxRayServe(Path(args.model), engine_cfg, serve_config=json.loads(args.serve_config))
+        try:
+            self.server.wait_ready()
+            if args.cold_burst:
+                self.extras["burst_cold"] = burst(self.server.url, self.server.model, args.cold_burst, "cold")
+            http_prompt_warmup(self.server.url, self.server.model, args)
+            if args.cold_burst:
+                self.extras["burst_warm"] = burst(self.server.url, self.server.model, args.cold_burst, "warm")
+        except BaseException:
+            self.close()
+            raise
+
+    def pids(self) -> list[int]:
+        return [*self.server.pids(), os.getpid()]
+
+    def measure(self, c: int, mode: str) -> dict:
+        t, body = http_sampling(mode, self.args.ignore_eos)
+        with Usage(*self.server.pids(), os.getpid()) as mem:
+            r = asyncio.run(arun_load(self.server.url, self.server.model, c, requests_for(self.args, c), PROMPTS,
+                                      max_tokens=self.args.max_tokens, temperature=t, extra_body=body,
+                                      seeded=mode != "greedy"))
+        return dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s)
+
+    def extra(self) -> dict:
+        return self.extras
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+def engine_cfg_of(args) -> dict:
+    levels = [int(x) for x in args.levels.split(",")]
+    cfg = dict(max_num_seqs=max(levels), max_queue=max(levels) * 4, prefill_chunk=args.prefill_chunk)
+    if args.prefix_cache_mib is not None:
+        cfg["prefix_cache_bytes"] = args.prefix_cache_mib << 20
+    if args.kv_budget_mib is not None:
+        cfg["kv_budget_bytes"] = args.kv_budget_mib << 20
+    return cfg
 
 
 # -- one side, in its own session ----------------------------------------------------------
 def run_side(args) -> dict:
     """The sweep for one side (``--side engine|serve|server``); prints nothing but the JSON file."""
-    import mlx.core as mx
-
-    from mlx_ray.engine.engine import MLXEngine
-    from mlx_ray.engine.protocol import EngineConfig
-
     levels = [int(x) for x in args.levels.split(",")]
     out = {}
     if args.side == "server":
@@ -221,32 +278,32 @@ def run_side(args) -> dict:
         finally:
             server.stop()
         return out
-    cfg = dict(max_num_seqs=max(levels), max_queue=max(levels) * 4, prefill_chunk=args.prefill_chunk)
-    if args.prefix_cache_mib is not None:
-        cfg["prefix_cache_bytes"] = args.prefix_cache_mib << 20
-    if args.side == "serve":
-        return run_serve_side(args, levels, cfg)
-    engine = MLXEngine(args.model, EngineConfig(**cfg))
-    asyncio.run(engine.start())
+    session = (ServeSession if args.side == "serve" else EngineSession)(args, engine_cfg_of(args))
     try:
-        prompts_ids = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-        asyncio.run(engine_load(engine, prompts_ids, 1, 1, 8))  # warm-up
-        for mode in modes(args)[1:]:  # warm-up of each sampling path
-            asyncio.run(engine_load(engine, prompts_ids, 2, 2, 8, SAMPLING[mode]))
-        if len(modes(args)) > 1:  # every prompt in the prefix cache first, so no mode pays the others' prefill
-            asyncio.run(engine_load(engine, prompts_ids, 4, len(prompts_ids), 1))
         for c in levels:
             for mode in rotated_modes(args):
-                mx.reset_peak_memory()
-                with Usage(os.getpid()) as mem:
-                    r = asyncio.run(engine_load(engine, prompts_ids, c, requests_for(args, c), args.max_tokens,
-                                                SAMPLING[mode], args.ignore_eos))
-                out[level_key(c, mode)] = dict(r, peak_rss_bytes=mem.peak, cpu_s=mem.cpu_s,
-                                               mlx_peak_bytes=mx.get_peak_memory())
-        out["engine_stats"] = engine.stats()
+                out[level_key(c, mode)] = session.measure(c, mode)
+        out.update(session.extra())
     finally:
-        asyncio.run(engine.shutdown())
+        session.close()
     return out
+
+
+def serve_segments(args) -> None:
+    """Worker of ``bench/serve_ab.py``'s paired segments: set the side up and warm it, write its process ids as
+    one JSON line to fd ``--segments-fd``, then for each ``LEVEL MODE`` line on stdin run that load and write
+    its result as one JSON line; stop at ``quit`` or end of input. (Its own stdout is the server's log.)"""
+    session = (ServeSession if args.side == "serve" else EngineSession)(args, engine_cfg_of(args))
+    out = os.fdopen(args.segments_fd, "w", buffering=1)
+    try:
+        out.write(json.dumps({"pids": session.pids()}) + "\n")
+        for line in sys.stdin:
+            if line.strip() in ("", "quit"):
+                break
+            c, mode = line.split()
+            out.write(json.dumps(session.measure(int(c), mode), default=str) + "\n")
+    finally:
+        session.close()
 
 
 def modes(args) -> list[str]:
@@ -269,23 +326,31 @@ def requests_for(args, c: int) -> int:
     return max(args.min_requests, args.requests_per_slot * c)
 
 
-def spawn_side(args, side: str, model_dir: Path, rep: int = 0, extra_env: dict | None = None,
-               serve_config: dict | None = None) -> dict:
-    """Run one side in a worker process with its own session (``extra_env`` on top of this one's; the serve
-    side's ``serve_config`` on top of its config); kill its whole group afterwards."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
-    cmd = [sys.executable, __file__, "--side", side, "--side-out", str(out), "--model", str(model_dir),
+def side_command(args, side: str, model_dir: Path, rep: int = 0, serve_config: dict | None = None) -> list[str]:
+    """The command line of a side's worker process (``--side``)."""
+    cmd = [sys.executable, __file__, "--side", side, "--model", str(model_dir),
            "--levels", args.levels, "--max-tokens", str(args.max_tokens), "--prefill-chunk", str(args.prefill_chunk),
            "--requests-per-slot", str(args.requests_per_slot), "--min-requests", str(args.min_requests)]
     if side in ("engine", "serve"):
         cmd += ["--sampling", ",".join(modes(args)), "--mode-rotate", str(rep)] + (["--ignore-eos"] if args.ignore_eos else [])
         if args.prefix_cache_mib is not None:
             cmd += ["--prefix-cache-mib", str(args.prefix_cache_mib)]
+        if args.kv_budget_mib is not None:
+            cmd += ["--kv-budget-mib", str(args.kv_budget_mib)]
     if side == "serve" and args.cold_burst:
         cmd += ["--cold-burst", str(args.cold_burst)]
     if side == "serve" and serve_config:
         cmd += ["--serve-config", json.dumps(serve_config)]
+    return cmd
+
+
+def spawn_side(args, side: str, model_dir: Path, rep: int = 0, extra_env: dict | None = None,
+               serve_config: dict | None = None) -> dict:
+    """Run one side in a worker process with its own session (``extra_env`` on top of this one's; the serve
+    side's ``serve_config`` on top of its config); kill its whole group afterwards."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = side_command(args, side, model_dir, rep, serve_config) + ["--side-out", str(out)]
     proc = subprocess.Popen(cmd, start_new_session=True, env={**env_with_fast_blas(), **(extra_env or {})})
     try:
         if proc.wait() != 0:
@@ -450,17 +515,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-cache-mib", type=int,
                    help="engine prefix cache budget (default the engine's; 0 = off: sampled completions are all "
                         "different and fill it, greedy repeats do not, which skews a comparison of the modes)")
+    p.add_argument("--kv-budget-mib", type=int,
+                   help="engine KV budget (default the engine's: half the free memory, allocated at start by the "
+                        "paged cache, so two sides alive at once need a smaller one)")
     p.add_argument("--mode-rotate", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--side", choices=sorted(SIDE_FLAGS.values()), help=argparse.SUPPRESS)  # worker mode
     p.add_argument("--side-out", help=argparse.SUPPRESS)
     p.add_argument("--serve-config", default="{}", help=argparse.SUPPRESS)  # JSON: ServeConfig fields of the serve side
+    p.add_argument("--segments-fd", type=int, help=argparse.SUPPRESS)  # worker of serve_ab's paired segments
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     reexec_with_fast_blas()
+    if args.side and args.segments_fd is not None:
+        serve_segments(args)
+        return 0
     if args.side:
         Path(args.side_out).write_text(json.dumps(run_side(args), default=str))
         return 0

@@ -20,7 +20,7 @@ must read, over its time) and, for SmolLM2, the cost of a 30-layer step.
 Prefill (B = 1, L = 128 / 256 / 512 against a context of 500 / 1000 / 2000,
 float32, both head shapes): kernel vs twin; the last table gives the largest L
 at which the kernel still wins, which sets ``DEFAULT_MAX_L`` in
-kernels/paged_attention.py.
+mlx_ray/kernels/paged_attention.py.
 
 The machine may be shared: the load average before and after is printed, and
 figures taken while something else runs are "loaded" (treat differences under

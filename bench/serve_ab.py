@@ -1,22 +1,34 @@
-"""Interleaved A/B: the engine in process against `mlx-ray serve` variants that differ by environment or serve config.
+"""Paired A/B: the engine in process against `mlx-ray serve` variants that differ by environment or serve config.
 
-    python bench/serve_ab.py [--repeats 3] [--levels 16,32] [--sampling greedy,top_p]
-        [--variant NAME=K=V,K=V ...] [--json out.json]
+    python bench/serve_ab.py [--repeats 5] [--levels 16,32] [--sampling greedy,top_p]
+        [--variant NAME=K=V,K=V ...] [--sequential] [--json out.json]
 
-Each repeat runs the engine side, then every variant of the serve side (in
-reverse order on odd repeats, so no side always runs first), each in its own
-session process through ``bench/engine_vs_mlxlm.py``'s workers: the same load
-generator, the same prompts, warm-up and limits. A variant's ``K=V`` pairs
-are fields of its serve config where ``K`` is one (``ServeConfig``, values as
-JSON: ``--variant nobudget=stream_messages_per_s=0``), and otherwise variables
-set in the environment of ``mlx-ray serve``, so its embedded Ray and the model's
-replica inherit them (e.g. ``--variant samethread=RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``).
-Without ``--variant``: one variant, ``serve``, as configured by default.
-It prints tok/s per side and repeat and each variant's ratio to the engine of
-the same repeat; on this project's 2-vCPU VMs the machine's speed drifts
-within minutes, so only these paired ratios, over several repeats, mean anything.
-Each side's line also gives the CPU time the hypervisor stole from the VM
-while it ran (``Steal``): a pair whose sides saw different steal is noise.
+Every side is a worker process of ``bench/engine_vs_mlxlm.py`` with its own
+session: the same load generator, the same prompts, warm-up and limits (the
+engine with its load generator in one process; ``mlx-ray serve`` with its
+embedded Ray and the load generator in the worker, its own process).
+
+By default the sides are started and warmed once, and then measured in
+**paired segments**: one level and mode on every side in turn, back to back
+(tens of seconds each), the order of the sides and of the levels rotated every
+round. Only the side measuring runs: every other side's whole process tree
+(the engine, or ``mlx-ray serve`` with Ray's daemons, its replica and its
+client) is stopped (SIGSTOP) meanwhile and resumed (SIGCONT) for its own
+segment, so no side pays another's idle floor, and the two halves of a pair
+see the machine within a minute of each other: on this project's 2-vCPU VMs
+the machine's speed drifts within minutes, so only these paired ratios, over
+several rounds, mean anything. ``--sequential`` instead starts each side anew
+per repeat and runs its whole sweep (minutes apart: the older figures).
+
+A variant's ``K=V`` pairs are fields of its serve config where ``K`` is one
+(``ServeConfig``, values as JSON: ``--variant nobudget=stream_messages_per_s=0``),
+and otherwise variables set in the environment of ``mlx-ray serve``, so its
+embedded Ray and the model's replica inherit them (e.g. ``--variant
+samethread=RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``). Without
+``--variant``: one variant, ``serve``, as configured by default. It prints
+tok/s per side and segment and each variant's ratio to the engine of the same
+round. Each side's line also gives the CPU time the hypervisor stole from the
+VM while it ran (``Steal``): a pair whose sides saw different steal is noise.
 """
 
 from __future__ import annotations
@@ -25,8 +37,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_vs_mlxlm as evm  # noqa: E402
@@ -80,20 +95,101 @@ class Steal:
         return 100.0 * d[7] / max(1, sum(d))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--levels", default="16,32")
-    p.add_argument("--sampling", default="greedy,top_p")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--variant", action="append", default=[], help="NAME=K=V,K=V: a serve side with these env vars")
-    p.add_argument("--json", help="write the per-repeat figures here")
-    a = p.parse_args(argv)
-    evm.reexec_with_fast_blas()
-    variants = dict(parse_variant(v) for v in a.variant) or {"serve": {"env": {}, "config": {}}}
-    args = evm.parse_args(["--levels", a.levels, "--serve", "--skip-server", "--skip-single", "--sampling",
-                           a.sampling, "--ignore-eos", "--max-tokens", str(a.max_tokens)])
-    model_dir = fixture_model(False)
+class FrozenSide:
+    """One side's worker for the whole run (``engine_vs_mlxlm.py --side ... --segments-fd``), its process tree
+    stopped except while it measures a segment."""
+
+    def __init__(self, name: str, args, model_dir: Path, env: dict, config: dict):
+        kind = "engine" if name == "engine" else "serve"
+        r, w = os.pipe()
+        cmd = evm.side_command(args, kind, model_dir, 0, config) + ["--segments-fd", str(w)]
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, pass_fds=(w,), start_new_session=True,
+                                     env={**evm.env_with_fast_blas(), **env})
+        os.close(w)
+        self.results = os.fdopen(r)
+        if not self.results.readline():  # its process ids, once set up and warm
+            raise RuntimeError(f"the {name} side failed to start (exit {self.proc.wait()}); its log is above")
+        self._signal("suspend")
+
+    def _signal(self, how: str) -> None:
+        """Stop or resume the worker and every process under it (Ray's daemons and workers for a serve side),
+        parents first on the way down so that none starts a child meanwhile."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in tree if how == "suspend" else reversed(tree):
+            try:
+                getattr(p, how)()
+            except psutil.NoSuchProcess:
+                pass
+
+    def measure(self, c: int, mode: str) -> dict:
+        self._signal("resume")
+        try:
+            self.proc.stdin.write(f"{c} {mode}\n")
+            self.proc.stdin.flush()
+            line = self.results.readline()
+        finally:
+            self._signal("suspend")
+        if not line:
+            raise RuntimeError(f"the {self.name} side died measuring {c} {mode} (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._signal("resume")
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def rotate(xs: list, k: int) -> list:
+    k %= max(1, len(xs))
+    return xs[k:] + xs[:k]
+
+
+def run_segments(a, args, variants: dict, model_dir: Path) -> tuple[dict, dict]:
+    """Paired segments (module docstring): per round, every level and mode on every side back to back."""
+    combos = [(int(c), m) for c in a.levels.split(",") for m in evm.modes(args)]
+    sides: dict[str, FrozenSide] = {}
+    try:
+        for name in ["engine", *variants]:
+            v = variants.get(name) or {}
+            sides[name] = FrozenSide(name, args, model_dir, v.get("env") or {}, v.get("config") or {})
+        runs: dict[str, list[dict]] = {k: [] for k in sides}
+        steal: dict[str, list[dict]] = {k: [] for k in sides}
+        for rnd in range(a.repeats):
+            for k in sides:
+                runs[k].append({})
+                steal[k].append({})
+            for i, (c, mode) in enumerate(rotate(combos, rnd)):
+                key = evm.level_key(c, mode)
+                parts = []
+                for name in rotate(list(sides), rnd + i):
+                    st = Steal()
+                    runs[name][-1][key] = sides[name].measure(c, mode)["output_tok_s"]
+                    steal[name][-1][key] = st.percent()
+                    stolen = "" if steal[name][-1][key] is None else f" (steal {steal[name][-1][key]:.1f}%)"
+                    parts.append(f"{name} {runs[name][-1][key]:.1f}{stolen}")
+                print(f"[{rnd + 1}/{a.repeats}] {key}: " + ", ".join(parts) + " tok/s", file=sys.stderr, flush=True)
+        return runs, steal
+    finally:
+        for side in sides.values():
+            side.close()
+
+
+def run_sequential(a, args, variants: dict, model_dir: Path) -> tuple[dict, dict]:
+    """Each side started anew per repeat and its whole sweep run, side after side."""
     runs: dict[str, list[dict]] = {k: [] for k in ["engine", *variants]}
     steal: dict[str, list] = {k: [] for k in runs}
     for rep in range(a.repeats):
@@ -109,8 +205,33 @@ def main(argv=None) -> int:
             stolen = "" if steal[side][-1] is None else f", CPU steal {steal[side][-1]:.1f}%"
             print(f"[{rep + 1}/{a.repeats}] {side}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[side][-1].items())
                   + f" tok/s (load avg {os.getloadavg()[0]:.1f}{stolen})", file=sys.stderr, flush=True)
-    report = {"variants": variants, "runs": runs, "steal_percent": steal, "x_engine": {}}
-    print("| variant | level:mode | × engine, median | per repeat |\n|---|---|---|---|")
+    return runs, steal
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5, help="rounds of paired segments (or, --sequential, repeats)")
+    p.add_argument("--levels", default="16,32")
+    p.add_argument("--sampling", default="greedy,top_p")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests-per-slot", type=int, default=4, help="requests per segment = this x concurrency")
+    p.add_argument("--variant", action="append", default=[], help="NAME=K=V,K=V: a serve side with these env vars")
+    p.add_argument("--sequential", action="store_true", help="each side's whole sweep per repeat, side after side")
+    p.add_argument("--kv-budget-mib", type=int, default=2048,
+                   help="each side's engine KV budget (default 2048: every side is alive at once in paired segments, "
+                        "and the engine's default, half the free memory, fits once; the load needs ~0.5 GiB)")
+    p.add_argument("--json", help="write the per-repeat figures here")
+    a = p.parse_args(argv)
+    evm.reexec_with_fast_blas()
+    variants = dict(parse_variant(v) for v in a.variant) or {"serve": {"env": {}, "config": {}}}
+    args = evm.parse_args(["--levels", a.levels, "--serve", "--skip-server", "--skip-single", "--sampling",
+                           a.sampling, "--ignore-eos", "--max-tokens", str(a.max_tokens),
+                           "--requests-per-slot", str(a.requests_per_slot), "--kv-budget-mib", str(a.kv_budget_mib)])
+    model_dir = fixture_model(False)
+    runs, steal = (run_sequential if a.sequential else run_segments)(a, args, variants, model_dir)
+    report = {"method": "sequential" if a.sequential else "paired segments", "variants": variants, "runs": runs,
+              "steal_percent": steal, "x_engine": {}}
+    print("| variant | level:mode | × engine, median | per round |\n|---|---|---|---|")
     for side in variants:
         report["x_engine"][side] = {}
         for k in runs["engine"][0]:

@@ -40,7 +40,9 @@ def role(p: psutil.Process, me: int) -> str:
         return "client"
     cmd = " ".join(p.cmdline())
     for key, name in (("ServeReplica", "replica"), ("ProxyActor", "proxy"), ("ServeController", "controller"),
-                      ("gcs_server", "gcs"), ("raylet", "raylet")):
+                      ("gcs_server", "gcs"), ("raylet", "raylet"), ("DashboardAgent", "agent"),
+                      ("RuntimeEnvAgent", "agent"), ("log_monitor", "log_monitor"), ("mlx-ray", "driver"),
+                      ("mlx_ray", "driver")):
         if key in cmd or key in p.name():
             return name
     return "other"

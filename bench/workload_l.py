@@ -19,7 +19,7 @@ the same priority, the server's whole process tree in the same CPU autogroup):
 * ``base``: ``mlx-ray serve`` of the tree at ``--base-ref`` (default 87c4112,
   the parent of the issue's first engine change), a ``git worktree`` under
   /tmp (made if missing, reused if present) imported through PYTHONPATH, with
-  this checkout's compiled CPU extension (``kernels/_qmm_cpu*.so``) copied in;
+  this checkout's compiled CPU extension (``mlx_ray/kernels/_qmm_cpu*.so``) copied in;
 * ``new``: this checkout's ``mlx-ray serve``;
 * ``new-kv8``: the same with ``--kv-bits 8`` (skipped, with a note, while the
   CLI has no such option);
@@ -161,9 +161,10 @@ def git(*args: str, cwd: Path = ROOT) -> str:
 def ensure_worktree(ref: str, path: str | None) -> tuple[Path, str]:
     """The base tree at ``ref``: a detached git worktree (made if missing, reused if it holds ``ref``).
 
-    The install maps ``mlx_ray.kernels`` and ``mlx_ray.conversion`` onto the top
-    folders ``kernels/`` and ``conversion/`` (package-dir); on PYTHONPATH they
-    are found through links inside the worktree's ``mlx_ray/``. The compiled CPU
+    Before this checkout moved them into ``mlx_ray/``, the install mapped
+    ``mlx_ray.kernels`` and ``mlx_ray.conversion`` onto top folders ``kernels/``
+    and ``conversion/`` (package-dir); in such a base tree, on PYTHONPATH, they
+    are found through links inside its ``mlx_ray/``. The compiled CPU
     extension of this checkout (a superset of the old one) is copied in."""
     sha = git("rev-parse", "--verify", f"{ref}^{{commit}}")
     tree = Path(path) if path else Path(tempfile.gettempdir()) / f"mlx-ray-base-{sha[:7]}"
@@ -182,8 +183,9 @@ def ensure_worktree(ref: str, path: str | None) -> tuple[Path, str]:
         link = tree / "mlx_ray" / sub
         if (tree / sub).is_dir() and not link.exists():
             link.symlink_to(Path("..") / sub)
-    for so in (ROOT / "kernels").glob("_qmm_cpu*.so"):
-        dst = tree / "kernels" / so.name
+    kdir = tree / "kernels" if (tree / "kernels").is_dir() else tree / "mlx_ray" / "kernels"
+    for so in (ROOT / "mlx_ray" / "kernels").glob("_qmm_cpu*.so"):
+        dst = kdir / so.name
         if not dst.exists() or dst.read_bytes() != so.read_bytes():
             shutil.copy2(so, dst)
     return tree, sha

@@ -3,7 +3,7 @@
 ``selftest`` runs every kernel against its twin on this device, across its
 "device" cases, and prints kernel ms / twin ms / speed-up / max error per
 case: each Metal kernel on a Metal device (this also refreshes its cached
-verdict, kernels/gate.py), each kernel's C++ CPU path, and the CPU matmul
+verdict, mlx_ray/kernels/gate.py), each kernel's C++ CPU path, and the CPU matmul
 kernels (``qmm_cpu`` against ``mx.quantized_matmul``, ``dense_cpu`` against
 ``x @ w.T``) and ``paged_attention_cpu`` against its twin (gather + sdpa). Without Metal it says so and tests what it can. Exit 1 when a
 kernel does not match its twin.

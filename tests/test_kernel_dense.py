@@ -1,4 +1,4 @@
-"""The CPU dense small-M matmul (``dense_matmul`` in kernels/qmm_cpu, dispatch in kernels/dense.py).
+"""The CPU dense small-M matmul (``dense_matmul`` in mlx_ray/kernels/qmm_cpu, dispatch in mlx_ray/kernels/dense.py).
 
 Reference: MLX's own ``x.astype(f32) @ w.astype(f32).T`` (the same product on
 the same float32 values), rounded by the comparison only. The kernel sums in a

@@ -1,4 +1,4 @@
-"""kernels/_common.py: the Metal kernel wrapper, the spec registry, the switches, emulation routing.
+"""mlx_ray/kernels/_common.py: the Metal kernel wrapper, the spec registry, the switches, emulation routing.
 
 No Metal here: calling a MetalKernel outside emulation must reach MLX (which
 refuses with "No Metal back-end"); inside ``emulate()`` it must reach

@@ -1,4 +1,4 @@
-"""kernels/gate.py: the on-device verdict, forced on the CPU.
+"""mlx_ray/kernels/gate.py: the on-device verdict, forced on the CPU.
 
 There is no Metal device here, so the tests mock exactly one thing: the device
 (``gate.Device("fake-metal", metal=True, mx_device=mx.cpu)``). Everything else

@@ -1,4 +1,4 @@
-"""The CPU paged-attention primitive (kernels/qmm_cpu/paged_attention.cpp) against its twin (kernels/paged_attention.py).
+"""The CPU paged-attention primitive (mlx_ray/kernels/qmm_cpu/paged_attention.cpp) against its twin (mlx_ray/kernels/paged_attention.py).
 
 Tolerances: float32 within 1e-5 of the twin (relative to the output's magnitude); float16 / bfloat16
 within 4 units of the dtype's rounding (eps = 2^-10 / 2^-7) of the twin, which itself rounds K/V and

@@ -1,7 +1,7 @@
-"""kernels/paged_attention_metal: the Metal paged-attention kernel under the CPU emulator, against its twin.
+"""mlx_ray/kernels/paged_attention_metal: the Metal paged-attention kernel under the CPU emulator, against its twin.
 
 The kernel's own .metal source runs here through ``_common.emulate()``
-(kernels/metal_emu compiles the source MLX generates as C++ and runs it on CPU
+(mlx_ray/kernels/metal_emu compiles the source MLX generates as C++ and runs it on CPU
 fibers: SIMD-group shuffles and threadgroup barriers emulated, guard pages
 after every buffer). Nothing here runs Metal or says anything about speed.
 

@@ -1,4 +1,4 @@
-"""The CPU quantized-matmul kernel (kernels/qmm_cpu) against MLX's own op.
+"""The CPU quantized-matmul kernel (mlx_ray/kernels/qmm_cpu) against MLX's own op.
 
 Reference: ``mx.quantized_matmul`` on float32 copies of the inputs (the same
 op, evaluated exactly), rounded by the comparison only. MLX's own CPU op at

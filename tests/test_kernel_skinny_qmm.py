@@ -1,7 +1,7 @@
-"""kernels/skinny_qmm: the Metal kernel run under the CPU emulator against its twin, and its dispatch.
+"""mlx_ray/kernels/skinny_qmm: the Metal kernel run under the CPU emulator against its twin, and its dispatch.
 
 The kernel's own .metal source runs here through ``_common.emulate()``
-(kernels/metal_emu compiles the source MLX generates as C++ and runs it on CPU
+(mlx_ray/kernels/metal_emu compiles the source MLX generates as C++ and runs it on CPU
 threads). The gate's device is the one mocked part where a verdict is needed
 (``gate.Device("fake-metal", metal=True, mx_device=mx.cpu)``).
 """

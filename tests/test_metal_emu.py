@@ -1,4 +1,4 @@
-"""The Metal emulator (kernels/metal_emu): MLX's generated source, type-checked and run on CPU fibers.
+"""The Metal emulator (mlx_ray/kernels/metal_emu): MLX's generated source, type-checked and run on CPU fibers.
 
 Small hand-written kernels exercise each modelled feature against numpy; copies of kernels with an
 injected typo, an off-by-one or a missing barrier show what the checks catch; mlx-lm's own kernels

@@ -1,4 +1,4 @@
-"""The per-target convert lock (conversion/publish.py): breaking a stale lock is exclusive.
+"""The per-target convert lock (mlx_ray/conversion/publish.py): breaking a stale lock is exclusive.
 
 The race test runs real processes: each round plants a stale lock (a dead pid on
 this host, or a silent holder on another host), then lets N processes loose on

@@ -1,4 +1,4 @@
-"""The batched sampler (kernels/sampler.py): twin vs C++ CPU primitive exactly, vs mlx-lm's filters, the
+"""The batched sampler (mlx_ray/kernels/sampler.py): twin vs C++ CPU primitive exactly, vs mlx-lm's filters, the
 distribution (chi-square against an exact float64 reference), the emulated Metal kernel, the dispatch and
 the engine's one-call-per-step path (seeded output the same alone and batched)."""
 

@@ -144,7 +144,7 @@ def _patch_cpu_kernel(model: nn.Module) -> bool:
 
 
 def _patch_metal_kernels(model: nn.Module) -> int:
-    """On a Metal device: route layers through the Metal kernels whose verdict (kernels/gate.py) enables them."""
+    """On a Metal device: route layers through the Metal kernels whose verdict (mlx_ray/kernels/gate.py) enables them."""
     if not mx.metal.is_available() or mx.default_device() != mx.gpu:
         return 0
     try:

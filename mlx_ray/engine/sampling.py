@@ -7,7 +7,7 @@ sub-key gives that token's uniform draw, so the same seed and prompt give the
 same tokens alone or batched.
 
 The filters (top-k, top-p, min-p: mlx-lm's semantics and order, see
-``kernels/sampler.py``) and the draw are one batched call per step
+``mlx_ray/kernels/sampler.py``) and the draw are one batched call per step
 (:func:`sample_rows`, the kernels' ``sampler.sample``): the engine's generation
 batch hands it every sampled row at once (``batching.py``), greedy rows are
 one argmax. Token i is the inverse CDF of the kept, renormalized distribution

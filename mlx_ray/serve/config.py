@@ -24,6 +24,11 @@ DEFAULT_RESOURCE = "gpu_apple_mps"
 DEFAULT_ENGINE = "mlx_ray.engine.engine:MLXEngine"
 
 
+# Streaming defaults, defined once: ServeConfig's fields and LLMServer's own defaults (tests, direct use).
+STREAM_BATCHING_INTERVAL_MS = 10.0
+STREAM_MESSAGES_PER_S = 50.0
+
+
 class PlacementConfig(BaseModel):
     """Where the model's replicas run (Ray actor options of its deployment)."""
 
@@ -127,8 +132,8 @@ class ServeConfig(BaseModel):
     api_key_env: Optional[str] = Field(None, description="Env var holding the API key, read where the ingress runs.")
     cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: CORS off.")
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request, queueing included; past it: 408.")
-    stream_batching_interval_ms: float = Field(10.0, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
-    stream_messages_per_s: float = Field(50.0, ge=0, description=(
+    stream_batching_interval_ms: float = Field(STREAM_BATCHING_INTERVAL_MS, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
+    stream_messages_per_s: float = Field(STREAM_MESSAGES_PER_S, ge=0, description=(
         "A model replica's budget of stream messages per second, shared by its open streams: with n open, "
         "each stream's tokens are coalesced for n / budget s (at most 1 s, at least stream_batching_interval_ms), "
         "so streaming's CPU cost stays flat as streams are added. A lone stream still gets every token at once; "

@@ -18,6 +18,7 @@ import inspect
 from typing import Any
 
 from .ingress import OpenAIIngress
+from .config import STREAM_MESSAGES_PER_S
 from .server import LLMServer
 
 
@@ -60,7 +61,7 @@ class LLMServerIngress(OpenAIIngress):
     """The OpenAI routes and one model's LLMServer in one replica (plain class: the builder decorates it)."""
 
     def __init__(self, model_config: dict, stream_batching_interval_ms: float, config: dict,
-                 stream_messages_per_s: float = 0.0):
+                 stream_messages_per_s: float = STREAM_MESSAGES_PER_S):
         self.server = LLMServer(model_config, stream_batching_interval_ms, stream_messages_per_s=stream_messages_per_s)
         super().__init__({self.server.cfg.name: LocalHandle(self.server)}, config)
 

@@ -41,7 +41,6 @@ from ..errors import BadRequest
 # The installed package and its two subpackages that live in other source folders
 # (pyproject's package-dir), each found through the import system, so this works
 # from an editable checkout and from a regular install alike.
-_PARTS = {"mlx_ray": "mlx_ray", "mlx_ray.kernels": "mlx_ray/kernels", "mlx_ray.conversion": "mlx_ray/conversion"}
 _KEEP = {".py", ".json", ".txt", ".md", ".metal"}
 _SKIP_DIRS = {"__pycache__", "qmm_cpu"}  # qmm_cpu/: the C++ sources of the Linux kernel
 _DATE = (1980, 1, 1, 0, 0, 0)
@@ -73,17 +72,13 @@ del _hand_over
 def _files() -> list[tuple[str, Path]]:
     """(path inside the package, file on disk), sorted."""
     out: dict[str, Path] = {}
-    for module, prefix in _PARTS.items():
-        root = Path(importlib.import_module(module).__path__[0])
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel_dir = Path(dirpath).relative_to(root)
-            if rel_dir.parts and rel_dir.parts[0] in ("kernels", "conversion") and module == "mlx_ray":
-                dirnames[:] = []  # a regular install nests them; their own entry covers them
-                continue
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-            for name in filenames:
-                if Path(name).suffix in _KEEP:
-                    out.setdefault(f"{prefix}/{(rel_dir / name).as_posix()}", Path(dirpath) / name)
+    root = Path(importlib.import_module("mlx_ray").__path__[0])
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in filenames:
+            if Path(name).suffix in _KEEP:
+                out[f"mlx_ray/{(rel_dir / name).as_posix()}"] = Path(dirpath) / name
     return sorted(out.items())
 
 

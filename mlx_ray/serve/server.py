@@ -25,7 +25,7 @@ from typing import AsyncIterator, Optional
 
 from ..engine.protocol import FinishEvent, GenerationRequest, LLMEngine, TokenEvent
 from ..errors import BadRequest, ContextOverflow, EngineFault, MlxRayError
-from .config import ModelConfig
+from .config import STREAM_BATCHING_INTERVAL_MS, STREAM_MESSAGES_PER_S, ModelConfig
 from . import chat
 from .chat_output import ChoiceSplitter
 from .generation import MAX_CHOICES, ChatPrompt, ChoiceEvent, ModelRequest
@@ -55,8 +55,9 @@ def build_engine(cfg: ModelConfig) -> LLMEngine:
 class LLMServer:
     """Owns one engine. Built by Serve from a ModelConfig dict, or directly in tests."""
 
-    def __init__(self, model_config: dict | ModelConfig, stream_batching_interval_ms: float = 10.0,
-                 engine: Optional[LLMEngine] = None, stream_messages_per_s: float = 0.0):
+    def __init__(self, model_config: dict | ModelConfig,
+                 stream_batching_interval_ms: float = STREAM_BATCHING_INTERVAL_MS,
+                 engine: Optional[LLMEngine] = None, stream_messages_per_s: float = STREAM_MESSAGES_PER_S):
         self._gauge_task: Optional[asyncio.Task] = None
         self._started = False
         self._start_lock: Optional[asyncio.Lock] = None
@@ -234,21 +235,20 @@ class LLMServer:
 
     async def _pump(self, idx: int, req: GenerationRequest, inbox: "Inbox") -> None:
         """Forward one engine stream into the shared inbox; always ends with a FinishEvent."""
-        queue = inbox  # put_nowait, as an asyncio.Queue
         try:
             async for ev in self.engine.generate(req):
-                queue.put_nowait((idx, ev))
+                inbox.put_nowait((idx, ev))
                 if isinstance(ev, FinishEvent):
                     return
-            queue.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0,
+            inbox.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0,
                                                error=EngineFault("the engine ended a stream without finishing it"))))
         except asyncio.CancelledError:
             raise
         except MlxRayError as e:
-            queue.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0, error=e)))
+            inbox.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0, error=e)))
         except Exception as e:  # an engine bug: surface it as a fault, never hang the request
             log.exception("engine stream failed")
-            queue.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0,
+            inbox.put_nowait((idx, FinishEvent("error", len(req.prompt_token_ids), 0,
                                                error=EngineFault(f"engine failed: {e.__class__.__name__}: {e}"))))
 
     def _token_texts(self, ev: TokenEvent) -> Optional[dict]:
@@ -326,7 +326,7 @@ def _runtime_facts() -> dict:
         return {**facts, "kernels": {}}
     states = [k.status() for k in (qmm, dense)]
     facts.update(kernels={st["name"]: st["active"] for st in states}, kernel_threads=states[0].get("threads"))
-    try:  # the Metal kernels' on-device verdicts (kernels/gate.py): enabled, and why (not)
+    try:  # the Metal kernels' on-device verdicts (mlx_ray/kernels/gate.py): enabled, and why (not)
         from mlx_ray.kernels import gate
 
         facts["metal_kernels"] = {v.name: {"enabled": v.enabled, "reason": v.reason, "speedup": v.speedup,

@@ -104,7 +104,7 @@ def check_kernels() -> Check:
 
 
 def check_metal_kernels() -> list[Check]:
-    """One line per Metal kernel: its on-device verdict (kernels/gate.py; measured once, then cached)."""
+    """One line per Metal kernel: its on-device verdict (mlx_ray/kernels/gate.py; measured once, then cached)."""
     try:
         from mlx_ray.kernels import _common, gate
     except ImportError as e:

@@ -1,7 +1,7 @@
 // Copyright 2026 mlx-ray authors. Apache-2.0.
 //
-// The batched sampler as an MLX primitive on CPU streams (see kernels/sampler.py
-// for the contract and kernels/README.md for the exact semantics):
+// The batched sampler as an MLX primitive on CPU streams (see mlx_ray/kernels/sampler.py
+// for the contract and mlx_ray/kernels/README.md for the exact semantics):
 //   tokens[b] = sample(logits[b], temperature[b], top_k[b], top_p[b], min_p[b], uniforms[b])
 // One row per task on the kernel thread pool; per row a few O(V) passes (max,
 // exp + mass, a radix select of the top-k / top-p thresholds over the float

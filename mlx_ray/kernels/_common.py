@@ -5,7 +5,7 @@ Every Metal kernel is a :class:`MetalKernel` built once at module level from a
 (Metal path, pure-MLX twin with the same contract, optional C++ CPU path, the
 test cases and the tolerance). The kernel modules named in
 :data:`KERNEL_MODULES` each define ``SPEC``; :func:`kernels` imports them
-lazily into :data:`KERNELS`. ``kernels/gate.py`` decides on the device whether
+lazily into :data:`KERNELS`. ``mlx_ray/kernels/gate.py`` decides on the device whether
 a kernel may run; ``mlx-ray kernels`` tests them.
 
 A ``.metal`` file holds the kernel *body* as ``mx.fast.metal_kernel`` wants it

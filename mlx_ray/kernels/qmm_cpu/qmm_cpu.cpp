@@ -230,7 +230,7 @@ void run(const mx::array& x, const mx::array& w_in, const mx::array& s_in, const
   parallel_ranges(p.N, 4, [&](int a, int b) { rows(p, a, b, 0, p.M); });
 }
 
-// Rows up to which the Python dispatch (kernels/dense.py, which sets it from
+// Rows up to which the Python dispatch (mlx_ray/kernels/dense.py, which sets it from
 // MLX_RAY_DENSE_MAX_M) uses the dense kernel rather than MLX's matmul.
 std::atomic<int> g_dense_max_m{32};
 

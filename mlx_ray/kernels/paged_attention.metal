@@ -1,6 +1,6 @@
 // paged_attention: decode-oriented attention of queries against K/V read in place from a block pool
-// through a block table (the contract is kernels/paged_attention.py's docstring; the launch is
-// kernels/paged_attention_metal.py).
+// through a block table (the contract is mlx_ray/kernels/paged_attention.py's docstring; the launch is
+// mlx_ray/kernels/paged_attention_metal.py).
 //
 // One threadgroup per (row b, KV head, query pass, context partition); NSG SIMD groups of 32 lanes.
 // A query pass is up to QMAX query vectors of that KV head's GQA group, flattened as i = l * G + g
@@ -28,7 +28,7 @@
 // blocks a partition], qscale = scale * log2(e). For BITS = 0 the *_scales / *_biases inputs are
 // unused one-element arrays.
 //
-// Plain SIMD arithmetic (no simdgroup_matrix), so that kernels/metal_emu can run it.
+// Plain SIMD arithmetic (no simdgroup_matrix), so that mlx_ray/kernels/metal_emu can run it.
 
 // 8 consecutive elements e0 .. e0 + 7 of K or V vector `vec` (= slot * Hkv + kv head), as float.
 template <int BITS, int GS, int D, typename DT, typename ST>

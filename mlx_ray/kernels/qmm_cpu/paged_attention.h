@@ -1,7 +1,7 @@
 // Copyright 2026 mlx-ray authors. Apache-2.0.
 //
 // Paged attention as an MLX primitive on CPU streams (the contract is in
-// kernels/paged_attention.py; the pure-MLX twin there is the reference):
+// mlx_ray/kernels/paged_attention.py; the pure-MLX twin there is the reference):
 //   out[b, h, l] = softmax_t((scale * q[b, h, l]) . K[b, h // G, t]) @ V[b, h // G, t],
 //   t = 0 ..= context_lens[b] - L + l, K/V read in place from the block pool:
 //   position t of row b at slot block_tables[b, t / block_size] * block_size + t % block_size.

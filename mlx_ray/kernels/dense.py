@@ -3,7 +3,7 @@
 MLX's CPU matmul calls OpenBLAS ``sgemm``, which repacks the whole weight
 matrix on every call; at decode (a few rows of activations) that packing costs
 more than the multiply, and for bf16/f16 weights MLX has no fast CPU path at
-all. ``dense_matmul`` in ``kernels/qmm_cpu`` (same extension, thread pool and
+all. ``dense_matmul`` in ``mlx_ray/kernels/qmm_cpu`` (same extension, thread pool and
 ISA dispatch as the quantized kernel) reads each weight row once and multiplies
 it with every activation row while it sits in L1, accumulating in float32.
 

@@ -4,7 +4,7 @@ Batched decode multiplies a few rows of activations by every weight matrix.
 MLX's Metal dispatch streams the weights again per 5-row tile (``qmv_wide``,
 M < 13) or runs 32-row ``qmm_splitk`` tiles well below bandwidth (M >= 13).
 ``skinny_qmm.metal`` reads each weight word once per call and applies it,
-dequantized once, to all M rows (see the .metal file and kernels/README.md).
+dequantized once, to all M rows (see the .metal file and mlx_ray/kernels/README.md).
 
 Contract (kernel and twin alike): ``fn(x, w, scales, biases, group_size=64, bits=4)``
 with ``x`` (..., K) float, ``w`` (N, K * bits / 32) uint32 and ``scales`` /

@@ -34,7 +34,7 @@ NB_MODULE(_qmm_cpu, m) {
   m.def("sample", &mlx_ray::sample, "logits"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "uniforms"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "Batched sampling over (B, V) logits with per-row temperature/top_k/top_p/min_p and given uniforms "
-        "(see kernels/sampler.py); CPU streams only.");
+        "(see mlx_ray/kernels/sampler.py); CPU streams only.");
   m.def("mlx_exp", &mlx_ray::mlx_exp_array, "x"_a, "MLX's CPU float32 exp as the sampler computes it (tests).");
   m.def("sampler_isa", &mlx_ray::sampler_isa, "The sampler's build in use: 'avx2' or 'base'.");
   m.def("sampler_force_isa", &mlx_ray::sampler_force_isa, "isa"_a,
@@ -44,7 +44,7 @@ NB_MODULE(_qmm_cpu, m) {
         "v_biases"_a = nb::none(), nb::kw_only(), "scale"_a, "block_size"_a, "bits"_a = nb::none(),
         "group_size"_a = 64, "stream"_a = nb::none(),
         "Paged attention on CPU streams: queries [B, Hq, L, D] against K/V read in place from a block pool "
-        "(see kernels/paged_attention.py for the contract).");
+        "(see mlx_ray/kernels/paged_attention.py for the contract).");
   m.def("paged_attention_isa", &mlx_ray::paged_attention_isa, "The paged-attention build in use (follows force_isa).");
   m.def("isa", &mlx_ray::isa_name, "The SIMD path in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("force_isa", &mlx_ray::force_isa, "isa"_a, "Select 'auto', 'avx512', 'avx2' or 'scalar'; False if unsupported.");

@@ -47,7 +47,7 @@ GROUP_SIZES = (32, 64, 128)
 # Longest query chunk the CPU dispatch sends to the C++ primitive; longer prefill
 # chunks would go to the twin (gather + BLAS sdpa). bench/kernel_paged.py found
 # the kernel faster at every L measured (128 .. 2000, contexts 500 .. 2000, both
-# head shapes; kernels/README.md "paged_attention"), so no limit by default;
+# head shapes; mlx_ray/kernels/README.md "paged_attention"), so no limit by default;
 # MLX_RAY_PAGED_MAX_L sets one.
 DEFAULT_MAX_L = 1 << 30
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -295,7 +295,7 @@ def paged_attention(queries: mx.array, k_cache: Cache, v_cache: Cache, block_tab
     switched off (``MLX_RAY_KERNELS=0``, ``MLX_RAY_KERNELS_DISABLE=paged_attention_cpu``),
     D in :data:`HEAD_DIMS` and ``L <= MLX_RAY_PAGED_MAX_L`` (default
     :data:`DEFAULT_MAX_L`: longer prefill chunks are faster through the twin's
-    BLAS gemm, see kernels/README.md). GPU: ``paged_attention_metal.metal`` when
+    BLAS gemm, see mlx_ray/kernels/README.md). GPU: ``paged_attention_metal.metal`` when
     ``gate.enabled("paged_attention")``. ``impl`` ("cpu", "metal", "twin") pins a
     version (tests, benchmarks). A malformed call raises ValueError.
     """

@@ -1,6 +1,6 @@
 // Copyright 2026 mlx-ray authors. Apache-2.0.
 //
-// The batched sampler on Metal: one threadgroup per row (see kernels/sampler.py
+// The batched sampler on Metal: one threadgroup per row (see mlx_ray/kernels/sampler.py
 // for the contract and the exact semantics, which the twin defines).
 //
 // Inputs: logits [B, V] (float, half or bfloat), inv_t [B] float (1 / temperature),
@@ -16,7 +16,7 @@
 // sums. exp is metal::precise::exp, MLX's own Metal exp, so the kernel and the
 // twin run on the GPU see the same probabilities bit for bit.
 //
-// Plain C-like Metal (no simdgroup_matrix), so that kernels/metal_emu can run it.
+// Plain C-like Metal (no simdgroup_matrix), so that mlx_ray/kernels/metal_emu can run it.
 
 inline uint smp_key(float f) {
   if (f == 0.0f) {

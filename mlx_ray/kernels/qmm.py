@@ -1,7 +1,7 @@
 """Fast CPU quantized matmul: a C++ MLX primitive, with ``mx.quantized_matmul`` as its twin.
 
 MLX's Linux CPU backend runs affine-quantized matmul single-threaded and
-without SIMD (~1 tok/s on a 135M q4 model). ``kernels/qmm_cpu`` is an MLX C++
+without SIMD (~1 tok/s on a 135M q4 model). ``mlx_ray/kernels/qmm_cpu`` is an MLX C++
 extension (a custom ``Primitive`` queued through MLX's CPU command encoder, so
 it composes with lazy eval, ``async_eval``, streams and ``mx.compile``) that is
 multithreaded over N, uses AVX2/FMA when the CPU has it, and switches to

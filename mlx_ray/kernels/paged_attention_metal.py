@@ -3,7 +3,7 @@
 The contract (queries ``[B, Hq, L, D]``, the pool's K/V float ``[S, Hkv, D]`` or
 8/4-bit affine tuples, ``block_tables [B, MB]``, ``context_lens [B]`` counting
 the L new tokens, causal per query, GQA) and the pure-MLX twin (gather + mask
-+ sdpa) are ``kernels/paged_attention.py``'s; this module is the Metal path:
++ sdpa) are ``mlx_ray/kernels/paged_attention.py``'s; this module is the Metal path:
 
 * :func:`metal` (the name and signature the dispatch in ``paged_attention.py``
   calls) launches ``paged_attention.metal``: one threadgroup per (row, KV
@@ -16,7 +16,7 @@ the L new tokens, causal per query, GQA) and the pure-MLX twin (gather + mask
 * :data:`SPEC` registers it with the kernel framework: the gate measures it
   against the twin on the device matrix below and enables it only if every
   case matches and is faster; ``mlx-ray kernels check`` runs the emulate
-  cases under ``kernels/metal_emu``.
+  cases under ``mlx_ray/kernels/metal_emu``.
 """
 
 from __future__ import annotations
