@@ -1,7 +1,7 @@
 """Paired A/B: the engine in process against `mlx-ray serve` variants that differ by environment or serve config.
 
     python bench/serve_ab.py [--repeats 5] [--levels 16,32] [--sampling greedy,top_p]
-        [--variant NAME=K=V,K=V ...] [--sequential] [--json out.json]
+        [--variant NAME=K=V,K=V ...] [--ghost | --sequential] [--json out.json]
 
 Every side is a worker process of ``bench/engine_vs_mlxlm.py`` with its own
 session: the same load generator, the same prompts, warm-up and limits (the
@@ -29,6 +29,12 @@ samethread=RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``). Without
 tok/s per side and segment and each variant's ratio to the engine of the same
 round. Each side's line also gives the CPU time the hypervisor stole from the
 VM while it ran (``Steal``): a pair whose sides saw different steal is noise.
+
+``--ghost`` adds a pseudo-side, ``engine+ghost``: the same engine in process,
+measured while a null engine's whole Serve path (``GhostLoad``) streams the same
+concurrency beside it at about the served engine's token rate. Its ratio to the
+engine is what the Serve path's CPU alone costs the engine on this machine;
+``serve`` below it is that plus running inside the replica's process.
 """
 
 from __future__ import annotations
@@ -101,8 +107,12 @@ class FrozenSide:
 
     def __init__(self, name: str, args, model_dir: Path, env: dict, config: dict):
         kind = "engine" if name == "engine" else "serve"
+        self._start(name, evm.side_command(args, kind, model_dir, 0, config) + ["--segments-fd"], env)
+
+    def _start(self, name: str, cmd: list[str], env: dict) -> None:
+        """Start ``cmd`` + the write end of a pipe; wait for its first line (set up and warm), then stop it."""
         r, w = os.pipe()
-        cmd = evm.side_command(args, kind, model_dir, 0, config) + ["--segments-fd", str(w)]
+        cmd = cmd + [str(w)]
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, pass_fds=(w,), start_new_session=True,
                                      env={**evm.env_with_fast_blas(), **env})
@@ -153,38 +163,84 @@ class FrozenSide:
                 pass
 
 
+class GhostLoad(FrozenSide):
+    """``--ghost``: the Serve path of a null engine (``bench/serve_overhead.py``'s ghost worker: embedded Ray,
+    proxy, replica and its client, no model compute), streaming at the segment's concurrency while the engine in
+    process measures. Its null step grows with its rows like the fixture's real one (about the token rate the
+    served engine reaches: 0.1 s at 16 rows, 0.16 s at 32), so the engine shares the machine with all the CPU
+    and wake-ups the Serve path takes, but not with its process: ``engine+ghost`` against ``serve`` tells what
+    the path's CPU costs from what running inside the replica costs."""
+
+    def __init__(self):
+        here = Path(__file__).resolve().parent
+        self._start("ghost", [sys.executable, str(here / "serve_overhead.py"), "--step-s", "0.04",
+                              "--step-per-row-s", "0.00375", "--ghost-fd"], {})
+
+    def _ask(self, line: str) -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = self.results.readline()
+        if not out:
+            raise RuntimeError(f"the ghost load died (exit {self.proc.wait()})")
+        return out
+
+    def run_beside(self, measure, c: int) -> tuple[dict, dict]:
+        """Resume the ghost, bring its load to ``c`` streams in steady state, run ``measure()``; stop it again.
+        Returns measure's result and the ghost's (its tok/s)."""
+        self._signal("resume")
+        try:
+            self._ask(str(c))
+            out = measure()
+            ghost = json.loads(self._ask("stop"))
+        finally:
+            self._signal("suspend")
+        return out, ghost
+
+
 def rotate(xs: list, k: int) -> list:
     k %= max(1, len(xs))
     return xs[k:] + xs[:k]
+
+
+GHOSTED = "engine+ghost"  # --ghost's pseudo-side: the engine in process, measured beside GhostLoad
 
 
 def run_segments(a, args, variants: dict, model_dir: Path) -> tuple[dict, dict]:
     """Paired segments (module docstring): per round, every level and mode on every side back to back."""
     combos = [(int(c), m) for c in a.levels.split(",") for m in evm.modes(args)]
     sides: dict[str, FrozenSide] = {}
+    ghost = None
     try:
         for name in ["engine", *variants]:
             v = variants.get(name) or {}
             sides[name] = FrozenSide(name, args, model_dir, v.get("env") or {}, v.get("config") or {})
-        runs: dict[str, list[dict]] = {k: [] for k in sides}
-        steal: dict[str, list[dict]] = {k: [] for k in sides}
+        ghost = GhostLoad() if a.ghost else None
+        names = [*sides, *([GHOSTED] if ghost else [])]
+        runs: dict[str, list[dict]] = {k: [] for k in names}
+        steal: dict[str, list[dict]] = {k: [] for k in names}
         for rnd in range(a.repeats):
-            for k in sides:
+            for k in names:
                 runs[k].append({})
                 steal[k].append({})
             for i, (c, mode) in enumerate(rotate(combos, rnd)):
                 key = evm.level_key(c, mode)
                 parts = []
-                for name in rotate(list(sides), rnd + i):
+                for name in rotate(names, rnd + i):
                     st = Steal()
-                    runs[name][-1][key] = sides[name].measure(c, mode)["output_tok_s"]
+                    if name == GHOSTED:
+                        r, g = ghost.run_beside(lambda: sides["engine"].measure(c, mode), c)
+                        runs.setdefault("ghost", [{} for _ in range(a.repeats)])[rnd][key] = g["tok_s"]
+                    else:
+                        r = sides[name].measure(c, mode)
+                    runs[name][-1][key] = r["output_tok_s"]
                     steal[name][-1][key] = st.percent()
                     stolen = "" if steal[name][-1][key] is None else f" (steal {steal[name][-1][key]:.1f}%)"
-                    parts.append(f"{name} {runs[name][-1][key]:.1f}{stolen}")
+                    beside = f" [ghost {g['tok_s']:.0f}]" if name == GHOSTED else ""
+                    parts.append(f"{name} {runs[name][-1][key]:.1f}{beside}{stolen}")
                 print(f"[{rnd + 1}/{a.repeats}] {key}: " + ", ".join(parts) + " tok/s", file=sys.stderr, flush=True)
         return runs, steal
     finally:
-        for side in sides.values():
+        for side in [*sides.values(), *([ghost] if ghost else [])]:
             side.close()
 
 
@@ -216,12 +272,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-slot", type=int, default=4, help="requests per segment = this x concurrency")
     p.add_argument("--variant", action="append", default=[], help="NAME=K=V,K=V: a serve side with these env vars")
+    p.add_argument("--ghost", action="store_true",
+                   help="also measure the engine in process beside a null engine's Serve path under the same load")
     p.add_argument("--sequential", action="store_true", help="each side's whole sweep per repeat, side after side")
     p.add_argument("--kv-budget-mib", type=int, default=2048,
                    help="each side's engine KV budget (default 2048: every side is alive at once in paired segments, "
                         "and the engine's default, half the free memory, fits once; the load needs ~0.5 GiB)")
     p.add_argument("--json", help="write the per-repeat figures here")
     a = p.parse_args(argv)
+    if a.ghost and a.sequential:
+        p.error("--ghost measures in paired segments; drop --sequential")
     evm.reexec_with_fast_blas()
     variants = dict(parse_variant(v) for v in a.variant) or {"serve": {"env": {}, "config": {}}}
     args = evm.parse_args(["--levels", a.levels, "--serve", "--skip-server", "--skip-single", "--sampling",
@@ -232,7 +292,7 @@ def main(argv=None) -> int:
     report = {"method": "sequential" if a.sequential else "paired segments", "variants": variants, "runs": runs,
               "steal_percent": steal, "x_engine": {}}
     print("| variant | level:mode | × engine, median | per round |\n|---|---|---|---|")
-    for side in variants:
+    for side in [*variants, *([GHOSTED] if GHOSTED in runs else [])]:
         report["x_engine"][side] = {}
         for k in runs["engine"][0]:
             xs = [s[k] / e[k] for s, e in zip(runs[side], runs["engine"])]

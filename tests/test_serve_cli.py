@@ -43,7 +43,8 @@ def test_mlx_ray_serve_prints_a_working_curl_line_and_stops_on_ctrl_c(mlx_f32, t
 
 def _assert_embedded_control_plane(root: int) -> None:
     """The cluster `mlx-ray serve` started: Serve's controller got the slower control loop
-    (control_loop_interval_s), and the model's replica and the proxy run at the server's own priority."""
+    (control_loop_interval_s), Ray's own event-loop instrumentation is off in Serve's processes
+    (ray_event_stats), and the model's replica and the proxy run at the server's own priority."""
     import psutil
 
     base = psutil.Process(root).nice()
@@ -55,5 +56,8 @@ def _assert_embedded_control_plane(root: int) -> None:
                 found.setdefault(key, []).append(p)
     (controller,) = found["ServeController"]
     assert controller.environ().get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
+    for p in [controller, *found["ServeReplica"], *found["ProxyActor"]]:  # ray_event_stats: false
+        env = p.environ()
+        assert (env.get("RAY_event_stats"), env.get("RAY_emit_main_service_metrics")) == ("0", "0"), p.cmdline()
     assert [p.nice() for p in found["ServeReplica"]] == [base], found
     assert found["ProxyActor"] and {p.nice() for p in found["ProxyActor"]} == {base}, found

@@ -5,7 +5,8 @@ so that the CPU time the Serve path spends per streamed token (replica, proxy,
 client, Ray's daemons) can be read without the engine's compute beside it; on
 2 vCPUs that compute's speed drifts more than the path costs. Every
 ``NULL_STEP_S`` seconds (default 0.11, a decode step of the fixture at 16
-rows) each running request gets one token: one thread ticks like the
+rows), plus ``NULL_STEP_PER_ROW_S`` (default 0) per running request, as a real
+step grows with its batch, each running request gets one token: one thread ticks like the
 generation loop and delivers through one ``call_soon_threadsafe`` per event
 loop and step, as ``scheduler.py`` does. Never configure it for real traffic.
 """
@@ -25,6 +26,7 @@ class NullEngine(MLXEngine):
     def __init__(self, model, config=None):
         super().__init__(model, config)
         self.step_s = float(os.environ.get("NULL_STEP_S", "0.11"))
+        self.step_per_row_s = float(os.environ.get("NULL_STEP_PER_ROW_S", "0"))
         self._rows: dict[str, tuple] = {}  # request id -> (loop, queue, [generated, max_tokens])
         self._lock = threading.Lock()
         self._ticker = None
@@ -64,7 +66,7 @@ class NullEngine(MLXEngine):
                 self._rows.pop(request.request_id, None)
 
     def _tick(self) -> None:
-        while not self._stop.wait(self.step_s):
+        while not self._stop.wait(self.step_s + self.step_per_row_s * len(self._rows)):
             by_loop: dict = {}
             with self._lock:
                 for rid, (loop, queue, st) in list(self._rows.items()):

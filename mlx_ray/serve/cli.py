@@ -144,6 +144,13 @@ def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
     # it then take 0.06 cores idle (0.025 at 0.5 s) from the engine: 0.5 s raised Serve / engine throughput
     # in 10 of 12 paired runs (README, "Embedded control plane"). Health checks run every 10 s either way.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", f"{cfg.control_loop_interval_s:g}")
+    # Every Ray process times each handler of its event loops (event stats, for `ray debug` dumps) and the
+    # main service exports per-handler metrics; with a stream message per Ray RPC that is ~0.3 ms of CPU per
+    # streamed token across the proxy, the replica and Ray's daemons (README, "Ray's own instrumentation").
+    # Application metrics (Serve's, ours) do not use them.
+    if not cfg.ray_event_stats:
+        os.environ.setdefault("RAY_event_stats", "0")
+        os.environ.setdefault("RAY_emit_main_service_metrics", "0")
     ray.init(address="local", include_dashboard=False, resources=resources, logging_level="WARNING",
              log_to_driver=False)
 
