@@ -257,6 +257,10 @@ def engine_cfg_of(args) -> dict:
         cfg["prefix_cache_bytes"] = args.prefix_cache_mib << 20
     if args.kv_budget_mib is not None:
         cfg["kv_budget_bytes"] = args.kv_budget_mib << 20
+    if args.segments_fd is not None:
+        # serve_ab freezes this worker (SIGSTOP) while other sides measure; the wall clock runs on meanwhile, so
+        # the engine's stall check would take a long freeze for a wedged loop.
+        cfg["health_timeout_s"] = 3600.0
     return cfg
 
 

@@ -149,7 +149,7 @@ class ServeConfig(BaseModel):
         "Ray's own event-loop instrumentation (per-handler event stats and the main service's handler metrics, "
         "RAY_event_stats / RAY_emit_main_service_metrics) in the cluster `mlx-ray serve` starts itself: off by "
         "default, which cuts the Serve path's CPU per streamed token by about a quarter (README, 'Ray's own "
-        "instrumentation'); Serve's and mlx-ray's Prometheus metrics are exported either way. A cluster joined "
+        "instrumentation'); application metrics (Serve's and mlx-ray's) do not depend on it. A cluster joined "
         "with --address keeps its own."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description="Concurrent HTTP requests one ingress replica handles.")
     ingress_num_replicas: int = Field(1, ge=1)
