@@ -224,3 +224,79 @@ def test_the_race_harness_sees_overlap_when_there_is_no_lock(tmp_path):
     """))
     holds = race(tmp_path / "race", rounds=5, env={"LOCK_MODULE": str(fake)})
     assert overlaps(holds)
+
+
+# ------------------------------------------------------------------ a lost lock never publishes
+
+def _steal(lock: TargetLock) -> str:
+    """What another converter does to a holder that stalled past STALE_AFTER: break the lock and take it."""
+    successor = json.dumps({"host": "other-node", "pid": 7, "time": time.time(), "token": "b" * 32})
+    os.unlink(lock.path)
+    lock.path.write_text(successor)
+    return successor
+
+
+def test_publish_refuses_when_the_lock_was_taken(tmp_path):
+    from mlx_ray.conversion import publish
+
+    target = tmp_path / "m" / "q4-g64"
+    target.parent.mkdir()
+    lock = TargetLock(target, wait=0).acquire()
+    try:
+        stage = publish.staging_dir(target)
+        stage.mkdir()
+        (stage / "config.json").write_text("{}")
+        successor = _steal(lock)
+        with pytest.raises(Conflict, match="lost its lock") as e:
+            publish.publish(stage, target, replace=False, lock=lock)
+        assert "\n" not in str(e.value) and "other-node pid 7" in str(e.value)
+        assert lock.lost and not target.exists() and stage.exists()  # the caller removes its stage
+    finally:
+        lock.release()
+    assert lock.path.read_text() == successor  # the successor's lock is left alone
+
+
+def test_publish_refuses_when_the_heartbeat_saw_the_lock_lost(tmp_path, monkeypatch):
+    """The heartbeat's ``lost`` flag is read: even if the file looks like ours again, a lost lock stays lost."""
+    from mlx_ray.conversion import publish
+
+    monkeypatch.setattr(publish, "HEARTBEAT", 0.01)
+    target = tmp_path / "m" / "q4-g64"
+    target.parent.mkdir()
+    lock = TargetLock(target, wait=0).acquire()
+    mine = lock.path.read_text()
+    _steal(lock)
+    lock._thread.join(timeout=10)  # the heartbeat returns once it has seen the lock gone
+    assert lock.lost
+    lock.path.write_text(mine)  # (not possible in practice: the successor holds it; the flag alone must refuse)
+    stage = publish.staging_dir(target)
+    stage.mkdir()
+    with pytest.raises(Conflict, match="lost its lock"):
+        publish.publish(stage, target, replace=False, lock=lock)
+    assert not target.exists()
+    lock.release()
+
+
+def test_a_convert_that_lost_its_lock_publishes_nothing(tiny_llama_hf, tmp_path, monkeypatch):
+    """End to end: the lock is broken and retaken by another converter while this one builds; the convert fails in
+    one line, and neither the target nor its staging directory is left."""
+    from mlx_ray.conversion import convert as conv
+
+    real_build = conv._build
+    taken = {}
+
+    def build_then_lose_the_lock(p, stage, progress):
+        real_build(p, stage, progress)
+        lock_path = p.target.parent / f".{p.target.name}.lock"
+        os.unlink(lock_path)
+        lock_path.write_text(json.dumps({"host": "other-node", "pid": 7, "time": time.time(), "token": "b" * 32}))
+        taken["lock"] = lock_path
+
+    monkeypatch.setattr(conv, "_build", build_then_lose_the_lock)
+    out = tmp_path / "cache" / "tiny" / "f32"
+    with pytest.raises(Conflict, match="lost its lock") as e:
+        conv.convert(str(tiny_llama_hf), out=str(out), quantize=False, dtype="float32", progress=False)
+    assert "\n" not in str(e.value)
+    assert not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == [".f32.lock"]  # only the successor's lock
+    assert json.loads(taken["lock"].read_text())["host"] == "other-node"

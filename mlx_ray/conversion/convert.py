@@ -188,7 +188,7 @@ def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None
             if verify:
                 _log("verifying: load + one forward pass", progress)
                 verify_loads(stage)
-            publish.publish(stage, target, replace=force)
+            publish.publish(stage, target, replace=force, lock=lock)
         except OSError as e:
             raise publish.writable_error(target, e) from e
         finally:

@@ -244,6 +244,20 @@ class TargetLock:
             with contextlib.suppress(OSError):
                 os.utime(self.path)
 
+    def ensure_held(self) -> None:
+        """Raise :class:`Conflict` unless we still hold the lock: its file must still carry our token.
+
+        Read now, not only from the heartbeat's last look (every ``HEARTBEAT`` seconds), so a
+        convert that stalled past ``STALE_AFTER`` and lost the target to another converter never
+        publishes over that converter's work."""
+        rec = _read(self.path)
+        if not self.lost and self.token is not None and rec is not None and rec.key == self.token:
+            return
+        self.lost = True
+        who = "nobody now" if rec is None else f"{rec.info.get('host', '?')} pid {rec.info.get('pid', '?')}"
+        raise Conflict(f"{self.target}: this convert lost its lock {self.path} (broken as stale; held by {who}) "
+                       f"before publishing; nothing was published: convert again")
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -299,9 +313,14 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def publish(stage: Path, target: Path, *, replace: bool) -> None:
-    """Rename ``stage`` to ``target``; with ``replace`` an existing target is moved aside first."""
+def publish(stage: Path, target: Path, *, replace: bool, lock: TargetLock | None = None) -> None:
+    """Rename ``stage`` to ``target``; with ``replace`` an existing target is moved aside first.
+
+    ``lock``: the target's lock; if it was lost meanwhile (see :meth:`TargetLock.ensure_held`) nothing is
+    published and :class:`Conflict` is raised (the caller removes ``stage``)."""
     fsync_tree(stage)
+    if lock is not None:
+        lock.ensure_held()  # last, right before the renames: the fsync above can take long on a big model
     trash = None
     if target.exists():
         if not replace:
