@@ -52,9 +52,16 @@ def run_checks(args) -> list:
     safe("token-auth", c.check_token, env)
     safe("cache", c.check_cache, args.cache_dir, args.deep)
     safe("memory", c.check_memory, args.cache_dir)
+    safe("memory-plan", _plan_check, args.cache_dir)
     safe("sleep", c.check_sleep)
     safe("launchd", c.check_agent, args.service_label)
     return results
+
+
+def _plan_check(cache_dir):
+    from .plan_cli import doctor_check  # imports MLX: only when the check runs
+
+    return doctor_check(cache_dir)
 
 
 def render(results, quiet: bool = False) -> str:

@@ -202,3 +202,38 @@ def test_awq_rejects_conflicting_quantization_and_other_prequantized(awq_fixture
     (gptq / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BadRequest, match=r"already quantized \(gptq\)"):
         convert(str(gptq), cache_dir=tmp_path / "c", progress=False)
+
+
+def test_quantized_embeddings_shrink_the_awq_model_and_keep_its_answers(awq_fixture, mlx_f32):
+    """--quantize-embeddings: embed_tokens (tied: also the output layer) at 4-bit group 64; the parity figure.
+
+    Teacher-forced on the parity prompts' tokens, against the same AWQ model with fp16 embeddings:
+    top-1 agreement and the largest logit difference (the figure the README quotes).
+    """
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlx_ray.conversion.convert import convert
+    from mlx_ray.engine import memory
+
+    root, awq_dir, _ = awq_fixture
+    plain = convert(str(awq_dir), cache_dir=root / "qe", progress=False)
+    qemb = convert(str(awq_dir), cache_dir=root / "qe", progress=False, quantize_embeddings=True)
+    assert qemb.name.endswith("-qembed")
+    cfg = json.loads((qemb / "config.json").read_text())
+    assert cfg["quantization"]["model.embed_tokens"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    (p_all, p_emb), (q_all, q_emb) = memory.mapped_bytes(plain), memory.mapped_bytes(qemb)
+    assert p_emb > 0 and q_emb == 0
+    assert p_all - q_all == pytest.approx(p_emb * (1 - 0.5625 / 2), rel=1e-3)  # fp16 -> 4 bits + fp16 scale, bias / 64
+    a, tok = load(str(plain))
+    b, _ = load(str(qemb))
+    text = "The capital of France is Paris. The quick brown fox jumps over the lazy dog. " * 3
+    ids = mx.array([tok.encode(text)])
+    la, lb = a(ids)[0].astype(mx.float32), b(ids)[0].astype(mx.float32)
+    agree = float(mx.mean(mx.argmax(la, -1) == mx.argmax(lb, -1)).item())
+    diff = float(mx.max(mx.abs(la - lb)).item())
+    print(f"quantized embeddings vs fp16 (AWQ fixture, {ids.shape[1]} tokens): top-1 agreement {agree:.3f}, "
+          f"max |logit diff| {diff:.3f}")
+    assert agree >= 0.9
+    with pytest.raises(Exception, match="applies to AWQ checkpoints"):
+        convert(str(awq_dir), cache_dir=root / "qe", progress=False, quantize=False, quantize_embeddings=True)

@@ -27,6 +27,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, metavar="D",
                         help=f"dtype of unquantized tensors: {', '.join(DTYPES)} (default: the source's)")
     parser.add_argument("--no-quantize", action="store_true", help="keep full precision (see --dtype)")
+    parser.add_argument("--quantize-embeddings", action="store_true",
+                        help="AWQ sources: also quantize the float embedding and output layers (4-bit, group 64; "
+                             "2.2 GB less on Qwen2.5-32B-AWQ; `mlx-ray plan` shows what it buys)")
     parser.add_argument("--revision", default=None, metavar="REV", help="hub revision (branch, tag or commit)")
     parser.add_argument("--force", action="store_true", help="replace an existing target")
     parser.add_argument("--verify", action="store_true",
@@ -49,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
     path = convert(args.source, out=args.out, cache_dir=args.cache_dir, quantize=not args.no_quantize,
                    q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode,
                    quant_recipe=args.quant_recipe, dtype=args.dtype, revision=args.revision, force=args.force,
-                   verify=args.verify, progress=not args.quiet, lock_wait=args.lock_wait)
+                   verify=args.verify, progress=not args.quiet, lock_wait=args.lock_wait,
+                   quantize_embeddings=args.quantize_embeddings)
     print(path)
     return 0

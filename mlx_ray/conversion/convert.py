@@ -122,10 +122,11 @@ class Plan:
     cast: str | None          # dtype of the unquantized tensors (None: keep the source's)
     tag: str                  # cache variant name, e.g. q4-g64
     target: Path
+    quantize_embeddings: bool = False  # AWQ: also quantize the (float) embedding and output layers
 
 
 def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
-         quant_recipe=None, dtype=None, revision=None) -> Plan:
+         quant_recipe=None, dtype=None, revision=None, quantize_embeddings=False) -> Plan:
     """Validate everything that can be checked without writing anything."""
     spec = make_spec(quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
                      quant_recipe=quant_recipe, dtype=dtype)
@@ -146,16 +147,20 @@ def plan(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q
         spec = dataclasses.replace(spec, dtype=cast or "float32")
         tag = spec.tag()
     elif awq and awq["group_size"] in MLX_GROUPS:
-        tag = f"awq-q4-g{awq['group_size']}" + (f"-{spec.tag().rsplit('-', 1)[-1]}" if spec.dtype else "")
+        tag = f"awq-q4-g{awq['group_size']}" + ("-qembed" if quantize_embeddings else "") + \
+            (f"-{spec.tag().rsplit('-', 1)[-1]}" if spec.dtype else "")
     else:
         tag = spec.tag()
+    if quantize_embeddings and not (awq and spec.quantized and awq["group_size"] in MLX_GROUPS):
+        raise BadRequest("--quantize-embeddings applies to AWQ checkpoints (the other quantized conversions "
+                         "quantize the embeddings already); drop it")
     target = Path(out).expanduser() if out else cache_root(cache_dir) / src.name / tag
-    return Plan(src, config, spec, awq, cast, tag, target.absolute())
+    return Plan(src, config, spec, awq, cast, tag, target.absolute(), quantize_embeddings)
 
 
 def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None, q_group_size=None, q_mode="affine",
             quant_recipe=None, dtype=None, revision=None, force=False, verify=False, progress=True,
-            lock_wait: float | None = None) -> Path:
+            lock_wait: float | None = None, quantize_embeddings: bool = False) -> Path:
     """Convert ``source`` (hub id or local HF dir) and return the published model directory.
 
     ``q_bits`` / ``q_group_size`` default (None) to the mode's own: affine 4 bits
@@ -166,7 +171,8 @@ def convert(source: str, *, out=None, cache_dir=None, quantize=True, q_bits=None
     """
     p = plan(
         source, out=out, cache_dir=cache_dir, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-        q_mode=q_mode, quant_recipe=quant_recipe, dtype=dtype, revision=revision)
+        q_mode=q_mode, quant_recipe=quant_recipe, dtype=dtype, revision=revision,
+        quantize_embeddings=quantize_embeddings)
     target = p.target
     if target.exists() and not force:
         raise Conflict(f"{target} already exists; pass --force to replace it")
@@ -206,13 +212,14 @@ def _build(p: Plan, stage: Path, progress: bool) -> None:
     model = hfconfig.build_model(hfconfig.normalize_config(p.config))
     desc = "AWQ repack" if p.awq else (p.tag if p.spec.quantized else f"cast to {p.cast}")
     _log(f"converting {p.src.spec} ({len(p.src.shards)} shard(s), {desc}) in {stage}", progress)
-    result = ShardWriter(model, p.spec, p.cast, p.awq, progress).run(p.src.shards, stage)
+    result = ShardWriter(model, p.spec, p.cast, p.awq, progress, p.quantize_embeddings).run(p.src.shards, stage)
     save_config(_output_config(p.config, p.spec, p.awq, p.cast, result.per_layer), config_path=stage / "config.json")
     for f in copy_files(p.src.path):
         shutil.copyfile(f, stage / f.name)
     source_files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
                     for f in sorted(p.src.path.iterdir()) if f.is_file()}
-    quant = {**p.spec.as_dict(), "cast_dtype": p.cast, "tag": p.tag, "quantized_layers": result.n_quantized}
+    quant = {**p.spec.as_dict(), "cast_dtype": p.cast, "tag": p.tag, "quantized_layers": result.n_quantized,
+             "quantized_embeddings": p.quantize_embeddings}
     if p.awq:
         quant["awq"] = p.awq
     write_manifest(stage, name=f"{p.src.name}/{p.tag}",

@@ -31,6 +31,10 @@ from . import awq as awq_mod
 from .quant import QuantSpec, layer_decider
 
 
+EMBED_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+EMBED_Q = {"group_size": 64, "bits": 4, "mode": "affine"}
+
+
 @dataclass
 class WriteResult:
     files: list[str] = field(default_factory=list)
@@ -47,7 +51,8 @@ def _load(shard: Path) -> dict:
 
 
 class ShardWriter:
-    def __init__(self, model, spec: QuantSpec, cast_dtype: str | None, awq_cfg: dict | None, progress: bool):
+    def __init__(self, model, spec: QuantSpec, cast_dtype: str | None, awq_cfg: dict | None, progress: bool,
+                 quantize_embeddings: bool = False):
         self.model = model
         self.spec = spec
         self.cast = getattr(mx, cast_dtype) if cast_dtype else None
@@ -57,6 +62,9 @@ class ShardWriter:
         # with --no-quantize) they become floats and go through the normal path.
         self.awq_exact = bool(awq_cfg) and spec.quantized and awq_cfg["group_size"] in awq_mod.MLX_GROUPS
         self.decide = layer_decider(spec, model) if spec.quantized and not self.awq_exact else None
+        # AWQ leaves the embedding and output layers float (3.1 GB of the seed's 32B in fp16); on request they
+        # are quantized here with MLX's default affine 4-bit group 64 (0.56 bytes a weight).
+        self.embed_q = EMBED_Q if quantize_embeddings and self.awq_exact else None
         self.cast_pred = getattr(model, "cast_predicate", None) or (lambda _k: True)
         self.progress = progress
         self.result = WriteResult()
@@ -77,6 +85,9 @@ class ShardWriter:
         return out
 
     def _tensor(self, key: str, v: mx.array) -> dict:
+        if self.embed_q is not None and key in EMBED_KEYS:
+            self.result.per_layer[key[: -len(".weight")]] = self.embed_q  # differs from the AWQ default: say so
+            return self._quantize(key[: -len(".weight")], v, self.embed_q)
         if key.endswith(".weight") and self.decide is not None:
             path = key[: -len(".weight")]
             module = self.modules.get(path)

@@ -23,9 +23,8 @@ from typing import Any, AsyncIterator, Optional
 from .. import blas
 from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
 from . import backend as kv_backend
-from . import chat_format, loader, sampling, warmup
+from . import chat_format, device, loader, memory, sampling, warmup
 from .constrain import Grammars
-from .memory import PREFIX_SHARE, default_kv_budget, round_up
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, LLMEngine
 from .scheduler import Scheduler, Seq
 from .textstream import TextStream
@@ -61,6 +60,7 @@ class MLXEngine(LLMEngine):
         self._shutdown = False
         self.kv_budget_bytes = 0
         self.prefix_cache_bytes = 0
+        self.plan: Optional[memory.MemoryPlan] = None
         self.grammars: Optional[Grammars] = None
 
     # -- loading ------------------------------------------------------------------------
@@ -75,13 +75,11 @@ class MLXEngine(LLMEngine):
                 log.warning("max_model_len %d exceeds the model's %d; using the model's", cfg.max_model_len, info.max_model_len)
             max_len = min(cfg.max_model_len or info.max_model_len, info.max_model_len)
             info.max_model_len = max_len
-            # Default: what the device can spare, but never more than the batch could ever hold
-            # (the paged cache allocates its whole pool at start).
-            most = cfg.max_num_seqs * round_up(max_len) * info.kv_bytes_per_token
-            self.kv_budget_bytes = (cfg.kv_budget_bytes if cfg.kv_budget_bytes is not None
-                                    else min(default_kv_budget(info.weights_bytes), most))
-            self.prefix_cache_bytes = (cfg.prefix_cache_bytes if cfg.prefix_cache_bytes is not None
-                                       else int(PREFIX_SHARE * self.kv_budget_bytes))
+            self.plan = self._plan(info)
+            self.config = cfg = cfg.model_copy(update={"kv_bits": self.plan.kv_bits})
+            self.kv_budget_bytes = self.plan.kv_pool_bytes
+            self.prefix_cache_bytes = self.plan.prefix_cache_bytes
+            memory.apply_wired_limit(self.plan)
             self._tokenizer, self.info = tokenizer, info
             self.grammars = Grammars(tokenizer._tokenizer, info.vocab_size, tokenizer.eos_token_ids)
             self._model = model
@@ -89,6 +87,23 @@ class MLXEngine(LLMEngine):
             # cyclic GC's generations so its collections during generation stop rescanning them
             # (perf showed gc_collect_main at 1.5-2.7% of a decode step; vLLM freezes after init too).
             gc.freeze()
+
+    def _plan(self, info: loader.ModelInfo) -> memory.MemoryPlan:
+        """The memory plan (engine/memory.py) on what was loaded: the KV pool, its bits, the prefix share."""
+        cfg = self.config
+        dev = device.resolve()
+        if dev.source == "profile":
+            log.warning("memory plan on device profile %s (a stand-in for tests and planning, not this machine)",
+                        dev.name)
+        fp = memory.footprint(info.path, weights_bytes=info.weights_bytes, kv_bytes_per_token=info.kv_bytes_per_token,
+                              vocab=info.vocab_size)
+        plan = memory.make_plan(fp, dev, max_model_len=info.max_model_len, max_num_seqs=cfg.max_num_seqs,
+                                kv_bits=cfg.kv_bits, kv_group_size=cfg.kv_group_size, block_size=cfg.kv_block_size,
+                                prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=cfg.kv_budget_bytes,
+                                prefix_cache_bytes=cfg.prefix_cache_bytes)
+        for note in plan.notes:
+            log.warning("memory plan: %s", note)
+        return plan
 
     @property
     def tokenizer(self):
@@ -216,7 +231,11 @@ class MLXEngine(LLMEngine):
             self._sched.cancel(request_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        handle = self._admit(request)
+        s, grammar = request.sampling, None
+        if s.grammar is not None and not s.ignore_eos and self.grammars is not None:
+            # llguidance's compile and matcher take ms to seconds: off the event loop (also the HTTP loop)
+            grammar = await asyncio.to_thread(lambda: self.grammars.processor(self.grammars.compile(s.grammar)))
+        handle = self._admit(request, grammar)
         try:
             while True:
                 ev = await handle.queue.get()
@@ -227,8 +246,8 @@ class MLXEngine(LLMEngine):
             if not handle.finished:  # the consumer went away: free the row
                 self._sched.cancel(request.request_id)
 
-    def _admit(self, request: GenerationRequest) -> _Handle:
-        """Validate and submit, or raise before the first event."""
+    def _admit(self, request: GenerationRequest, grammar=None) -> _Handle:
+        """Validate and submit, or raise before the first event (``grammar``: the processor, built already)."""
         self.check_health()
         cfg, info, s = self.config, self.info, request.sampling
         rid = request.request_id
@@ -240,12 +259,12 @@ class MLXEngine(LLMEngine):
         if any(not isinstance(t, int) or t < 0 or t >= info.vocab_size for t in prompt):
             raise BadRequest(f"prompt token ids must be in [0, {info.vocab_size})", param="prompt")
         sampling.validate(s, info.vocab_size)
-        grammar = None
         if s.grammar is not None:
             if s.ignore_eos:
                 raise BadRequest("ignore_eos cannot be combined with constrained decoding (a complete answer "
                                  "ends with EOS)", param="ignore_eos")
-            grammar = self.grammars.processor(self.grammars.compile(s.grammar))
+            if grammar is None:
+                grammar = self.grammars.processor(self.grammars.compile(s.grammar))
         need = len(prompt) + s.max_tokens
         if need > info.max_model_len:
             raise ContextOverflow(

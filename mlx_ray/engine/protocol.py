@@ -33,7 +33,10 @@ class EngineConfig(BaseModel):
     kv_cache: Literal["auto", "paged", "batch"] = Field(
         "auto", description="KV cache: paged (block pool, admission by blocks) where its kernel is verified on this "
                             "device and the model allows it; batch: mlx-lm's rectangular batch cache; auto: paged when it can.")
-    kv_bits: Optional[Literal[4, 8]] = Field(None, description="Quantize the paged KV cache to this many bits (affine, per group); None: the model's dtype.")
+    kv_bits: Optional[Literal["auto", 4, 8]] = Field(
+        "auto", description="Quantize the paged KV cache to this many bits (affine, per group); None: the model's "
+                            "dtype; auto: the model's dtype when max_num_seqs sequences of max_model_len fit the "
+                            "memory plan (engine/memory.py), else 8.")
     kv_group_size: Literal[32, 64, 128] = Field(32, description="Group size of the quantized KV cache (32: top-1 agreement >= 0.99 with float KV on the parity prompts, where 64 fell short).")
     kv_block_size: int = Field(32, ge=1, le=1024, description="Tokens per block of the paged KV cache.")
     warmup: bool = Field(True, description="At start, run a few short chat requests (greedy and sampled) through the real "
