@@ -32,11 +32,13 @@ import time
 from collections import deque
 from itertools import islice
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
 from ..errors import DeadlineExceeded, EngineFault, MlxRayError
+from .block_prefix import Prompt
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob, finite_logprob
 from .sampling import top_logprobs
 from .textstream import TextStream
@@ -71,6 +73,11 @@ class Seq:
     buf_text: str = ""
     buf_lp: list[TokenLogprob] = field(default_factory=list)
     last_emit: float = 0.0
+
+    @cached_property
+    def prompt(self) -> Prompt:
+        """The prompt's tokens, which keep their prefix-cache keys: hashed once, however many passes it waits."""
+        return Prompt(self.req.prompt_token_ids)
 
 
 class Scheduler:
@@ -225,7 +232,7 @@ class Scheduler:
         if self.cfg.admission != "backfill" or reservation is None or len(self.waiting) < 2:
             return
         head = self.waiting[0]
-        res = reservation(head.req.prompt_token_ids, head.req.sampling.max_tokens)
+        res = reservation(head.prompt, head.req.sampling.max_tokens)
         for seq in list(islice(self.waiting, 1, 1 + BACKFILL_LOOKAHEAD)):
             if len(self.active) >= self.cfg.max_num_seqs - 1:
                 return
@@ -233,7 +240,7 @@ class Scheduler:
 
     def _insert(self, seq: Seq, insert, backfill: bool = False) -> Any:
         """Start a waiting request: True, None (no room yet), False (it failed and was answered)."""
-        prompt = seq.req.prompt_token_ids
+        prompt = seq.prompt
         try:
             got = insert(prompt, seq.req.sampling.max_tokens, seq.sampler, seq.processors)
         except Exception as e:
