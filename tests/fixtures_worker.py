@@ -125,27 +125,26 @@ def cluster_nodes(head: RayHead, place: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def ray_head():
-    """A token-authenticated Ray head on a free port of this machine."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="mlxray-w-", dir="/tmp"))  # short: Ray's socket paths are long
-    token_file = temp_dir / "token"
-    token_file.write_text("mlxraytesttoken" + os.urandom(12).hex() + "\n")
-    token_file.chmod(0o600)
-    port = free_port()
+def start_head(temp_dir: Path, token_file: Path, port: int | None = None, timeout: float = 90) -> RayHead:
+    """A token-authenticated Ray head on 127.0.0.1 (``port``: a free one by default), up and registered.
+
+    Its own temp dir (``temp_dir/ray``) and log (``temp_dir/head.log``, appended to), its other ports free
+    ones, started under ``setsid``: stopped by process group (:func:`stop_group`), never ``ray stop``.
+    """
+    port = port or free_port()
     env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     head_env = dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no 30 s self-drain at teardown
-    cmd = [RAY, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard=false",
-           "--disable-usage-stats", "--temp-dir", str(temp_dir / "ray"),
+    cmd = [RAY, "start", "--head", "--port", str(port), "--num-cpus", "1",
+           "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(temp_dir / "ray"),
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--object-store-memory", str(200 * 1024**2), "--block"]
-    log = open(temp_dir / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(temp_dir / "head.log", "a") as log:
+        proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(f"127.0.0.1:{port}", port, token_file, env, proc, temp_dir)
     try:
         from mlx_ray.worker.versions import head_metadata
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"ray head exited: {(temp_dir / 'head.log').read_text()[-2000:]}")
@@ -157,8 +156,28 @@ def ray_head():
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return head
+
+
+def make_token(temp_dir: Path) -> Path:
+    token_file = temp_dir / "token"
+    token_file.write_text("mlxraytesttoken" + os.urandom(12).hex() + "\n")
+    token_file.chmod(0o600)
+    return token_file
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A token-authenticated Ray head on a free port of this machine."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="mlxray-w-", dir="/tmp"))  # short: Ray's socket paths are long
+    head = None
+    try:
+        head = start_head(temp_dir, make_token(temp_dir))
         yield head
     finally:
-        stop_group(proc)
-        log.close()
+        if head is not None:
+            stop_group(head.proc)
         shutil.rmtree(temp_dir, ignore_errors=True)

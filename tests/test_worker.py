@@ -9,15 +9,22 @@ checked by building it for platform "darwin" with a faked Metal detection.
 from __future__ import annotations
 
 import json
+import os
 import plistlib
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
-from fixtures_worker import clean_env, cluster_nodes, free_port, gcs_nodes, group_alive, stop_group
+from fixtures_worker import (clean_env, cluster_nodes, free_port, gcs_nodes, group_alive, make_token, start_head,
+                             stop_group)
 
 pytestmark = pytest.mark.ray  # run on the cluster's Ray by scripts/test.sh
 
@@ -67,6 +74,98 @@ def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
     # which of these two it records depends on whether the drain was acknowledged before the exit
     # (seen: EXPECTED_TERMINATION in most runs, AUTOSCALER_DRAIN_PREEMPTED in one CI run).
     assert after[node["id"]]["death"] in ("EXPECTED_TERMINATION", "AUTOSCALER_DRAIN_PREEMPTED"), after[node["id"]]
+
+
+def _wait_for(pred, timeout, what, poll=1.0, check=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if check:
+            check()
+        assert time.monotonic() < deadline, what
+        time.sleep(poll)
+
+
+def test_worker_rejoins_a_restarted_head():
+    """The head is killed (SIGKILL of its whole process group: a crashed head pod) and a new head,
+    without the old one's state, is started on the same port: the supervising `worker start --block`
+    brings the node back into the new cluster, with gpu_apple_mps, within 60 s of the new head being up."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="mlxray-r-", dir="/tmp"))  # short: Ray's socket paths are long
+    token = make_token(temp_dir)
+    (temp_dir / "h1").mkdir()
+    (temp_dir / "h2").mkdir()
+    heads, sup, log = [], None, None
+    try:
+        heads.append(start_head(temp_dir / "h1", token))
+        head = heads[0]
+        log_path = temp_dir / "worker.log"
+        log = open(log_path, "w")
+        # The pinned agent port must be free again when the node restarts: the old node is stopped first.
+        cmd = [*CLI, "worker", "start", "--address", head.address, "--token-file", str(token),
+               "--resources-override", '{"gpu_apple_mps": 1}', "--num-cpus", "1", "--node-name", "rejoining-mac",
+               "--memory", "512MiB", "--object-store-memory", "200MiB", "--block",
+               "--", "--dashboard-agent-listen-port", str(free_port())]
+        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=clean_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="10"))
+
+        def supervisor_alive():
+            assert sup.poll() is None, log_path.read_text()[-3000:]
+
+        def mine(h):
+            return [n for n in gcs_nodes(h) if n["name"] == "rejoining-mac" and n["alive"]]
+
+        (first,) = _wait_for(lambda: mine(head), 120, "the worker never joined the first head",
+                             check=supervisor_alive)
+        # The supervisor has seen its node in the cluster (it reads the head's node table as a check).
+        _wait_for(lambda: "is ALIVE in" in log_path.read_text(), 60, "the supervisor never saw its node ALIVE",
+                  check=supervisor_alive)
+
+        os.killpg(head.proc.pid, signal.SIGKILL)  # the head crashes: GCS, raylet and all
+        head.proc.wait()
+        _wait_for(lambda: not group_alive(head.proc.pid), 30, "the first head's processes did not die")
+        t_killed = time.monotonic()
+        heads.append(start_head(temp_dir / "h2", token, port=head.port))
+        new = heads[1]
+        t_up = time.monotonic()
+        assert first["id"] not in {n["id"] for n in gcs_nodes(new)}  # a new cluster: the old node is unknown
+        (node,) = _wait_for(lambda: mine(new), 60, "the worker did not rejoin the new head within 60 s",
+                            check=supervisor_alive)
+        rejoin_s, since_kill_s = time.monotonic() - t_up, time.monotonic() - t_killed
+        print(f"rejoined {rejoin_s:.1f}s after the new head was up ({since_kill_s:.1f}s after the kill)")
+        assert node["id"] != first["id"]
+        seen = cluster_nodes(new, place=True)  # what a driver of the new cluster sees, and where the task runs
+        (info,) = [n for n in seen["nodes"] if n["id"] == node["id"]]
+        assert info["alive"] and info["resources"]["gpu_apple_mps"] == 1
+        assert seen["placed"] == node["id"]
+        out = log_path.read_text()
+        assert out.count("starting the node:") == 2, out[-3000:]  # one supervisor, the node started twice
+        assert "rejoining 127.0.0.1:" in out and token.read_text().strip() not in out
+        # The old node's raylet & co. are gone: a clean stop of the supervisor leaves nothing behind.
+        pids = [int(p) for p in re.findall(r"raylet pid (\d+) up", out)]
+        assert len(pids) == 2 and not _pid_alive(pids[0])
+    finally:
+        if sup is not None:
+            stop_group(sup)
+        if log is not None:
+            log.close()
+        for h in heads:
+            stop_group(h.proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert sup.returncode == 0 and not group_alive(sup.pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 _OTHER_RAY = "2.60.0" if version("ray") == "2.53.0" else "2.53.0"  # this session may run on either
@@ -146,6 +245,7 @@ def test_dry_run_on_linux_is_honest():
         assert "--num-gpus 0" in cmdline
     assert "gpu_apple_mps" not in cmdline and "caffeinate" not in cmdline
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cmdline
+    assert "# supervised:" in res.stdout  # --block: the node runs under the rejoining supervisor
 
 
 def test_macos_command_shape(monkeypatch):
@@ -195,8 +295,8 @@ def _service_args(tmp_path, *extra):
 def test_launchd_plist_install_and_print(tmp_path):
     path = tmp_path / "LaunchAgents" / "io.ray.test.plist"
     args = _service_args(tmp_path)
-    res = run_cli("worker", "launchd", "install", "--service-label", "io.ray.test", "--path", str(path),
-                  "--log-dir", str(tmp_path / "logs"), *args)
+    res = run_cli("worker", "launchd", "install", "--user-agent", "--service-label", "io.ray.test",
+                  "--path", str(path), "--log-dir", str(tmp_path / "logs"), *args)
     assert res.returncode == 0, res.stderr
     if sys.platform != "darwin":
         assert "not loaded" in res.stdout
@@ -204,6 +304,7 @@ def test_launchd_plist_install_and_print(tmp_path):
     assert b"s3cr3t" not in raw
     plist = plistlib.loads(raw)
     assert plist["Label"] == "io.ray.test" and plist["RunAtLoad"] is True and plist["KeepAlive"] is True
+    assert "UserName" not in plist  # a LaunchAgent runs as whoever logs in
     prog = plist["ProgramArguments"]
     assert prog[0] == sys.executable and prog[1:5] == ["-m", "mlx_ray.cli", "worker", "start"]
     assert "--block" in prog and prog[prog.index("--address") + 1] == "10.0.0.5:6379"
@@ -216,11 +317,12 @@ def test_launchd_plist_install_and_print(tmp_path):
     assert plist["StandardOutPath"].startswith(str(tmp_path / "logs"))
     assert plist["StandardErrorPath"].startswith(str(tmp_path / "logs"))
     # print shows the same file without writing anything
-    printed = run_cli("worker", "launchd", "print", "--service-label", "io.ray.test",
+    printed = run_cli("worker", "launchd", "print", "--user-agent", "--service-label", "io.ray.test",
                       "--path", str(tmp_path / "other.plist"), "--log-dir", str(tmp_path / "logs"), *args)
     assert plistlib.loads(printed.stdout.encode()) == plist
     assert not (tmp_path / "other.plist").exists()
-    res = run_cli("worker", "launchd", "uninstall", "--service-label", "io.ray.test", "--path", str(path))
+    res = run_cli("worker", "launchd", "uninstall", "--user-agent", "--service-label", "io.ray.test",
+                  "--path", str(path))
     assert res.returncode == 0 and not path.exists()
 
 
@@ -228,14 +330,15 @@ def test_systemd_unit(tmp_path):
     from mlx_ray.worker.systemd import parse, unquote_words
 
     path = tmp_path / "mlx-ray-worker.service"
-    res = run_cli("worker", "launchd", "install", "--systemd", "--no-load", "--path", str(path),
+    res = run_cli("worker", "install", "--systemd", "--no-load", "--run-as", "nobody", "--path", str(path),
                   *_service_args(tmp_path, "--label", "pct=50%"), "--", "--node-ip-address", "100.64.0.2")
     assert res.returncode == 0, res.stderr
     text = path.read_text()
     assert "s3cr3t" not in text
     unit = parse(text)
     service = dict(unit["Service"])
-    assert service["Restart"] == "always" and dict(unit["Install"])["WantedBy"] == "default.target"
+    assert service["Restart"] == "always" and dict(unit["Install"])["WantedBy"] == "multi-user.target"
+    assert service["User"] == "nobody" and service["KillMode"] == "mixed"
     argv = unquote_words(service["ExecStart"])
     assert argv[0] == sys.executable and argv[3:5] == ["worker", "start"] and "--block" in argv
     assert json.loads(argv[argv.index("--resources-override") + 1]) == {"gpu_apple_mps": 1}
@@ -272,3 +375,146 @@ def test_worker_and_doctor_import_neither_mlx_nor_ray():
             "print(sorted(m for m in ('mlx.core', 'ray', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- the boot-time services' commands
+
+class _Runner:
+    """Replaces servicefile.run: records each command, answers with the given return codes."""
+
+    def __init__(self, codes=None):
+        self.calls, self.codes = [], codes or {}
+
+    def __call__(self, argv, timeout=60):
+        self.calls.append(list(argv))
+        rc = next((c for k, c in self.codes.items() if k in argv[:2]), 0)  # by (sub)command
+        return subprocess.CompletedProcess(argv, rc, "", "Bootstrap failed: 5: Input/output error" if rc else "")
+
+
+@pytest.fixture
+def runner(monkeypatch):
+    from mlx_ray.worker import launchd, servicefile, systemd
+
+    r = _Runner()
+    monkeypatch.setattr(servicefile, "run", r)
+    monkeypatch.setattr(launchd, "PLATFORM", "darwin")  # launchctl is never run: the runner records it
+    monkeypatch.setattr(systemd, "PLATFORM", "linux")
+    monkeypatch.setattr(systemd, "HAVE_SYSTEMCTL", True)
+    return r
+
+
+def _main(*argv):
+    from mlx_ray.cli import main
+
+    return main(list(argv))
+
+
+def test_launch_daemon_install_and_uninstall(tmp_path, runner, capsys):
+    import grp
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    path = tmp_path / "LaunchDaemons" / "io.ray.test.plist"
+    logs = tmp_path / "logs"
+    if os.geteuid() != 0:  # installing a daemon needs root; say so in one line
+        rc = _main("worker", "install", "--run-as", "nobody", "--service-label", "io.ray.test", "--path", str(path),
+                   "--log-dir", str(logs), *_service_args(tmp_path))
+        assert rc == 2 and "needs root" in capsys.readouterr().err and not runner.calls
+        return
+    rc = _main("worker", "install", "--run-as", "nobody", "--service-label", "io.ray.test", "--path", str(path),
+               "--log-dir", str(logs), *_service_args(tmp_path))
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert runner.calls == [["plutil", "-lint", str(path)],
+                            ["launchctl", "bootout", "system/io.ray.test"],
+                            ["launchctl", "enable", "system/io.ray.test"],
+                            ["launchctl", "bootstrap", "system", str(path)]]
+    assert "loaded io.ray.test into system as nobody" in out.out
+    raw = path.read_bytes()
+    assert b"s3cr3t" not in raw
+    assert path.stat().st_mode & 0o777 == 0o644  # launchd ignores a daemon plist others can write
+    plist = plistlib.loads(raw)
+    assert plist["UserName"] == "nobody" and plist["GroupName"] == grp.getgrgid(nobody.pw_gid).gr_name
+    assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True and plist["ThrottleInterval"] == 30
+    assert plist["WorkingDirectory"] == nobody.pw_dir
+    env = plist["EnvironmentVariables"]
+    assert env["HOME"] == nobody.pw_dir and env["USER"] == "nobody"
+    assert env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token") and "RAY_AUTH_TOKEN" not in env
+    prog = plist["ProgramArguments"]
+    assert prog[1:5] == ["-m", "mlx_ray.cli", "worker", "start"] and "--block" in prog
+    assert "--no-supervise" not in prog  # the supervisor is what rejoins a restarted head
+    assert plist["StandardOutPath"] == str(logs / "io.ray.test.out.log")
+    assert plist["StandardErrorPath"] == str(logs / "io.ray.test.err.log")
+    assert logs.stat().st_uid == nobody.pw_uid  # the worker's account writes its logs
+    # print shows the same plist without writing or running anything
+    runner.calls.clear()
+    assert _main("worker", "print", "--run-as", "nobody", "--service-label", "io.ray.test", "--log-dir", str(logs),
+                 *_service_args(tmp_path)) == 0
+    assert plistlib.loads(capsys.readouterr().out.encode()) == plist and not runner.calls
+    assert _main("worker", "uninstall", "--service-label", "io.ray.test", "--path", str(path)) == 0
+    assert runner.calls == [["launchctl", "bootout", "system/io.ray.test"]] and not path.exists()
+
+
+def test_launch_agent_is_still_there_for_who_prefers_it(tmp_path, runner, capsys):
+    path = tmp_path / "LaunchAgents" / "io.ray.test.plist"
+    rc = _main("worker", "install", "--user-agent", "--service-label", "io.ray.test", "--path", str(path),
+               "--log-dir", str(tmp_path / "logs"), *_service_args(tmp_path))
+    assert rc == 0, capsys.readouterr().err
+    dom = f"gui/{os.getuid()}"
+    assert runner.calls == [["plutil", "-lint", str(path)], ["launchctl", "bootout", f"{dom}/io.ray.test"],
+                            ["launchctl", "enable", f"{dom}/io.ray.test"],
+                            ["launchctl", "bootstrap", dom, str(path)]]
+    assert "UserName" not in plistlib.loads(path.read_bytes())
+
+
+def test_failed_bootstrap_is_one_line(tmp_path, runner, capsys):
+    runner.codes["bootstrap"] = 5
+    rc = _main("worker", "install", "--user-agent", "--service-label", "io.ray.test",
+               "--path", str(tmp_path / "a.plist"), "--log-dir", str(tmp_path / "logs"), *_service_args(tmp_path))
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "launchctl bootstrap" in err and "Input/output" in err
+
+
+def test_daemon_needs_root_and_never_runs_as_root(tmp_path, runner, monkeypatch, capsys):
+    import types
+
+    from mlx_ray.worker import launchd
+
+    args = ["--path", str(tmp_path / "d.plist"), "--log-dir", str(tmp_path / "logs"), *_service_args(tmp_path)]
+    for extra, needle in ((["--run-as", "root"], "refusing to run the worker as root"),
+                          (["--run-as", "no-such-user-xyz"], "no such user"),
+                          (["--user-agent", "--run-as", "nobody"], "--run-as is for a system service")):
+        assert _main("worker", "install", *extra, *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+    monkeypatch.setattr(launchd, "os", types.SimpleNamespace(geteuid=lambda: 501, getuid=lambda: 501))
+    assert _main("worker", "install", "--run-as", "nobody", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs root: rerun with sudo" in err and len(err.splitlines()) == 1
+    assert not runner.calls and not (tmp_path / "d.plist").exists()
+
+
+def test_systemd_system_and_user_units_commands(tmp_path, runner, capsys):
+    from mlx_ray.worker.systemd import parse
+
+    path = tmp_path / "mlx-ray-test.service"
+    rc = _main("worker", "install", "--systemd", "--run-as", "nobody", "--path", str(path), *_service_args(tmp_path))
+    if os.geteuid() != 0:  # a system unit needs root: refused in one line, nothing written or run
+        assert rc == 2 and "needs root" in capsys.readouterr().err and not runner.calls and not path.exists()
+    else:
+        assert rc == 0, capsys.readouterr().err
+        assert runner.calls == [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "mlx-ray-test"]]
+        service = dict(parse(path.read_text())["Service"])
+        assert service["User"] == "nobody" and service["Restart"] == "always"
+        assert dict(parse(path.read_text())["Install"])["WantedBy"] == "multi-user.target"
+        runner.calls.clear()
+        assert _main("worker", "uninstall", "--systemd", "--path", str(path)) == 0
+        assert runner.calls == [["systemctl", "disable", "--now", "mlx-ray-test"], ["systemctl", "daemon-reload"]]
+        assert not path.exists()
+    runner.calls.clear()
+    user = tmp_path / "user.service"
+    assert _main("worker", "install", "--systemd", "--user-agent", "--path", str(user), *_service_args(tmp_path)) == 0
+    assert runner.calls == [["systemctl", "--user", "daemon-reload"],
+                            ["systemctl", "--user", "enable", "--now", "user"]]
+    unit = parse(user.read_text())
+    assert "User" not in dict(unit["Service"]) and dict(unit["Install"])["WantedBy"] == "default.target"

@@ -310,4 +310,5 @@ def check_agent(label: str) -> Check:
     if state == "running":
         return Check("launchd", PASS, f"{label} running ({detail})")
     return Check("launchd", WARN, f"{label} {state} ({detail})",
-                 "mlx-ray worker launchd install --address HEAD:6379 --token-file FILE")
+                 "sudo mlx-ray worker install --address HEAD:6379 --token-file FILE (a LaunchDaemon: "
+                 "starts at boot)")

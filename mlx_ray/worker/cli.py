@@ -1,4 +1,7 @@
-"""``mlx-ray worker start`` and ``mlx-ray worker launchd install|uninstall|print [--systemd]``."""
+"""``mlx-ray worker start`` and ``mlx-ray worker install|uninstall|print [--systemd] [--user-agent]``.
+
+``mlx-ray worker launchd install|uninstall|print`` is the same command under its older name.
+"""
 
 from __future__ import annotations
 
@@ -37,28 +40,57 @@ def _worker_options(p: argparse.ArgumentParser, *, for_service: bool) -> None:
                    help="extra arguments passed verbatim to `ray start` after a `--`")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="worker_command", metavar="{start,launchd}", required=True)
-    start = sub.add_parser("start", help="join this machine to the cluster (execs `ray start`)")
-    _worker_options(start, for_service=False)
-    start.add_argument("--block", action="store_true", help="stay in the foreground (under caffeinate -s on macOS)")
-    start.add_argument("--dry-run", action="store_true",
-                       help="print the exact command and environment (secrets masked), run nothing")
-    svc = sub.add_parser("launchd", help="install, remove or print a launchd agent (or --systemd unit)")
-    actions = svc.add_subparsers(dest="action", metavar="{install,uninstall,print}", required=True)
-    for action, help_ in (("install", "write, validate and load the service"),
+def _service_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--systemd", action="store_true",
+                   help="a Linux systemd unit instead of a macOS launchd job")
+    a.add_argument("--user-agent", action="store_true",
+                   help="a per-user job instead of a system one: a LaunchAgent in gui/<uid> (starts only after "
+                        "that user logs in) or a systemd user unit; no sudo needed")
+    a.add_argument("--run-as", metavar="USER",
+                   help="the account a system job runs the worker as (default: the one that ran sudo); "
+                        "never root")
+    a.add_argument("--service-label", default=None,
+                   help="launchd label (default io.ray.worker) or systemd unit name (default mlx-ray-worker)")
+    a.add_argument("--path", help="where to write the file (default: /Library/LaunchDaemons/LABEL.plist or "
+                                  "/etc/systemd/system/NAME.service; with --user-agent "
+                                  "~/Library/LaunchAgents/LABEL.plist or ~/.config/systemd/user/NAME.service)")
+    a.add_argument("--log-dir", help="launchd log directory (default /Library/Logs/mlx-ray, owned by the "
+                                     "worker's account; with --user-agent ~/Library/Logs/mlx-ray)")
+    a.add_argument("--no-load", action="store_true",
+                   help="write and validate only; do not run launchctl/systemctl")
+
+
+def _service_actions(parent: argparse.ArgumentParser, dest: str) -> None:
+    actions = parent.add_subparsers(dest=dest, metavar="{install,uninstall,print}", required=True)
+    for action, help_ in (("install", "write, validate and load the service (a system one needs sudo)"),
                           ("uninstall", "unload and remove the service"),
                           ("print", "show the service file without writing anything")):
         a = actions.add_parser(action, help=help_)
-        a.add_argument("--systemd", action="store_true", help="a Linux systemd user unit instead of a launchd agent")
-        a.add_argument("--service-label", default=None,
-                       help="launchd label (default io.ray.worker) or systemd unit name (default mlx-ray-worker)")
-        a.add_argument("--path", help="where to write the file (default: ~/Library/LaunchAgents/LABEL.plist or "
-                                      "~/.config/systemd/user/NAME.service)")
-        a.add_argument("--log-dir", help="launchd log directory (default ~/Library/Logs/mlx-ray)")
-        a.add_argument("--no-load", action="store_true",
-                       help="write and validate only; do not run launchctl/systemctl")
+        _service_options(a)
         _worker_options(a, for_service=True)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="worker_command", metavar="{start,install,uninstall,print,launchd}",
+                                required=True)
+    start = sub.add_parser("start", help="join this machine to the cluster (with --block: and keep it there)")
+    _worker_options(start, for_service=False)
+    start.add_argument("--block", action="store_true",
+                       help="stay in the foreground and supervise the node: rejoin after the head restarts "
+                            "(under caffeinate -s on macOS)")
+    start.add_argument("--no-supervise", action="store_true",
+                       help="with --block: exec `ray start --block` itself, which does not rejoin a restarted head")
+    start.add_argument("--dry-run", action="store_true",
+                       help="print the exact command and environment (secrets masked), run nothing")
+    for action, help_ in (("install", "write, validate and load a boot-time service (LaunchDaemon / systemd "
+                                      "system unit; sudo) running `worker start --block`"),
+                          ("uninstall", "unload and remove the service"),
+                          ("print", "show the service file without writing anything")):
+        a = sub.add_parser(action, help=help_)
+        _service_options(a)
+        _worker_options(a, for_service=True)
+    svc = sub.add_parser("launchd", help="the same install/uninstall/print, under the older name")
+    _service_actions(svc, "action")
 
 
 def _resources(args):
@@ -81,18 +113,35 @@ def start(args) -> int:
     address = versions.format_address(host, port)
     res = _resources(args)
     _warn_loose_token(args.token_file)
-    cmd = command.build(address, res, block=args.block, token_file=args.token_file, extra_args=args.ray_args)
+    supervise = args.block and not args.no_supervise
+    cmd = command.build(address, res, block=args.block, token_file=args.token_file, extra_args=args.ray_args,
+                        caffeinate=not supervise)
     if args.dry_run:
         for note in res.notes:
             print(f"# {note}")
         print(f"# version check: skipped by --dry-run (the head is not contacted); local {versions.local_versions()}")
+        if supervise:
+            print("# supervised: this command runs as a child and is started again whenever the node leaves "
+                  f"the cluster{' (the supervisor holds caffeinate -s)' if sys.platform == 'darwin' else ''}")
         print(cmd.render())
         return 0
-    if not args.skip_version_check:
+
+    def check() -> None:
+        if args.skip_version_check:
+            return
         head = versions.head_versions(address, args.timeout, env=cmd.env)
         local = versions.local_versions()
         versions.check_versions(head, local, address)
         print(f"mlx-ray worker: head {address} runs {head}; versions match", file=sys.stderr)
+
+    if supervise:
+        from .supervise import Supervisor
+
+        print(f"mlx-ray worker: supervising a node for {address} as {res.node_name!r}: {res.summary()}",
+              file=sys.stderr, flush=True)
+        caffeinate = command.CAFFEINATE if sys.platform == "darwin" else None
+        return Supervisor(cmd, address, check=check, caffeinate=caffeinate).run()
+    check()
     print(f"mlx-ray worker: joining {address} as {res.node_name!r}: {res.summary()}", file=sys.stderr)
     print(f"mlx-ray worker: exec {cmd.render()}", file=sys.stderr)
     sys.stdout.flush()
@@ -138,31 +187,37 @@ def service_env(args, *, macos: bool) -> dict[str, str]:
 
 
 def service(args) -> int:
-    from . import launchd, systemd, versions
+    from . import launchd, servicefile, systemd, versions
 
+    system = not args.user_agent
+    if args.user_agent and args.run_as:
+        raise BadRequest("--run-as is for a system service; a --user-agent job runs as the user who installs it")
+    run_as = None
+    if system and args.action != "uninstall":
+        run_as = servicefile.resolve_user(args.run_as)
     if args.systemd:
         name = args.service_label or systemd.DEFAULT_NAME
-        path = Path(args.path).expanduser() if args.path else systemd.default_path(name)
+        path = Path(args.path).expanduser() if args.path else systemd.default_path(name, system=system)
     else:
         label = args.service_label or launchd.DEFAULT_LABEL
-        path = Path(args.path).expanduser() if args.path else launchd.default_path(label)
+        path = Path(args.path).expanduser() if args.path else launchd.default_path(label, daemon=system)
     if args.action == "uninstall":
-        done = systemd.uninstall(path, load=not args.no_load) if args.systemd else \
-            launchd.uninstall(path, label, load=not args.no_load)
+        done = systemd.uninstall(path, system=system, load=not args.no_load) if args.systemd else \
+            launchd.uninstall(path, label, daemon=system, load=not args.no_load)
     else:
         versions.parse_address(args.address)  # fail early on a bad (or missing) address
         argv = service_argv(args)
         if args.systemd:
             data = systemd.build(argv, service_env(args, macos=False),
-                                 f"mlx-ray Ray worker joining {args.address}").encode()
+                                 f"mlx-ray Ray worker joining {args.address}", run_as=run_as).encode()
         else:
-            log_dir = Path(args.log_dir).expanduser() if args.log_dir else launchd.default_log_dir()
-            data = launchd.render(launchd.build(label, argv, service_env(args, macos=True), log_dir))
+            log_dir = Path(args.log_dir).expanduser() if args.log_dir else launchd.default_log_dir(daemon=system)
+            data = launchd.render(launchd.build(label, argv, service_env(args, macos=True), log_dir, run_as=run_as))
         if args.action == "print":
             sys.stdout.write(data.decode())
             return 0
-        done = systemd.install(path, data.decode(), load=not args.no_load) if args.systemd else \
-            launchd.install(path, data, label, load=not args.no_load)
+        done = systemd.install(path, data.decode(), system=system, load=not args.no_load) if args.systemd else \
+            launchd.install(path, data, label, daemon=system, run_as=run_as, load=not args.no_load)
     for line in done:
         print(line)
     return 0
@@ -171,6 +226,9 @@ def service(args) -> int:
 def main(args) -> int:
     if args.worker_command == "start":
         return start(args)
+    if args.worker_command in ("install", "uninstall", "print"):
+        args.action = args.worker_command
+        return service(args)
     if args.worker_command == "launchd":
         return service(args)
     raise BadRequest(f"unknown worker command {args.worker_command!r}")

@@ -74,7 +74,8 @@ def token_env(token_file: str | None) -> dict[str, str]:
 
 def build(address: str, res: NodeResources, *, block: bool, token_file: str | None = None,
           extra_args: list[str] | None = None, platform: str = sys.platform,
-          base_env: dict | None = None) -> WorkerCommand:
+          base_env: dict | None = None, caffeinate: bool = True) -> WorkerCommand:
+    """``caffeinate=False``: no ``caffeinate -s`` wrapper (the supervisor holds the assertion itself)."""
     argv = [ray_executable(), "start", "--address", address, "--num-cpus", str(res.num_cpus)]
     if res.num_gpus is not None:
         argv += ["--num-gpus", str(res.num_gpus)]
@@ -89,7 +90,7 @@ def build(address: str, res: NodeResources, *, block: bool, token_file: str | No
     argv += list(extra_args or [])
     if block:
         argv.append("--block")
-        if platform == "darwin":  # keep the Mac awake (on AC power) for as long as the worker runs
+        if platform == "darwin" and caffeinate:  # keep the Mac awake (on AC power) for as long as the worker runs
             argv = [CAFFEINATE, "-s", *argv]
     updates: dict[str, str] = {}
     if platform == "darwin":

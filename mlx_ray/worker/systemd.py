@@ -1,4 +1,10 @@
-"""A systemd user unit for the same worker, so a Linux box joins the same way.
+"""A systemd unit for the same worker, so a Linux box joins the same way.
+
+By default a **system** unit (``/etc/systemd/system/<name>.service``,
+``User=``/``Group=`` the installing user, ``WantedBy=multi-user.target``): it
+starts at boot without a login. ``--user-agent`` writes the old per-user unit
+(``~/.config/systemd/user``, ``WantedBy=default.target``), which needs
+``loginctl enable-linger`` to start before that user logs in.
 
 ``ExecStart`` is quoted by systemd's rules (double quotes, C escapes, ``%%``
 for a literal percent), so the resources JSON survives intact; ``parse`` reads
@@ -7,19 +13,29 @@ a unit back for validation and tests.
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from ..errors import BadRequest, EngineFault
-from .servicefile import remove, write_atomic
+from . import servicefile
+from .servicefile import RunAs, remove, write_atomic
 
 DEFAULT_NAME = "mlx-ray-worker"
+SYSTEM_DIR = Path("/etc/systemd/system")
+PLATFORM = sys.platform  # systemctl runs only on Linux
+HAVE_SYSTEMCTL = None  # None: look for it on PATH (tests set True to check the commands without running them)
 
 
-def default_path(name: str = DEFAULT_NAME) -> Path:
+def default_path(name: str = DEFAULT_NAME, *, system: bool = False) -> Path:
+    if system:
+        return SYSTEM_DIR / f"{name}.service"
     return Path.home() / ".config" / "systemd" / "user" / f"{name}.service"
+
+
+def systemctl(*args: str, system: bool) -> list[str]:
+    return ["systemctl", *([] if system else ["--user"]), *args]
 
 
 def quote(arg: str, *, exec_line: bool = True) -> str:
@@ -56,16 +72,25 @@ def unquote_words(line: str) -> list[str]:
     return [w.replace("%%", "%").replace("$$", "$") for w in words]
 
 
-def build(program_args: list[str], env: dict[str, str], description: str) -> str:
+def build(program_args: list[str], env: dict[str, str], description: str, run_as: RunAs | None = None) -> str:
+    """The unit text; ``run_as`` makes it a system unit run as that (non-root) user."""
+    env = dict(env)
+    if run_as:
+        env.update({"HOME": str(run_as.home), "USER": run_as.user, "LOGNAME": run_as.user})
     lines = ["[Unit]", f"Description={description}", "After=network-online.target", "Wants=network-online.target",
              "", "[Service]", "Type=simple"]
+    if run_as:
+        lines += [f"User={run_as.user}", f"Group={run_as.group}", f"WorkingDirectory={quote(str(run_as.home))}"]
     for key, value in sorted(env.items()):
         lines.append(f"Environment={quote(f'{key}={value}', exec_line=False)}")
     lines += [f"ExecStart={' '.join(quote(a) for a in program_args)}",
+              # The supervisor inside rejoins after a head restart itself; systemd restarts the
+              # supervisor if it exits (a bad argument, a crash).
               "Restart=always", "RestartSec=30",
-              # ray start --block stops its raylet & co. on SIGTERM; give it time to tell the GCS.
-              "KillMode=control-group", "TimeoutStopSec=60",
-              "", "[Install]", "WantedBy=default.target", ""]
+              # SIGTERM to the supervisor only: it forwards it to `ray start`, which drains the node
+              # (up to 30 s) and stops its raylet & co.; whatever is left is SIGKILLed after 60 s.
+              "KillMode=mixed", "TimeoutStopSec=60",
+              "", "[Install]", f"WantedBy={'multi-user.target' if run_as else 'default.target'}", ""]
     text = "\n".join(lines)
     validate(text)
     return text
@@ -103,25 +128,45 @@ def validate(text: str) -> dict:
     return sections
 
 
-def install(path: Path, text: str, *, load: bool = True) -> list[str]:
-    write_atomic(path, text.encode())
+def _loadable(load: bool, platform: str | None) -> bool:
+    if not (platform or PLATFORM).startswith("linux") or not load:
+        return False
+    return shutil.which("systemctl") is not None if HAVE_SYSTEMCTL is None else HAVE_SYSTEMCTL
+
+
+def install(path: Path, text: str, *, system: bool, load: bool = True, platform: str | None = None) -> list[str]:
+    sections = validate(text)
+    if system and not any(k == "User" for k, _ in sections["Service"]):
+        raise BadRequest("a system unit must name the (non-root) User= the worker runs as")
+    loadable = _loadable(load, platform)
+    if system and loadable and os.geteuid() != 0:
+        raise BadRequest("installing a system unit needs root: rerun with sudo (the worker still runs as "
+                         "you), or pass --user-agent for a systemd user unit")
+    write_atomic(path, text.encode(), mode=0o644 if system else None)
     done = [f"wrote and validated {path}"]
-    if not sys.platform.startswith("linux") or not load or not shutil.which("systemctl"):
+    if not loadable:
         why = "--no-load" if not load else "no systemctl here"
-        done.append(f"{why}: the unit is not enabled (run: systemctl --user enable --now {path.stem})")
+        enable = " ".join(systemctl("enable", "--now", path.stem, system=system))
+        done.append(f"{why}: the unit is not enabled (run: {'sudo ' if system else ''}{enable})")
         return done
-    for cmd in (["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", path.stem]):
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    for cmd in (systemctl("daemon-reload", system=system), systemctl("enable", "--now", path.stem, system=system)):
+        res = servicefile.run(cmd)
         if res.returncode != 0:
             raise EngineFault(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.returncode}")
-    done.append(f"enabled and started {path.stem} (journalctl --user -u {path.stem} -f for its logs)")
+    logs = f"journalctl {'' if system else '--user '}-u {path.stem} -f"
+    done.append(f"enabled and started {path.stem} ({logs} for its logs)")
     return done
 
 
-def uninstall(path: Path, *, load: bool = True) -> list[str]:
+def uninstall(path: Path, *, system: bool, load: bool = True, platform: str | None = None) -> list[str]:
     done = []
-    if sys.platform.startswith("linux") and load and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "--user", "disable", "--now", path.stem], capture_output=True, timeout=60)
+    loadable = _loadable(load, platform)
+    if loadable:
+        if system and os.geteuid() != 0:
+            raise BadRequest("removing a system unit needs root: rerun with sudo (or --user-agent for the user unit)")
+        servicefile.run(systemctl("disable", "--now", path.stem, system=system))
         done.append(f"disabled {path.stem}")
     done.append(remove(path))
+    if loadable:
+        servicefile.run(systemctl("daemon-reload", system=system))
     return done
