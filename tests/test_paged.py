@@ -260,3 +260,67 @@ def test_kv_bits_on_a_model_the_paged_cache_cannot_take_fails_in_one_line(zoo_mo
         assert auto.stats()["kv_cache"] == "batch"  # sliding windows keep mlx-lm's batch cache
     finally:
         run_async(auto.shutdown())
+
+
+# ------------------------------------------------------------------ the step's own faults
+def _batch(model, budget=64 << 20, max_rows=4):
+    from mlx_ray.engine import paged
+
+    shapes, dtype = paged.layer_shapes(model)
+    return paged.build(model, shapes, dtype, kv_budget=budget, block_size=32, bits=None,
+                       group_size=EngineConfig().kv_group_size, prefix_bytes=0, prefill_chunk=64, max_rows=max_rows)
+
+
+def _run(batch, rows: dict, n: int) -> dict:
+    """Step ``batch`` until every row of ``rows`` ({uid: []}) has ``n`` tokens; fills and returns ``rows``."""
+    for _ in range(4 * n + 20):
+        for r in batch.step():
+            rows[r.uid].append(r.token)
+        if all(len(t) >= n for t in rows.values()) and not batch.rows:
+            return rows
+    raise AssertionError(f"rows did not finish: {rows}")
+
+
+def chat_ids(tok, q):
+    return list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
+
+
+def test_recovery_from_a_failed_step_frees_the_old_pool_before_allocating_the_new(mlxlm_f32):
+    """A failed step (here a sampler that raises mid-step, its forward still a lazy graph on the pool) is followed by
+    ``reset``, as the scheduler does, inside the handler: peak memory during the reset stays ~1x the pool, not 2x."""
+    from mlx_lm.sample_utils import greedy_sampler
+
+    model, tok = mlxlm_f32
+    batch = _batch(model, budget=96 << 20)
+    pool_bytes = batch.pool.nbytes
+    assert pool_bytes > 80 << 20
+    calls = []
+
+    def failing(logprobs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("[metal::malloc] Attempting to allocate 9999999999 bytes (simulated)")
+        return greedy_sampler(logprobs)
+
+    ids = chat_ids(tok, QUESTIONS[0])
+    batch.insert_row(ids, 16, greedy_sampler, [])
+    batch.insert_row(chat_ids(tok, QUESTIONS[1]), 16, failing, [])
+    with pytest.raises(RuntimeError, match="simulated"):
+        try:
+            for _ in range(10):
+                batch.step()
+        except RuntimeError:  # what Scheduler._fail_batch does, in its except clause
+            mx.synchronize()
+            active = mx.get_active_memory()
+            mx.reset_peak_memory()
+            batch.reset()
+            extra = mx.get_peak_memory() - active
+            raise
+    assert len(calls) == 3
+    assert extra < 0.25 * pool_bytes, f"the reset held {extra / pool_bytes:.2f}x the pool on top of the old one"
+    assert batch.pool.nbytes == pool_bytes and not batch.rows and batch.used_blocks == 0
+    # The batch serves again, with the same tokens as a fresh one.
+    fresh = _batch(model, budget=96 << 20)
+    want = _run(fresh, {fresh.insert_row(ids, 8, greedy_sampler, []).uid: []}, 8)
+    got = _run(batch, {batch.insert_row(ids, 8, greedy_sampler, []).uid: []}, 8)
+    assert list(got.values()) == list(want.values())

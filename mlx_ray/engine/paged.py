@@ -31,9 +31,12 @@ reads the previous tokens first (no overlap for that step).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -461,11 +464,29 @@ class PagedBatch:
         self.pool.copied_bytes = self.admit_copy_bytes = self.finish_copy_bytes = 0
 
     def reset(self) -> None:
-        """After a failed step: the pool may hold half-written layers, so every block starts over."""
+        """After a failed step: the pool may hold half-written layers, so every block starts over.
+
+        The old pool is freed before the new one is allocated, so recovery never holds 2x the KV budget
+        (a failed step is often a failed allocation: memory is short exactly then). Its arrays are held
+        by the pool and by the failed step's lazy graph, which the exception being handled keeps alive in
+        its traceback's frames: the traceback is logged at debug level, then dropped from the exception."""
         self.rows.clear()
         self._inflight = None
         self.outstanding = 0
         self.prefix = BlockPrefixCache(self.pool, self.prefix.max_blocks)
+        exc, seen = sys.exc_info()[1], set()
+        if exc is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("the failed step:\n%s", "".join(traceback.format_exception(exc)))
+        while exc is not None and id(exc) not in seen:  # the failure being handled, and what it chains
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None  # cleared frames alone did not let go of the graph (CPython 3.11)
+            exc = exc.__cause__ or exc.__context__
+        self.pool.k, self.pool.v = [], []
+        with contextlib.suppress(Exception):  # work still queued on the old arrays holds them until it ends
+            mx.synchronize()
+        gc.collect()
+        mx.clear_cache()
         self.pool.reset()
         self.trash = self.pool.allocate()
 
