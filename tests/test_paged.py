@@ -324,3 +324,57 @@ def test_recovery_from_a_failed_step_frees_the_old_pool_before_allocating_the_ne
     want = _run(fresh, {fresh.insert_row(ids, 8, greedy_sampler, []).uid: []}, 8)
     got = _run(batch, {batch.insert_row(ids, 8, greedy_sampler, []).uid: []}, 8)
     assert list(got.values()) == list(want.values())
+
+
+def test_a_row_with_a_penalty_keeps_the_batch_pipelined_and_its_tokens(mlxlm_f32, monkeypatch):
+    """One row with a logits processor (repetition penalty) in a batch of three: every step's forward, for all rows,
+    is queued on the previous step's lazy tokens before the host reads them (the pipelined order); and every row's
+    tokens are those it gets alone."""
+    from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
+
+    model, tok = mlxlm_f32
+    n = 16
+    prompts = [chat_ids(tok, q) for q in QUESTIONS[:3]]
+    procs = [[], make_logits_processors(repetition_penalty=1.5, repetition_context_size=64), []]
+
+    alone = []
+    for ids, pr in zip(prompts, procs):
+        b = _batch(model)
+        alone.append(list(_run(b, {b.insert_row(ids, n, greedy_sampler, pr).uid: []}, n).values())[0])
+
+    batch = _batch(model)
+    events = []
+    real_decode, real_read, real_step = batch._decode_logits, batch._read, batch.step
+
+    def decode(rows, inputs=None):
+        events.append(("decode", inputs is not None))
+        return real_decode(rows, inputs)
+
+    def read(step):
+        events.append(("read",))
+        return real_read(step)
+
+    def step():
+        events.append(("step",))
+        return real_step()
+
+    monkeypatch.setattr(batch, "_decode_logits", decode)
+    monkeypatch.setattr(batch, "_read", read)
+    monkeypatch.setattr(batch, "step", step)
+    uids = [batch.insert_row(ids, n, greedy_sampler, pr).uid for ids, pr in zip(prompts, procs)]
+    got = _run(batch, {u: [] for u in uids}, n)
+    assert [got[u] for u in uids] == alone
+    # Per step: the order of its decode forward and its read of the previous step.
+    steps, cur = [], None
+    for ev in events:
+        if ev[0] == "step":
+            cur = []
+            steps.append(cur)
+        else:
+            cur.append(ev)
+    pipelined = [s for s in steps if ("read",) in s and any(e[0] == "decode" for e in s)]
+    assert len(pipelined) >= n - 2, steps
+    for s in pipelined:
+        first_decode = next(i for i, e in enumerate(s) if e[0] == "decode")
+        assert s[first_decode] == ("decode", True), s  # built on the previous step's lazy tokens
+        assert first_decode < s.index(("read",)), f"the host read the previous step before queueing this one: {s}"

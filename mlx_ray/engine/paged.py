@@ -25,8 +25,11 @@ are the previous step's tokens read on the host, so building step t+1 (Python,
 30 layers of graph) overlaps computing step t. What the host learns late costs
 one row-step: a row that sampled a stop token has already been put in the
 next step, whose result for it is dropped. Rows with logits processors
-(penalties, grammars) need their context on the host, so a step that has one
-reads the previous tokens first (no overlap for that step).
+(penalties, grammars) need their context on the host, but only for the
+processors: the forward of every row, theirs included, is still built on the
+previous step's lazy tokens and queued first; only then does the host read
+the previous tokens, apply the processors and queue the sampling. So one such
+row costs the batch no overlap of its forward, only the (short) sampling tail.
 """
 
 from __future__ import annotations
@@ -375,19 +378,24 @@ class PagedBatch:
         out: list[Response] = []
         self._prefill()
         rows = [r for r in self.rows.values() if not r.prefilling and not r.final]
-        if prev is not None and any(r.processors for r in rows):
-            out = self._read(prev)  # the processors need every row's context on the host
-            prev = None
-            rows = [r for r in rows if r.uid in self.rows]
         if rows:
-            self._inflight = self._queue(rows, prev)
+            self._inflight, read = self._queue(rows, prev)
+            if read is not None:  # the processors needed the previous tokens: already read
+                out, prev = read, None
         else:
             mx.async_eval(self.pool.arrays())  # a prefill-only step
         if prev is not None:
             out = self._read(prev)
         return out
 
-    def _queue(self, rows: list[Row], prev: Optional[_InFlight]) -> _InFlight:
+    def _queue(self, rows: list[Row], prev: Optional[_InFlight]) -> tuple[_InFlight, Optional[list[Response]]]:
+        """Queue the decode of ``rows`` on ``prev``'s lazy tokens; (the step, ``prev``'s responses if they had to
+        be read here, else None).
+
+        Every row's forward is built and queued before the host waits for anything. Only a row with logits
+        processors whose last token is still in flight (in ``prev``) needs that token on the host: then, and
+        only after the forward is queued, ``prev`` is read, the processors run on the rows' contexts, and the
+        sampling of the whole batch is queued."""
         # Rows of the previous step first (their inputs are its lazy tokens), then rows the host knows.
         if prev is not None:
             rows = [r for r in rows if r.uid in prev.index] + [r for r in rows if r.uid not in prev.index]
@@ -400,6 +408,11 @@ class PagedBatch:
         else:
             inputs = None
         logits = self._decode_logits(rows, inputs)
+        read = None
+        if prev is not None and any(r.processors and r.uid in prev.index for r in rows):
+            # This step's forward runs (on the previous step's lazy tokens) while the host waits for them.
+            mx.async_eval(logits, *self.pool.arrays())
+            read = self._read(prev)  # appends each row's previous token: the processors' context
         if any(r.processors for r in rows):
             parts = []
             for i, r in enumerate(rows):
@@ -417,7 +430,7 @@ class PagedBatch:
             r.n_kv += 1
             r.generated += 1
             r.final = r.generated >= r.max_tokens
-        return _InFlight(rows, tokens, logprobs, {r.uid: i for i, r in enumerate(rows)}, [r.final for r in rows])
+        return _InFlight(rows, tokens, logprobs, {r.uid: i for i, r in enumerate(rows)}, [r.final for r in rows]), read
 
     def _read(self, step: _InFlight) -> list[Response]:
         """The host side of a queued step: its tokens, for the rows still in the batch."""
