@@ -378,3 +378,38 @@ def test_a_row_with_a_penalty_keeps_the_batch_pipelined_and_its_tokens(mlxlm_f32
         first_decode = next(i for i, e in enumerate(s) if e[0] == "decode")
         assert s[first_decode] == ("decode", True), s  # built on the previous step's lazy tokens
         assert first_decode < s.index(("read",)), f"the host read the previous step before queueing this one: {s}"
+
+
+def test_the_load_probe_feeds_only_tokens_of_the_model_vocabulary(tiny_llama_hf, tmp_path):
+    """``paged.check`` on a model whose vocabulary (1,024) is smaller than the probe's fixed token ids: it must pass
+    (a token past the embedding reads outside it: garbage, and the paged cache was refused)."""
+    from mlx_lm.utils import load_model
+
+    from mlx_ray.conversion.convert import convert
+    from mlx_ray.engine import paged
+
+    path = convert(str(tiny_llama_hf), out=str(tmp_path / "tiny-f32"), quantize=False, dtype="float32",
+                   progress=False)
+    import mlx.nn as nn
+
+    model, config = load_model(path)
+    assert config["vocab_size"] == 1024
+    seen = []
+
+    class Spy(nn.Module):  # the embedding, recording the largest token id it is given
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x):
+            seen.append(int(x.max().item()))
+            return self.inner(x)
+
+        def as_linear(self, x):  # tied output layer
+            return self.inner.as_linear(x)
+
+    model.model.embed_tokens = Spy(model.model.embed_tokens)
+    shapes, dtype = paged.layer_shapes(model)
+    assert paged.check(model, shapes, dtype, None, 32) is None
+    assert paged.check(model, shapes, dtype, 8, 32) is None
+    assert seen and max(seen) < 1024, f"the probe fed token {max(seen)} to a vocabulary of 1024"

@@ -557,7 +557,10 @@ def check(model, shapes, dtype, bits: Optional[int], group_size: int) -> Optiona
     """Run a short prompt through the paged step and through mlx-lm's own cache; why they differ, or None."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    toks = [1, 17, 300, 4242, 9, 77, 1234, 5, 8]
+    vocab = model(mx.array([[0]]), cache=make_prompt_cache(model)).shape[-1]
+    args = getattr(model, "args", None)
+    vocab = min(vocab, getattr(args, "vocab_size", None) or vocab)  # embedding rows as well as logits
+    toks = [t % vocab for t in (1, 17, 300, 4242, 9, 77, 1234, 5, 8)]  # any vocabulary, however small
     ref = model(mx.array([toks]), cache=make_prompt_cache(model))[0, -1].astype(mx.float32)
     patch_attention()
     pool = KVPool(shapes, dtype, num_blocks=4, block_size=4, bits=bits, group_size=group_size)
