@@ -12,12 +12,18 @@ class MlxRayError(Exception):
     """Base class. ``kind`` is the stable machine-readable category."""
 
     kind = "internal_error"
+    # Whether a client should repeat the request as it is (HTTP: the ``x-should-retry`` header the
+    # official openai SDKs obey over their own rules); None: the status code's usual meaning.
+    retryable: bool | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retryable: bool | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        if retryable is not None:
+            self.retryable = retryable
 
     def __str__(self) -> str:  # one line, always
         return " ".join(self.message.split())
@@ -33,6 +39,13 @@ class ContextOverflow(BadRequest):
     """Prompt plus max_tokens exceeds the model's context."""
 
     kind = "context_length_exceeded"
+
+
+class RequestTooLarge(BadRequest):
+    """The request body (or a prompt's text) is too large to possibly fit the model's context;
+    refused before it is parsed or tokenized."""
+
+    kind = "request_too_large"
 
 
 class NotFound(MlxRayError):
@@ -58,9 +71,28 @@ class Overloaded(MlxRayError):
 
 
 class DeadlineExceeded(MlxRayError):
-    """The request ran past its deadline."""
+    """The request ran past a deadline its caller set (the request's own ``timeout``).
+
+    Not retryable as it is: the same request under the same deadline repeats the work and the outcome."""
 
     kind = "timeout_error"
+    retryable = False
+
+
+class FirstTokenTimeout(MlxRayError):
+    """No first token within the server's first-token timeout (queueing plus prefill); the request
+    was cancelled, so nothing of it runs any more: retryable."""
+
+    kind = "first_token_timeout"
+    retryable = True
+
+
+class StallTimeout(MlxRayError):
+    """Tokens were generated, then none for the server's stall timeout; the request was cancelled.
+    Not retryable as it is: a retry would redo the work already done."""
+
+    kind = "stall_timeout"
+    retryable = False
 
 
 class UpstreamTimeout(MlxRayError):

@@ -27,6 +27,8 @@ DEFAULT_ENGINE = "mlx_ray.engine.engine:MLXEngine"
 # Streaming defaults, defined once: ServeConfig's fields and LLMServer's own defaults (tests, direct use).
 STREAM_BATCHING_INTERVAL_MS = 10.0
 STREAM_MESSAGES_PER_S = 50.0
+# The longest a stream's tokens are held back for the message budget (the budget's interval is capped here).
+MAX_COALESCE_S = 1.0
 
 
 class PlacementConfig(BaseModel):
@@ -131,7 +133,22 @@ class ServeConfig(BaseModel):
     api_key_file: Optional[Path] = Field(None, description="File holding the API key (first line), read where the ingress runs.")
     api_key_env: Optional[str] = Field(None, description="Env var holding the API key, read where the ingress runs.")
     cors_allow_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: CORS off.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request, queueing included; past it: 408.")
+    first_token_timeout_s: float = Field(600.0, gt=0, description=(
+        "Longest wait for a request's first token (queueing and prefill). Past it the request is cancelled "
+        "and answered 503 (x-should-retry: true: nothing of it runs any more), or in a stream already "
+        "open for keepalives, a terminal error event. Generation time never counts."))
+    stall_timeout_s: float = Field(120.0, gt=0, description=(
+        "Longest gap between two tokens once generation started (the stream's own coalescing, at most 1 s, "
+        "comes on top). Past it the request is cancelled: a stream ends with an error event and [DONE]; a "
+        "non-streaming request gets 504 with x-should-retry: false, so the openai SDK does not redo the work. "
+        "A stream making progress is never cut."))
+    request_timeout_s: Optional[float] = Field(None, gt=0, description=(
+        "Deprecated alias of first_token_timeout_s (it used to count generation time too, so long answers "
+        "ended in a 408 mid-stream)."))
+    max_request_body_bytes: Optional[int] = Field(None, ge=1024, description=(
+        "Largest request body accepted; larger ones are refused with 413 before they are read in full, parsed "
+        "or tokenized. Default: 64 bytes per token of the largest served context, at least 1 MiB (no body "
+        "above that can fit the context)."))
     stream_batching_interval_ms: float = Field(STREAM_BATCHING_INTERVAL_MS, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
     stream_messages_per_s: float = Field(STREAM_MESSAGES_PER_S, ge=0, description=(
         "A model replica's budget of stream messages per second, shared by its open streams: with n open, "
@@ -156,6 +173,19 @@ class ServeConfig(BaseModel):
     direct_ingress: bool = Field(True, description=(
         "With one model, its replica answers HTTP itself (no separate ingress deployment: one Ray hop and one "
         "process fewer per request); false: always a separate OpenAIIngress deployment."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alias(cls, data: Any) -> Any:
+        """request_timeout_s (deprecated) sets first_token_timeout_s."""
+        if isinstance(data, dict) and data.get("request_timeout_s") is not None:
+            data = dict(data)
+            old = data.pop("request_timeout_s")
+            if data.get("first_token_timeout_s") is not None and float(data["first_token_timeout_s"]) != float(old):
+                raise ValueError("request_timeout_s is the deprecated alias of first_token_timeout_s; set only "
+                                 "first_token_timeout_s")
+            data["first_token_timeout_s"] = old
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -256,7 +286,10 @@ _ENGINE_KEYS = {"max_model_len": "MAX_MODEL_LEN", "max_num_seqs": "MAX_NUM_SEQS"
                 "admission": "ADMISSION"}
 _PLACEMENT_KEYS = {"resource": "MLX_RAY_RESOURCE", "num_cpus": "NUM_CPUS", "num_gpus": "NUM_GPUS",
                    "num_replicas": "NUM_REPLICAS"}
-_TOP_KEYS = {"api_key_file": "API_KEY_FILE", "api_key_env": "API_KEY_ENV", "request_timeout_s": "REQUEST_TIMEOUT_S"}
+_TOP_KEYS = {"api_key_file": "API_KEY_FILE", "api_key_env": "API_KEY_ENV",
+             "first_token_timeout_s": "FIRST_TOKEN_TIMEOUT_S", "stall_timeout_s": "STALL_TIMEOUT_S",
+             "request_timeout_s": "REQUEST_TIMEOUT_S",  # deprecated alias of first_token_timeout_s
+             "max_request_body_bytes": "MAX_REQUEST_BODY_BYTES"}
 
 
 def _short_form(args: dict, env) -> Optional[dict]:

@@ -22,32 +22,42 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, MlxRayError, NotFound,
-                      Overloaded, UpstreamTimeout)
+from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, FirstTokenTimeout, MlxRayError,
+                      NotFound, Overloaded, RequestTooLarge, StallTimeout, UpstreamTimeout)
 from . import openai_protocol as oai
 from . import openapi
-from .config import ServeConfig
+from .config import MAX_COALESCE_S, ServeConfig
 from .generation import ModelRequest, first_error
 from .openai_bodies import Body, ChatBody, CompletionBody
 
 log = logging.getLogger("mlx_ray.serve")
 
 # The one table: error class -> (HTTP status, OpenAI error type). First match along the MRO wins.
+# Timeouts are chosen for the official openai SDK, which repeats 408, 409, 429 and 5xx unless the
+# `x-should-retry` header says otherwise (MlxRayError.retryable): a first-token timeout (nothing of the
+# request runs any more, mostly a queue) may be repeated; a stall after tokens, or a deadline the
+# client set, may not (the retry would redo the work done, and most likely end the same way).
 STATUS: dict[type, tuple[int, str]] = {
+    RequestTooLarge: (413, "invalid_request_error"),
     ContextOverflow: (400, "invalid_request_error"),
     BadRequest: (400, "invalid_request_error"),
     NotFound: (404, "not_found_error"),
     Overloaded: (429, "rate_limit_error"),
-    DeadlineExceeded: (408, "timeout_error"),
+    DeadlineExceeded: (408, "timeout_error"),  # the request's own `timeout`; x-should-retry: false
+    FirstTokenTimeout: (503, "timeout_error"),  # x-should-retry: true
+    StallTimeout: (504, "timeout_error"),  # x-should-retry: false (a stream: an error event)
     UpstreamTimeout: (504, "timeout_error"),
     EngineFault: (500, "server_error"),
     MlxRayError: (500, "server_error"),
 }
 HEALTH_TIMEOUT_S = 10.0
 KEEPALIVE = ": keepalive\n\n"  # an SSE comment: clients skip it, proxies see bytes
-# The engine answers 408 at the request's deadline itself; past the deadline plus this grace,
+# A request's own `timeout` is a deadline the engine enforces itself (408); past it plus this grace,
 # the replica is taken as wedged or gone: the ingress answers 504 and cancels the request.
 UPSTREAM_GRACE_S = 5.0
+# Below this, the default body limit never refuses (64 bytes per token of context above it).
+MIN_BODY_LIMIT = 1 << 20
+BODY_BYTES_PER_TOKEN = 64
 
 # route path -> (method name on OpenAIIngress, HTTP methods)
 ROUTES = {
@@ -62,10 +72,13 @@ OPEN_PATHS = {"/health"}
 def error_response(e: BaseException) -> JSONResponse:
     err = as_taxonomy(e)
     status, type_ = next(v for cls, v in STATUS.items() if isinstance(err, cls))
-    code = err.code or (err.kind if isinstance(err, ContextOverflow) else None)
+    code = err.code or (err.kind if isinstance(err, (ContextOverflow, RequestTooLarge, FirstTokenTimeout, StallTimeout))
+                        else None)
     headers = {}
     if isinstance(err, Overloaded):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    if err.retryable is not None:
+        headers["x-should-retry"] = "true" if err.retryable else "false"
     return JSONResponse(oai.error_body(str(err), type_, err.param, code), status_code=status, headers=headers)
 
 
@@ -114,14 +127,14 @@ class OpenAIIngress:
 
     async def chat_completions(self, request: Request) -> Response:
         try:
-            req = oai.ChatCompletionRequest.model_validate(await _json(request))
+            req = oai.ChatCompletionRequest.model_validate(await _json(request, await self._body_limit()))
             return await self._run(req, ChatBody(req))
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
             return error_response(e)
 
     async def completions(self, request: Request) -> Response:
         try:
-            req = oai.CompletionRequest.model_validate(await _json(request))
+            req = oai.CompletionRequest.model_validate(await _json(request, await self._body_limit()))
             return await self._run(req, CompletionBody(req))
         except Exception as e:  # noqa: BLE001
             return error_response(e)
@@ -142,6 +155,13 @@ class OpenAIIngress:
                 log.info("max_model_len of %s not available yet (%s)", m.name, type(e).__name__)
                 return m.engine.max_model_len
         return cache[m.name]
+
+    async def _body_limit(self) -> int:
+        """max_request_body_bytes, or 64 bytes per token of the largest served context (at least 1 MiB)."""
+        if self.cfg.max_request_body_bytes is not None:
+            return self.cfg.max_request_body_bytes
+        lens = [m.engine.max_model_len or await self._max_model_len(m) for m in self.cfg.models]
+        return max([MIN_BODY_LIMIT] + [BODY_BYTES_PER_TOKEN * n for n in lens if n])
 
     async def health(self, request: Request) -> Response:
         async def one(name, handle):
@@ -167,11 +187,14 @@ class OpenAIIngress:
         if handle is None:
             raise NotFound(f"model '{req.model}' is not served here; GET /v1/models lists the served models",
                            param="model")
-        timeout = min(req.timeout or self.cfg.request_timeout_s, self.cfg.request_timeout_s)
         rid = uuid.uuid4().hex
-        call = ModelRequest(req.prompts(), req.to_sampling(), req.n, timeout, rid)
+        # req.timeout: a deadline the client sets itself (the engine enforces it); the server's own
+        # timeouts are on the first token and on stalls, never on generation that makes progress.
+        call = ModelRequest(req.prompts(), req.to_sampling(), req.n, req.timeout, rid)
         stream = handle.options(stream=True).generate.remote(call)
-        batches = _Batches(stream, timeout + UPSTREAM_GRACE_S)
+        batches = _Batches(stream, self.cfg.first_token_timeout_s,
+                           self.cfg.stall_timeout_s + max(MAX_COALESCE_S, self.cfg.stream_batching_interval_ms / 1000),
+                           req.timeout + UPSTREAM_GRACE_S if req.timeout else None)
         try:  # a stream starts once admitted: admission errors come at once, a long prefill gets keepalives
             first = await batches.next(self.cfg.sse_keepalive_s if req.stream else None)
         except BaseException:
@@ -228,8 +251,8 @@ def _event(chunk: dict) -> str:
     return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
+async def _json(request: Request, limit: int) -> Any:
+    raw = await _body(request, limit)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -239,6 +262,25 @@ async def _json(request: Request) -> Any:
     return body
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The raw body, refused (413) as soon as it is known to exceed ``limit``: by its Content-Length
+    before anything is read, else while it arrives. Nothing larger is parsed or tokenized."""
+    def too_large(size: str) -> RequestTooLarge:
+        return RequestTooLarge(f"the request body is {size} bytes, more than the {limit} this server accepts "
+                               "(max_request_body_bytes; no longer prompt can fit the model's context)")
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"over {size}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _await(x):
     return await x
 
@@ -246,16 +288,21 @@ async def _await(x):
 class _Batches:
     """Iterate a streamed Serve response; cancel it (and thus the engine requests) when abandoned.
 
-    The whole response must arrive within ``budget_s``; past it, ``next`` cancels the
-    stream and raises UpstreamTimeout (a wedged replica must not hold the caller).
+    Timeouts count waiting, never progress: the first batch must come within ``first_s``
+    (queueing and prefill; else FirstTokenTimeout), each later one within ``stall_s`` of the
+    one before (else StallTimeout). With ``total_s`` (the request's own deadline plus a grace),
+    the whole response must arrive within it (else UpstreamTimeout: the engine enforces that
+    deadline itself, so the replica is wedged or gone). Each raises after cancelling the stream.
     """
 
-    def __init__(self, stream, budget_s: float):
+    def __init__(self, stream, first_s: float, stall_s: float, total_s: Optional[float] = None):
         self.stream = stream
         self.it = stream.__aiter__()
         self.done = False
-        self.budget_s = budget_s
-        self.deadline = time.monotonic() + budget_s
+        self.first_s, self.stall_s, self.total_s = first_s, stall_s, total_s
+        self.t0 = time.monotonic()
+        self.batches = 0  # received so far
+        self.deadline = self.t0 + first_s
         self._pending: Optional[asyncio.Future] = None
 
     async def next(self, within: Optional[float] = None):
@@ -270,15 +317,29 @@ class _Batches:
         return await fut
 
     async def _next(self):
+        end = self.deadline if self.total_s is None else min(self.deadline, self.t0 + self.total_s)
         try:
-            return await asyncio.wait_for(self.it.__anext__(), max(0.0, self.deadline - time.monotonic()))
+            batch = await asyncio.wait_for(self.it.__anext__(), max(0.0, end - time.monotonic()))
         except StopAsyncIteration:
             self.done = True
             return []
         except asyncio.TimeoutError:
             self.cancel()
-            raise UpstreamTimeout(f"the model's replica did not answer within {self.budget_s:.0f}s "
-                                  "(wedged or restarting); the request was cancelled, retry") from None
+            raise self._timeout() from None
+        self.batches += 1
+        self.deadline = time.monotonic() + self.stall_s
+        return batch
+
+    def _timeout(self) -> MlxRayError:
+        if self.total_s is not None and time.monotonic() >= self.t0 + self.total_s:
+            return UpstreamTimeout(f"the model's replica did not answer within {self.total_s:.0f}s "
+                                   "(wedged or restarting); the request was cancelled, retry",
+                                   retryable=None if self.batches == 0 else False)
+        if self.batches == 0:
+            return FirstTokenTimeout(f"no first token within {self.first_s:g}s (queued or prefilling; "
+                                     "first_token_timeout_s); the request was cancelled, retry later")
+        return StallTimeout(f"generation made no progress for {self.stall_s:g}s (stall_timeout_s); the request "
+                            "was cancelled after it had started, so it is not retried automatically")
 
     async def rest(self, first, keepalive_s: Optional[float] = None):
         """The batches from ``first`` on; with ``keepalive_s``, None after each such wait without one."""

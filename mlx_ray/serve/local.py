@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 from .ingress import OpenAIIngress
 from .config import STREAM_MESSAGES_PER_S
@@ -38,23 +38,54 @@ class LocalHandle:
 
 
 class _LocalCall:
-    """What ``.remote()`` returns: awaitable for a coroutine, async-iterable and cancellable for a stream."""
+    """What ``.remote()`` returns: awaitable for a coroutine, async-iterable and cancellable for a stream.
+
+    ``cancel`` may come while another task is inside the stream's ``__anext__`` (the ingress reads
+    the next batch in a task of its own). An async generator cannot be closed then ("aclose():
+    asynchronous generator is already running" on Python 3.10 and 3.11), so that step is cancelled,
+    as a Serve stream's cancel does, and the generator is closed once the step has ended.
+    """
 
     def __init__(self, result: Any):
         self.result = result
+        self._stepper: Optional[asyncio.Task] = None  # the task inside the generator's __anext__
+        self._step_done: Optional[asyncio.Future] = None
+        self._cancelled = False
 
     def __await__(self):
         return self.result.__await__()
 
     def __aiter__(self):
-        return self.result.__aiter__()
+        return self if inspect.isasyncgen(self.result) else self.result.__aiter__()
+
+    async def __anext__(self):
+        if self._cancelled:
+            raise StopAsyncIteration
+        self._stepper = asyncio.current_task()
+        self._step_done = done = asyncio.get_running_loop().create_future()
+        try:
+            return await self.result.__anext__()
+        finally:
+            self._stepper = self._step_done = None
+            done.set_result(None)
 
     def cancel(self) -> None:
         """Close the stream now (a Serve stream's cancel stops the replica's generator the same way)."""
         if inspect.isasyncgen(self.result):
-            asyncio.ensure_future(self.result.aclose())
+            if self._cancelled:
+                return
+            self._cancelled = True
+            stepper, step_done = self._stepper, self._step_done
+            if stepper is not None and stepper is not asyncio.current_task() and not stepper.done():
+                stepper.cancel()
+            asyncio.ensure_future(self._close(step_done))
         elif inspect.iscoroutine(self.result):
             self.result.close()
+
+    async def _close(self, step_done: Optional[asyncio.Future]) -> None:
+        if step_done is not None:
+            await step_done
+        await self.result.aclose()
 
 
 class LLMServerIngress(OpenAIIngress):

@@ -61,7 +61,10 @@ class _Request(BaseModel):
     min_p: float = Field(0.0, **LIMITS["min_p"].pydantic())
     repetition_penalty: float = Field(1.0, **LIMITS["repetition_penalty"].pydantic())
     ignore_eos: bool = False
-    timeout: Optional[float] = Field(None, gt=0, description="Per-request deadline in seconds (capped by the server's).")
+    timeout: Optional[float] = Field(None, gt=0, description=(
+        "A deadline in seconds for the whole request, generation included, that the client sets for itself: "
+        "past it, 408 (x-should-retry: false) or a terminal error event. The server's own timeouts are on the "
+        "first token and on stalls only."))
     logit_bias: Optional[dict[str, float]] = Field(None, description="Token id (as a string) -> bias in [-100, 100], added to its logit.")
     response_format: Optional["ResponseFormat"] = None
 

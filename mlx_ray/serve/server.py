@@ -15,6 +15,7 @@ dead generation loop makes Serve replace the replica.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import importlib
 import logging
@@ -25,16 +26,17 @@ from typing import AsyncIterator, Optional
 
 from ..engine.protocol import FinishEvent, GenerationRequest, LLMEngine, TokenEvent
 from ..errors import BadRequest, ContextOverflow, EngineFault, MlxRayError
-from .config import STREAM_BATCHING_INTERVAL_MS, STREAM_MESSAGES_PER_S, ModelConfig
+from .config import MAX_COALESCE_S, STREAM_BATCHING_INTERVAL_MS, STREAM_MESSAGES_PER_S, ModelConfig
 from . import chat
 from .chat_output import ChoiceSplitter
-from .generation import MAX_CHOICES, ChatPrompt, ChoiceEvent, ModelRequest
+from .generation import MAX_CHOICES, ChatPrompt, ChoiceEvent, ModelRequest, PromptSpec, TextPrompt
 from .metrics import ServerMetrics
 
 log = logging.getLogger("mlx_ray.serve")
 
-# The longest a stream's tokens are held back for the message budget (the budget's interval is capped here).
-MAX_COALESCE_S = 1.0
+# A prompt with more characters than this many times (the vocabulary's longest token x the context)
+# cannot fit: refused before it is tokenized. 2: input normalization (NFC) may merge characters.
+CHARS_PER_TOKEN_MARGIN = 2
 
 
 def load_engine_class(path: str) -> type:
@@ -66,6 +68,10 @@ class LLMServer:
         self.messages_per_s = stream_messages_per_s
         self.open_streams = 0
         self.metrics = ServerMetrics(self.cfg.name)
+        # Chat templates and tokenization run here, off the event loop (with direct ingress it is also
+        # the HTTP loop), one at a time as before (a tokenizer is not safe to share between threads).
+        self._prompt_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._token_chars: Optional[int] = None  # the vocabulary's longest token, in characters (0: unknown)
         # The model loads in start() (Serve's first health check), off the constructor.
         self.engine = engine if engine is not None else build_engine(self.cfg)
 
@@ -131,7 +137,7 @@ class LLMServer:
         deadline = t0 + request.timeout_s if request.timeout_s else None
         try:
             await self.start()
-            reqs, splitters = self._requests(rid, request, deadline)
+            reqs, splitters = await self._prepare(rid, request, deadline)
         except MlxRayError as e:
             self.metrics.request_done(e.kind)
             yield [ChoiceEvent(i, FinishEvent("error", 0, 0, error=e))
@@ -196,6 +202,14 @@ class LLMServer:
 
     # -- internals ---------------------------------------------------------------
 
+    async def _prepare(self, rid: str, request: ModelRequest, deadline: Optional[float]
+                       ) -> tuple[list[GenerationRequest], dict[int, ChoiceSplitter]]:
+        """``_requests`` on the prompt thread: templates and tokenizers take milliseconds to seconds."""
+        if self._prompt_pool is None:
+            self._prompt_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlx-ray-prompts")
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, self._requests, rid, request,
+                                                                deadline)
+
     def _requests(self, rid: str, request: ModelRequest, deadline: Optional[float]
                   ) -> tuple[list[GenerationRequest], dict[int, ChoiceSplitter]]:
         """The engine requests, and a splitter per chat choice (content / reasoning / tool calls)."""
@@ -204,6 +218,7 @@ class LLMServer:
         max_len = self.engine.max_model_len
         reqs, splitters = [], {}
         for p, spec in enumerate(request.prompts):
+            self._check_length(spec, max_len)
             sp = request.sampling
             plan = chat.plan(self.engine, spec, self.cfg) if isinstance(spec, ChatPrompt) else None
             ids = plan.ids if plan else spec.token_ids(self.engine, self.cfg.chat_template)
@@ -227,6 +242,23 @@ class LLMServer:
                     splitters[len(reqs)] = plan.splitter()
                 reqs.append(GenerationRequest(f"{rid}-{p}-{i}", list(ids), dataclasses.replace(s), deadline))
         return reqs, splitters
+
+    def _check_length(self, spec: PromptSpec, max_len: int) -> None:
+        """ContextOverflow, before tokenizing, for a prompt with too many characters to fit any way."""
+        if self._token_chars is None:
+            self._token_chars = _longest_token_chars(self.engine)
+        if not self._token_chars:
+            return
+        if isinstance(spec, TextPrompt):
+            chars = len(spec.text)
+        elif isinstance(spec, ChatPrompt):  # what every template renders in full: the users' own text
+            chars = sum(len(m["content"]) for m in spec.messages
+                        if m.get("role") == "user" and isinstance(m.get("content"), str))
+        else:
+            return
+        if chars > CHARS_PER_TOKEN_MARGIN * self._token_chars * max_len:
+            raise ContextOverflow(f"the prompt has {chars} characters, more than the context of {max_len} tokens "
+                                  "can hold; shorten the prompt", param=spec.param)
 
     async def max_model_len(self) -> int:
         """The engine's real context length (what GET /v1/models reports)."""
@@ -265,6 +297,8 @@ class LLMServer:
     async def shutdown(self) -> None:
         if self._gauge_task is not None:
             self._gauge_task.cancel()
+        if self._prompt_pool is not None:
+            self._prompt_pool.shutdown(wait=False)
         if self._started:
             await self.engine.shutdown()
 
@@ -311,6 +345,18 @@ class Inbox:
 def _wake(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _longest_token_chars(engine: LLMEngine) -> int:
+    """The characters of the vocabulary's longest token (a byte-level BPE token's string has one
+    character per byte, at least as many as the text it stands for); 0 when it cannot be had."""
+    tok = getattr(engine, "tokenizer", None)
+    hf = getattr(tok, "_tokenizer", tok)
+    try:
+        vocab = hf.get_vocab()
+        return max(map(len, vocab)) if vocab else 0
+    except Exception:  # noqa: BLE001 - no tokenizer of that kind: no early check
+        return 0
 
 
 def _runtime_facts() -> dict:
