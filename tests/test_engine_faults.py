@@ -13,13 +13,14 @@ from mlx_ray.engine.protocol import TokenEvent
 from mlx_ray.errors import ContextOverflow, DeadlineExceeded, EngineFault, Overloaded
 
 KV_PER_TOKEN_F32 = 2 * 30 * 3 * 64 * 4  # SmolLM2-135M: layers * kv heads * head dim, K and V, float32
+MAX_LEN = 480  # the longest sequence that budget holds (15 blocks of 32): the engine refuses to start otherwise
 
 
 @pytest.fixture(scope="module")
 def small_engine(mlx_f32):
     """4 rows, 1 queue slot, and a KV budget that fits only two 256-token rows."""
     engine = start_engine(mlx_f32, max_num_seqs=4, max_queue=1, kv_budget_bytes=2 * 256 * KV_PER_TOKEN_F32 + 1024,
-                          prefix_cache_bytes=0, health_timeout_s=2.0)
+                          prefix_cache_bytes=0, health_timeout_s=2.0, max_model_len=MAX_LEN)
     yield engine
     run_async(engine.shutdown())
 
@@ -59,7 +60,7 @@ def test_kv_budget_limits_the_batch_and_a_full_queue_refuses(small_engine):
 
     late = run_async(main())
     assert late[4].error is None and late[4].completion_tokens == 4
-    with pytest.raises(ContextOverflow, match="KV cache"):  # one row of 768 tokens cannot fit at all
+    with pytest.raises(ContextOverflow, match="exceeds the context"):  # one row of ~640 tokens cannot fit at all
         run_async(e.generate(make_request("huge", ids, max_tokens=600)).__anext__())
 
 
@@ -107,20 +108,31 @@ def test_health_fails_while_the_loop_is_wedged_and_recovers(small_engine):
     e = small_engine
     e.check_health()
     gen_obj = e._sched.backend
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     real_next = gen_obj.step
 
     def stuck():  # a step that never returns (a hung device call) until released
+        entered.set()
         release.wait(30)
         return real_next()
+
+    def unhealthy() -> bool:
+        try:
+            e.check_health()
+        except EngineFault as err:
+            assert "no progress" in str(err), err
+            return True
+        return False
 
     gen_obj.step = stuck
     try:
         async def main():
             task = asyncio.ensure_future(collect(e, make_request("wedge", _chat(e, "Hi"), max_tokens=4)))
-            await asyncio.sleep(e.config.health_timeout_s + 0.5)
-            with pytest.raises(EngineFault, match="no progress"):
-                e.check_health()
+            await _wait_for(entered.is_set)  # the loop is inside the hung step
+            t0 = time.monotonic()
+            await _wait_for(unhealthy)  # health fails once health_timeout_s passes without progress
+            assert time.monotonic() - t0 < e.config.health_timeout_s + 5
+            assert not task.done()
             release.set()
             return await task
 
@@ -136,7 +148,8 @@ def test_health_fails_when_the_loop_dies(mlx_f32):
     class Fatal(BaseException):  # not an Exception: escapes the per-step handler like a real crash
         pass
 
-    e = start_engine(mlx_f32, max_num_seqs=2, max_queue=2, kv_budget_bytes=64 << 20, prefix_cache_bytes=0)
+    e = start_engine(mlx_f32, max_num_seqs=2, max_queue=2, kv_budget_bytes=64 << 20, prefix_cache_bytes=0,
+                     max_model_len=1024)
     try:
         e.check_health()
         ids = _chat(e, "Hi")
@@ -166,14 +179,15 @@ def test_a_dying_loop_answers_every_queued_request(mlx_f32):
     class Fatal(BaseException):
         pass
 
-    e = start_engine(mlx_f32, max_num_seqs=2, max_queue=4, kv_budget_bytes=64 << 20, prefix_cache_bytes=0)
+    e = start_engine(mlx_f32, max_num_seqs=2, max_queue=4, kv_budget_bytes=64 << 20, prefix_cache_bytes=0,
+                     max_model_len=1024)
     try:
         ids = _chat(e, "Hi")
         gen_obj = e._sched.backend
-        release = threading.Event()
-        real_next = gen_obj.step
+        release, entered = threading.Event(), threading.Event()
 
         def stuck_then_crash():
+            entered.set()
             release.wait(30)
             raise Fatal("device lost")
 
@@ -181,11 +195,11 @@ def test_a_dying_loop_answers_every_queued_request(mlx_f32):
             first = asyncio.ensure_future(collect(e, make_request("running", ids, max_tokens=50)))
             await _wait_for(lambda: e.stats()["running"] == 1)
             gen_obj.step = stuck_then_crash
-            await asyncio.sleep(0.3)  # the loop is now inside the hung step
+            await _wait_for(entered.is_set)  # the loop is now inside the hung step (however long the last one took)
             queued = [asyncio.ensure_future(collect(e, make_request(f"queued{i}", ids, max_tokens=4)))
                       for i in range(3)]
-            await asyncio.sleep(0.3)
-            assert e._sched.cmds.qsize() == 3  # not applied: the loop is stuck
+            await _wait_for(lambda: e._sched.cmds.qsize() == 3)  # submitted, and not applied: the loop is stuck
+            assert entered.is_set() and not release.is_set()
             release.set()
             ends = await asyncio.wait_for(asyncio.gather(first, *queued), 30)
             e._sched.thread.join(10)

@@ -130,23 +130,32 @@ def test_paged_prefix_hit_gives_the_same_tokens_as_a_miss(mlx_f32, mlxlm_greedy)
 
 
 def _peak_running(e, prompts, max_tokens):
+    """The most rows running in one step, counted by the loop at every step (not sampled on a timer)."""
+    backend, counts = e._sched.backend, []
+    real_step = backend.step
+
+    def step():
+        counts.append(len(e._sched.active))
+        return real_step()
+
     async def main():
-        peak = 0
         tasks = [asyncio.ensure_future(collect(e, make_request(f"adm{i}-{id(e)}", p, max_tokens=max_tokens,
                                                                ignore_eos=True)))
                  for i, p in enumerate(prompts)]
-        while not all(t.done() for t in tasks):
-            peak = max(peak, e.stats()["running"])
-            await asyncio.sleep(0.005)
         for t in tasks:
-            assert t.result()[4].error is None
-        return peak
-    return run_async(main())
+            assert (await t)[4].error is None
+
+    backend.step = step
+    try:
+        run_async(main())
+    finally:
+        del backend.step
+    return max(counts)
 
 
 def test_admission_by_blocks_runs_more_rows_than_the_batch_cache_in_the_same_budget(mlx_f32):
     budget = 14 << 20  # 9 blocks of 32 tokens (1.47 MB each; 8 usable beside the trash block); the batch cache's 256-token row is 11.8 MB
-    kw = dict(max_num_seqs=8, max_queue=16, kv_budget_bytes=budget, prefix_cache_bytes=0, max_model_len=512)
+    kw = dict(max_num_seqs=8, max_queue=16, kv_budget_bytes=budget, prefix_cache_bytes=0, max_model_len=256)
     paged = start_engine(mlx_f32, kv_cache="paged", **kw)
     batch = start_engine(mlx_f32, kv_cache="batch", **kw)
     try:
@@ -193,7 +202,7 @@ def test_backfill_starts_only_what_cannot_delay_the_waiting_head(mlx_f32):
     before A: it starts at once. Strict FIFO (admission="fifo") starts C only after H."""
     block = 30 * 3 * 64 * 2 * 4 * 8  # f32 K+V of 8 tokens, 30 layers of 3 KV heads of 64
     kw = dict(kv_cache="paged", kv_block_size=8, kv_budget_bytes=21 * block, prefix_cache_bytes=0,
-              max_num_seqs=8, max_model_len=256)
+              max_num_seqs=8, max_model_len=160)
     p = [[1, 17, 300, 4242, 9 + i] for i in range(4)]  # 5 tokens each
     A = ("A", p[0], 50)   # 7 blocks, ~50 steps
     H = ("H", p[1], 150)  # 20 blocks: waits until A is done (13 free beside A)
