@@ -144,20 +144,25 @@ def _patch_cpu_kernel(model: nn.Module) -> bool:
 
 
 def _patch_metal_kernels(model: nn.Module) -> int:
-    """On a Metal device: route layers through the Metal kernels whose verdict (mlx_ray/kernels/gate.py) enables them."""
-    if not mx.metal.is_available() or mx.default_device() != mx.gpu:
-        return 0
+    """On a Metal device: route the model's quantized layers through skinny_qmm if its verdict enables it.
+
+    The verdict (mlx_ray/kernels/gate.py, measured in a child process) is on the
+    model's own layer shapes at every decode row bucket. Paged attention and the
+    sampler are checked on the engine's production variants when the engine
+    builds its KV cache (``engine/backend.py``), where the config is known.
+    """
     try:
         from mlx_ray.kernels import gate, skinny_qmm
     except ImportError:
         return 0
-    patched = 0
+    device = gate.current_device()
+    if not device.metal or (device.mx_device is not None and mx.default_device() != device.mx_device):
+        return 0
     try:
-        patched = skinny_qmm.patch_model(model)  # its verdict includes the model's own layer shapes
-        gate.verdicts()  # the other Metal kernels prove themselves now, at load, not on the first request
+        return skinny_qmm.patch_model(model, device=device)
     except Exception as e:  # a kernel bug must not stop the model from loading
         log.warning("Metal kernels not applied: %s", e)
-    return patched
+        return 0
 
 
 def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:

@@ -163,6 +163,8 @@ class Case:
     label: str
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    # The family of shapes the gate decides on together (e.g. "decode" / "prefill"; see gate._decide).
+    family: str = "all"
 
 
 @dataclass
@@ -178,6 +180,9 @@ class KernelSpec:
     check: Callable[[Any, Any], str | None]  # (outputs, reference) -> None if within tolerance, else why not
     # The model's own shapes -> extra cases for the gate (optional; see gate.verdict(model_shapes=...)).
     model_cases: Callable[[Any], list[Case]] | None = None
+    # "module:attribute" that names this spec in another process (the gate measures in a child process,
+    # mlx_ray/kernels/gate_child.py); registered specs are found by name and need none.
+    ref: str | None = None
 
     @property
     def metal_kernels(self) -> list[MetalKernel]:

@@ -262,10 +262,15 @@ def _metal_verdict() -> tuple[bool, str]:
         return False, f"no Metal verdict for {NAME} ({type(exc).__name__}: {exc})"
 
 
-def _metal_fn():
+def family(queries: mx.array) -> str:
+    """The gate's family for this call: "decode" (one query a row) or "prefill" (a chunk)."""
+    return "decode" if queries.shape[2] == 1 else "prefill"
+
+
+def _metal_fn(fam: Optional[str] = None):
     try:
         from . import gate  # noqa: PLC0415
-        if not gate.enabled(NAME):
+        if not gate.enabled(NAME, fam):
             return None
         from .paged_attention_metal import metal  # noqa: PLC0415
     except Exception:  # noqa: BLE001 - ImportError, an unregistered kernel: the twin serves
@@ -283,7 +288,7 @@ def choose(queries: mx.array, k_cache: Cache, bits: Optional[int] = None, group_
         if queries.shape[2] > _max_prefill_l():
             return "twin"
         return "cpu" if _cpu_ext() is not None else "twin"
-    return "metal" if _metal_fn() is not None else "twin"
+    return "metal" if _metal_fn(family(queries)) is not None else "twin"
 
 
 def paged_attention(queries: mx.array, k_cache: Cache, v_cache: Cache, block_tables: mx.array,
@@ -296,12 +301,15 @@ def paged_attention(queries: mx.array, k_cache: Cache, v_cache: Cache, block_tab
     D in :data:`HEAD_DIMS` and ``L <= MLX_RAY_PAGED_MAX_L`` (default
     :data:`DEFAULT_MAX_L`: longer prefill chunks are faster through the twin's
     BLAS gemm, see mlx_ray/kernels/README.md). GPU: ``paged_attention_metal.metal`` when
-    ``gate.enabled("paged_attention")``. ``impl`` ("cpu", "metal", "twin") pins a
+    ``gate.enabled("paged_attention", family)`` (decode or prefill, each with its own
+    decision); if it raises, ``gate.call`` turns it off and raises ``gate.KernelFault``
+    (this step fails, later ones take the twin). ``impl`` ("cpu", "metal", "twin") pins a
     version (tests, benchmarks). A malformed call raises ValueError.
     """
     problem = _shape_problem(queries, k_cache, v_cache, block_tables, context_lens, block_size, bits, group_size)
     if problem:
         raise ValueError(f"paged_attention: {problem}")
+    chosen = impl is None
     impl = impl or choose(queries, k_cache, bits, group_size)
     kw = dict(scale=scale, block_size=block_size, bits=bits, group_size=group_size)
     if impl == "cpu":
@@ -309,6 +317,10 @@ def paged_attention(queries: mx.array, k_cache: Cache, v_cache: Cache, block_tab
     if impl == "metal":
         from .paged_attention_metal import metal  # noqa: PLC0415
 
+        if chosen:  # the gate's kernel: one that raises is turned off and this step fails (gate.call)
+            from . import gate  # noqa: PLC0415
+
+            return gate.call(NAME, metal, queries, k_cache, v_cache, block_tables, context_lens, **kw)
         return metal(queries, k_cache, v_cache, block_tables, context_lens, **kw)
     if impl != "twin":
         raise ValueError(f"impl must be 'cpu', 'metal', 'twin' or None, not {impl!r}")
@@ -316,7 +328,8 @@ def paged_attention(queries: mx.array, k_cache: Cache, v_cache: Cache, block_tab
 
 
 def kernel_verified() -> tuple[bool, str]:
-    """Whether a kernel (not the twin) serves this device: the engine takes the paged path only then.
+    """Whether a kernel (not the twin) serves this device, and why (not). The engine logs it; the paged
+    cache runs either way (a rejected kernel's calls go to the twin, ``engine/backend.py``).
 
     CPU: the C++ primitive is active and passed its self-test against the twin
     (computed once; the switches are re-read on every call). GPU: the gate's

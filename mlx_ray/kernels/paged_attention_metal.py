@@ -29,6 +29,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import paged_attention as _pa
+from . import production
 from ._common import Case, KernelSpec, MetalKernel
 
 NAME = _pa.NAME  # "paged_attention": the gate's and the dispatch's name for this kernel
@@ -282,6 +283,8 @@ def cases(kind: str) -> list[Case]:
                                          label=f"{tag} B={B} ctx<={ctx} q{bits} f16"))
             out.append(make_case(1, hq, hkv, D, [1024], L=4, dtype=mx.float16, seed=hq, pool_blocks=32 * 4096 // 16,
                                  pools=pools, label=f"{tag} B=1 L=4 ctx=1024 f16"))
+        for c in out:  # the gate decides per family (the engine's production variants: production.paged_cases)
+            c.family = _pa.family(c.args[0])
         return out
     raise ValueError(f"unknown case kind {kind!r} (emulate, device)")
 
@@ -289,4 +292,4 @@ def cases(kind: str) -> list[Case]:
 # cpu_fn None: the C++ primitive has its own selftest entry (``kernels_cli._paged_spec`` in
 # ``mlx-ray kernels selftest``) on CPU-sized cases; the device matrix here is the Mac's (gathers of ~0.5 GB).
 SPEC = KernelSpec(name=NAME, metal=KERNEL, metal_fn=metal, twin=_pa.twin, cpu_fn=None, cases=cases,
-                  tolerance=TOLERANCE, check=check)
+                  tolerance=TOLERANCE, check=check, model_cases=production.paged_cases)

@@ -61,10 +61,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import _common
+from . import _common, production
 from ._common import Case, KernelSpec, MetalKernel
 
 NAME = "sampler"
+FAMILY = "sample"  # the gate's one family for the sampler (production.sampler_cases)
 CPU_NAME = "sampler_cpu"
 MAX_VOCAB = 1 << 20  # the integer masses stay inside uint64 up to here
 THREADS = 256  # per threadgroup (one row each); any multiple of 32 up to 1024 works
@@ -218,7 +219,7 @@ def choose() -> str:
     """Which version :func:`sample` runs now: "metal", "cpu" or "twin" (see the module docstring)."""
     from . import gate  # noqa: PLC0415 - gate imports the registry, which imports us
 
-    if _common.metal_available() and gate.enabled(NAME):
+    if _common.metal_available() and gate.enabled(NAME, FAMILY):
         return "metal"
     if mx.default_device() == mx.cpu and _common.env_disabled(CPU_NAME) is None and _cpu_ext() is not None:
         return "cpu"
@@ -230,7 +231,12 @@ def sample(logits, temperature, top_k, top_p, min_p, uniforms, *, impl: str | No
 
     ``impl`` pins a version ("metal", "cpu", "twin") for tests and benchmarks.
     """
+    chosen = impl is None
     impl = impl or choose()
+    if impl == "metal" and chosen:  # the gate's kernel: one that raises is turned off, this step fails
+        from . import gate  # noqa: PLC0415
+
+        return gate.call(NAME, metal_sample, logits, temperature, top_k, top_p, min_p, uniforms)
     if impl == "cpu":
         ext = _cpu_ext()
         if ext is not None:
@@ -295,8 +301,11 @@ def cases(kind: str) -> list[Case]:
                 make_case(7, 1000, seed=3, neg_inf=0.3), make_case(4, 257, seed=4, dtype=mx.bfloat16),
                 make_case(3, 1000, seed=5, neg_inf=0.999)]
     if kind == "device":
-        return [make_case(B, V, seed=B + V, dtype=dt) for V in (49152, 151936) for B in (1, 16, 32)
-                for dt in (mx.float32, mx.bfloat16)]
+        out = [make_case(B, V, seed=B + V, dtype=dt) for V in (49152, 151936) for B in (1, 16, 32)
+               for dt in (mx.float32, mx.bfloat16)]
+        for c in out:
+            c.family = FAMILY
+        return out
     raise ValueError(f"unknown case kind {kind!r} (emulate, device)")
 
 
@@ -312,4 +321,5 @@ def check(outputs, reference) -> str | None:
 
 
 SPEC = KernelSpec(name=NAME, metal=KERNEL, metal_fn=metal_sample, twin=twin, cpu_fn=cpu_sample, cases=cases,
-                  tolerance="exact: the same token on every row", check=check)
+                  tolerance="exact: the same token on every row", check=check,
+                  model_cases=production.sampler_cases)  # the engine's vocabulary, logits dtype, batch widths

@@ -176,17 +176,30 @@ def cases(kind: str) -> list[Case]:
         quants = [(4, 64), (8, 64)]
         shapes = {(4096, 4096): quants + [(4, 32), (4, 128), (8, 32), (8, 128)],
                   (14336, 4096): quants, (4096, 14336): quants}
-        return [make_case(m, n, k, bits, gs, mx.float16)
-                for (n, k), qs in shapes.items() for bits, gs in qs for m in (2, 8, 16, 32)]
+        out = [make_case(m, n, k, bits, gs, mx.float16)
+               for (n, k), qs in shapes.items() for bits, gs in qs for m in (2, 8, 16, 32)]
+        for c in out:
+            c.family = family(c.args[0].shape[0])
+        return out
     raise ValueError(f"unknown case kind {kind!r} (emulate, device)")
 
 
+def family(m: int) -> str:
+    """The gate's family for m rows: one per row capacity (template variant), "rows8", "rows16", "rows32"."""
+    return f"rows{row_capacity(m)}"
+
+
+MODEL_ROWS = (2, 4, 8, 12, 16, 24, 32)  # every row bucket, several points each
+
+
 def model_cases(model_shapes) -> list[Case]:
-    """The model's own layers: ``model_shapes`` is a set of (N, K, bits, group_size, dtype name)."""
+    """The model's own layers at every row bucket: ``model_shapes`` is a set of (N, K, bits, group_size, dtype)."""
     out = []
     for n, k, bits, gs, dtype in sorted(model_shapes):
-        for m in (2, 8, 32):
-            out.append(make_case(m, n, k, bits, gs, getattr(mx, dtype)))
+        for m in MODEL_ROWS:
+            case = make_case(m, n, k, bits, gs, getattr(mx, dtype))
+            case.family = family(m)
+            out.append(case)
     return out
 
 
@@ -199,8 +212,8 @@ SPEC = KernelSpec(name=NAME, metal=KERNEL, metal_fn=skinny_qmm, twin=twin, cpu_f
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
                      group_size: int = 64, bits: int = 4) -> mx.array:
     """``mx.quantized_matmul(transpose=True)``, through the kernel when the gate enables it and the call fits."""
-    if gate.enabled(NAME) and supports(x, w, scales, biases, group_size, bits):
-        return skinny_qmm(x, w, scales, biases, group_size=group_size, bits=bits)
+    if supports(x, w, scales, biases, group_size, bits) and gate.enabled(NAME, family(x.size // x.shape[-1])):
+        return gate.call(NAME, skinny_qmm, x, w, scales, biases, group_size=group_size, bits=bits)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
