@@ -62,6 +62,13 @@ def test_a_model_that_cannot_hold_one_sequence_is_refused_in_one_line(seed_confi
         memory.make_plan(small, device.resolve("m4-pro-24gb"), max_model_len=32768, kv_bits=None)
 
 
+def test_an_explicit_kv_budget_is_the_operators_and_is_never_refused(seed_config):
+    fp = memory.footprint(seed_config)
+    plan = memory.make_plan(fp, device.resolve("m4-pro-48gb"), max_model_len=4096, kv_budget_bytes=64 << 20)
+    assert plan.kv_pool_bytes == 64 << 20 and plan.full_length_seqs == 0
+    assert any("longer requests are refused" in n for n in plan.notes)
+
+
 def test_quantizing_the_embeddings_is_priced(seed_config):
     plan = memory.make_plan(memory.footprint(seed_config), device.resolve("m4-pro-48gb"), max_model_len=4096)
     note = next(n for n in plan.notes if "--quantize-embeddings" in n)

@@ -74,6 +74,36 @@ def test_tool_choice_required_and_named_give_valid_calls(oa):
         assert len(c.message.tool_calls) == 1
 
 
+def test_forced_calls_hold_only_the_declared_arguments_as_vllm_does(oa):
+    """A schema that does not forbid extra properties is strict all the same under a forced tool_choice
+    (vLLM's default): without it the fixture wandered into a long "description" argument until max_tokens."""
+    loose = {"type": "function", "function": {**WEATHER["function"], "parameters": {
+        k: v for k, v in WEATHER["function"]["parameters"].items() if k != "additionalProperties"}}}
+
+    def one(i):
+        choice = "required" if i % 2 else {"type": "function", "function": {"name": "get_weather"}}
+        r = oa.chat.completions.create(model=OAI_MODEL, messages=ASK, tools=[loose], tool_choice=choice,
+                                       parallel_tool_calls=False, temperature=0.8, seed=100 + i, max_tokens=80)
+        return r.choices[0]
+
+    for c in _pmap(one, range(8)):
+        assert c.finish_reason == "tool_calls", c
+        assert set(json.loads(c.message.tool_calls[0].function.arguments)) <= {"city", "unit"}
+
+
+def test_strict_schema_closes_every_undeclared_object():
+    from mlx_ray.serve.tool_calls import strict_schema
+
+    s = strict_schema({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
+                                                        "c": {"type": "array", "items": {"properties": {}}}},
+                       "$defs": {"d": {"type": "object"}}, "anyOf": [{"type": "object"}]})
+    assert s["additionalProperties"] is False and s["properties"]["a"]["additionalProperties"] is False
+    assert s["properties"]["c"]["items"]["additionalProperties"] is False
+    assert s["$defs"]["d"]["additionalProperties"] is False and s["anyOf"][0]["additionalProperties"] is False
+    assert strict_schema({"type": "object", "additionalProperties": True})["additionalProperties"] is True
+    assert "additionalProperties" not in strict_schema({"type": "string"})
+
+
 def test_streamed_calls_equal_non_streamed_and_a_tool_result_round_trips(oa):
     # greedy, the fixture goes on calling in parallel until max_tokens: the complete calls are returned
     kw = dict(model=OAI_MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=100)

@@ -266,17 +266,18 @@ def make_plan(fp: Footprint, device: Device, *, max_model_len: Optional[int] = N
     blocks = pool // block_bytes
     seqs = max(0, (blocks - 1) // (per_seq_tokens // block_size))
     gb = lambda n: f"{n / 1e9:.1f} GB"  # noqa: E731
-    if seqs < 1:
-        most_ctx = max(0, (max(room, 0) // bpt - block_size) // block_size * block_size) if kv_budget_bytes is None \
-            else max(0, (pool // bpt - block_size) // block_size * block_size)
+    if seqs < 1 and kv_budget_bytes is not None:  # the operator's own budget: requests longer than it get a 400
+        notes.append(f"kv_budget_bytes={kv_budget_bytes} holds {max(0, blocks - 1) * block_size} tokens, less than "
+                     f"one sequence of {ctx}: longer requests are refused")
+    elif seqs < 1:
+        most_ctx = max(0, (max(room, 0) // bpt - block_size) // block_size * block_size)
         where = (f"{gb(fp.weights_bytes)} of weights and {gb(act)} of activations leave {gb(max(room, 0))} of the "
-                 f"{gb(ceiling)} {device.name} can give") if kv_budget_bytes is None else \
-                f"kv_budget_bytes={kv_budget_bytes} holds {max(0, blocks - 1)} blocks"
+                 f"{gb(ceiling)} {device.name} can give")
         fix = (f"set max_model_len to {most_ctx} or less, or use" if most_ctx >= 256 else "use") + \
             " a smaller or more quantized model"
         raise PlanError(f"one sequence of {ctx} tokens needs {gb(need(chosen, 1))} of KV cache"
                         f"{'' if chosen is None else f' at {chosen} bits'}; {where}: {fix}", param="max_model_len")
-    if seqs < max_num_seqs:
+    if 0 < seqs < max_num_seqs:
         notes.append(f"only {seqs} of max_num_seqs={max_num_seqs} sequences fit at {ctx} tokens each; more can run "
                      f"when they are shorter (admission counts the blocks each request reserves)")
     if chosen is not None and kv_bits == "auto":

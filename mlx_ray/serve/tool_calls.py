@@ -9,7 +9,8 @@ does.
 ``tool_choice: "required"`` or a named function are enforced by constrained
 decoding: :func:`forced_grammar` writes a Lark grammar of the template's own
 call syntax whose JSON body must match one of the tools (name and arguments
-schema), so even a small model emits a valid call. That syntax is known for
+schema, strict as vLLM's: no property beyond those declared), so even a small
+model emits a valid call. That syntax is known for
 hermes-style templates (``<tool_call>{json}</tool_call>``, mlx-lm's
 ``json_tools``: Qwen2.5, Qwen3, Hermes and their kin); for other templates a
 forced ``tool_choice`` is refused with a 400.
@@ -60,6 +61,38 @@ def forced_name(tool_choice: Union[str, dict, None]) -> Optional[str]:
     return None
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def strict_schema(schema):
+    """``schema`` with ``additionalProperties: false`` on every object that does not say otherwise.
+
+    vLLM's default for forced tool calls (xgrammar's strict mode): the arguments hold the declared
+    properties and nothing else, so a small model cannot wander off into an undeclared
+    ``"description"`` until ``max_tokens`` cuts the call. An explicit ``additionalProperties`` wins.
+    """
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: strict_schema(v) for k, v in out[key].items()}
+    for key in ("items", "additionalProperties", "not", "if", "then", "else"):
+        if isinstance(out.get(key), dict):
+            out[key] = strict_schema(out[key])
+    is_object = out.get("type") == "object" or (isinstance(out.get("type"), list) and "object" in out["type"]) \
+        or "properties" in out
+    if is_object and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def forced_grammar(parser: Optional[str], tools: list[dict], tool_choice: Union[str, dict],
                    parallel: bool) -> Grammar:
     """A grammar that makes the model write one (or, when ``parallel``, several) valid calls, then stop."""
@@ -70,7 +103,8 @@ def forced_grammar(parser: Optional[str], tools: list[dict], tool_choice: Union[
     name = forced_name(tool_choice)
     funcs = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     bodies = [{"type": "object",
-               "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+               "properties": {"name": {"const": f["name"]},
+                              "arguments": strict_schema(f.get("parameters") or {"type": "object"})},
                "required": ["name", "arguments"], "additionalProperties": False} for f in funcs]
     from ..engine.constrain import JSON_OPTIONS, schema_text  # imports MLX: only where a replica builds a grammar
 
