@@ -146,6 +146,38 @@ def test_generated_source_typechecks_and_uses_no_simdgroup_matrix():
     assert not emu.typecheck(next(iter(sources)).replace("kmax = metal::max", "kmax = metal::maxx"))[0]
 
 
+# ------------------------------------------- bounds: a bad table or length is a NaN row, not a fault
+
+BAD_ROWS = {
+    "entry past the pool": lambda t, lens, nb: (t.__setitem__((1, 0), nb + 10_000), lens),
+    "entry just past the pool": lambda t, lens, nb: (t.__setitem__((1, 1), nb), lens),
+    "negative entry": lambda t, lens, nb: (t.__setitem__((1, 0), -5), lens),
+    "length past the table": lambda t, lens, nb: (None, lens.__setitem__(1, t.shape[1] * 16 + 1)),
+    "huge length": lambda t, lens, nb: (None, lens.__setitem__(1, 2_000_000_000)),
+    "length below the queries": lambda t, lens, nb: (None, lens.__setitem__(1, 0)),
+}
+
+
+@pytest.mark.parametrize("parts", [None, 3])
+@pytest.mark.parametrize("bits", [None, 8])
+@pytest.mark.parametrize("bad", BAD_ROWS)
+def test_an_out_of_range_row_is_nan_and_reads_nothing(bad, bits, parts):
+    """As the CPU primitive: the bad row's output is NaN, the other rows are exactly what they are without it, and
+    nothing is read outside the pool or the table (the emulator's guard pages turn such a read into an error)."""
+    case = pm.make_case(3, 4, 2, 64, [40, 50, 33], dtype=mx.float32, block_size=16, bits=bits, group_size=32,
+                        seed=5)
+    q, kc, vc, tables, lens = case.args
+    nb = (kc[0] if isinstance(kc, tuple) else kc).shape[0] // 16
+    t, n = np.array(tables), np.array(lens)
+    BAD_ROWS[bad](t, n, nb)
+    good = np.array(_emulated(case, parts=parts))
+    bad_case = type(case)(case.label, (q, kc, vc, mx.array(t), mx.array(n)), case.kwargs)
+    out = np.array(_emulated(bad_case, parts=parts))
+    assert np.isnan(out[1]).all()
+    np.testing.assert_array_equal(out[[0, 2]], good[[0, 2]])
+    assert np.isfinite(good).all()
+
+
 # --------------------------------------------------- what a logic error does
 
 def _broken(tmp_path, old: str, new: str) -> MetalKernel:
@@ -158,8 +190,8 @@ def _broken(tmp_path, old: str, new: str) -> MetalKernel:
 
 
 BUGS = {
-    "causal-limit-minus-one": ("lim[qi] = ctx - L + l + 1;", "lim[qi] = ctx - L + l;"),
-    "causal-limit-plus-one": ("lim[qi] = ctx - L + l + 1;", "lim[qi] = ctx - L + l + 2;"),
+    "causal-limit-minus-one": ("lim[qi] = bad ? 0 : ctx - L + l + 1;", "lim[qi] = bad ? 0 : ctx - L + l;"),
+    "causal-limit-plus-one": ("lim[qi] = bad ? 0 : ctx - L + l + 1;", "lim[qi] = bad ? 0 : ctx - L + l + 2;"),
     "block-index-plus-one": ("block_tables[size_t(b) * MB + blk]", "block_tables[size_t(b) * MB + blk + 1]"),
     "last-block-dropped": ("const int n_blocks = (kmax + BS - 1) / BS;", "const int n_blocks = kmax / BS;"),
     "token-in-block": ("const size_t vec = (phys * BS + t) * n_kv + kvh;",

@@ -19,6 +19,11 @@
 // Causal limits: query i sees positions 0 ..= ctx - L + l (lim[i] = ctx - L + l + 1 keys); the pass
 // walks keys below its largest limit and masks each query's own.
 //
+// Bounds, as the CPU primitive's: a row whose context length is out of range (ctx < L or ctx > MB * BS) or
+// one of whose used block-table entries (the first ceil(ctx / BS)) names no block of the pool (< 0 or
+// >= S / BS, S = k_data's first dimension) reads nothing and its output is NaN. On the GPU an unchecked
+// entry is a fault that aborts the process; here it is a NaN row that the caller can see.
+//
 // PARTS = false: out[B, Hq, L, D] (type T) directly. PARTS = true: every partition writes its
 // unnormalized float32 output and (max, sum) per query vector, merged by paged_attention_metal.py.
 //
@@ -61,6 +66,7 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
   constexpr int KPS = 32 / TPK;   // keys a SIMD group scores at once
   constexpr int NT = NSG * 32;    // threads a threadgroup
   const float NEG_INF = -metal::numeric_limits<float>::infinity();
+  const float NAN_F = metal::numeric_limits<float>::quiet_NaN();
   threadgroup float tg_m[NSG * QMAX];  // each SIMD group's running max and sum per query vector
   threadgroup float tg_s[NSG * QMAX];
   threadgroup float tg_o[NSG * D];     // each SIMD group's output accumulators, one query vector at a time
@@ -91,6 +97,31 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
   const int ctx = context_lens[b];
   const float qs = qscale;
 
+  // The row's bounds (uniform over the threadgroup): lengths first, then every used table entry, the
+  // threadgroup's threads sharing the entries and OR-ing their findings through shuffles and tg_bad.
+  threadgroup int tg_bad[NSG];
+  const int pool_blocks = int(k_data_shape[0]) / BS;
+  const bool len_ok = ctx >= L && ctx <= MB * BS;
+  int bad_here = 0;
+  if (len_ok) {
+    const int used = (ctx + BS - 1) / BS;
+    for (int i = tid; i < used; i += NT) {
+      const int e = block_tables[size_t(b) * MB + i];
+      bad_here |= (e < 0 || e >= pool_blocks) ? 1 : 0;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    bad_here |= simd_shuffle_xor(bad_here, ushort(off));
+  }
+  if (lane == 0) {
+    tg_bad[sg] = bad_here;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  bool bad = !len_ok;
+  for (int w = 0; w < NSG; w++) {
+    bad = bad || tg_bad[w] != 0;
+  }
+
   // The pass's queries: this lane's 8 elements of each, pre-scaled; their key limits.
   float q[QMAX][EPL];
   int lim[QMAX];
@@ -104,7 +135,7 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
       const int l = i / G;
       const int h = kvh * G + i % G;
       qrow[qi] = uint((b * Hq + h) * L + l);
-      lim[qi] = ctx - L + l + 1;
+      lim[qi] = bad ? 0 : ctx - L + l + 1;
       kmax = metal::max(kmax, lim[qi]);
       for (int e = 0; e < EPL; e++) {
         q[qi][e] = float(queries[size_t(qrow[qi]) * D + e0 + e]) * qs;
@@ -230,14 +261,14 @@ inline void pa_load8(const device DT* data, const device ST* scales, const devic
           acc += tg_o[w * D + d] * f[w];
         }
         if (PARTS) {
-          part_o[(row * n_part + part) * D + d] = acc;
+          part_o[(row * n_part + part) * D + d] = bad ? NAN_F : acc;
         } else {
-          out[row * D + d] = static_cast<T>(total > 0.0f ? acc / total : 0.0f);
+          out[row * D + d] = bad ? static_cast<T>(NAN_F) : static_cast<T>(total > 0.0f ? acc / total : 0.0f);
         }
       }
       if (PARTS && tid == 0) {
-        part_ms[(row * n_part + part) * 2] = mx_all;
-        part_ms[(row * n_part + part) * 2 + 1] = total;
+        part_ms[(row * n_part + part) * 2] = bad ? NAN_F : mx_all;
+        part_ms[(row * n_part + part) * 2 + 1] = bad ? NAN_F : total;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
