@@ -128,7 +128,7 @@ def test_a_stream_making_progress_is_never_cut():
 
 def test_a_stall_mid_stream_ends_it_with_an_error_event_and_done():
     ingress, engine = make()
-    engine.gaps = [0.05, 0.05, 3.0, 0.05]
+    engine.gaps = [0.05, 0.05, 10.0, 0.05]
     client, oa = sdk(ingress)
     got = []
     with pytest.raises(openai.APIError) as e:  # the SDK raises on the stream's error event
@@ -146,12 +146,12 @@ def test_a_stall_mid_stream_ends_it_with_an_error_event_and_done():
     assert r.status_code == 200
     frames = [f for f in r.text.split("\n\n") if f.startswith("data: ")]
     assert frames[-1] == "data: [DONE]" and '"stall_timeout"' in frames[-2], frames[-3:]
-    assert 1.0 < took < 3.0  # stall_timeout_s plus at most the stream's coalescing (1 s), not the 3 s stall
+    assert 1.0 < took < 8.0  # stall_timeout_s plus at most the stream's coalescing (1 s), not the 10 s stall
 
 
 def test_a_stall_without_streaming_is_answered_once_and_never_retried_by_the_sdk():
     ingress, engine = make()
-    engine.gaps = [0.05, 3.0, 0.05]
+    engine.gaps = [0.05, 10.0, 0.05]
     client, oa = sdk(ingress, max_retries=2)  # the SDK's default: it would repeat a 408 or 5xx twice
     with pytest.raises(openai.APIStatusError) as e:
         oa.chat.completions.create(model="paced", messages=MSG, max_tokens=20)
@@ -163,11 +163,11 @@ def test_a_stall_without_streaming_is_answered_once_and_never_retried_by_the_sdk
 
 def test_no_first_token_is_a_retryable_503_and_the_request_is_cancelled():
     ingress, engine = make()
-    engine.gaps = [5.0]
+    engine.gaps = [10.0]
     client, oa = sdk(ingress)
     t0 = time.monotonic()
     r = client.post("/v1/completions", json={"model": "paced", "prompt": "x", "max_tokens": 5})
-    assert 0.9 < time.monotonic() - t0 < 3
+    assert 0.9 < time.monotonic() - t0 < 8
     assert r.status_code == 503 and r.headers["x-should-retry"] == "true"
     assert r.json()["error"]["code"] == "first_token_timeout" and r.json()["error"]["type"] == "timeout_error"
     assert engine.closed == 1  # nothing of it runs any more: a retry duplicates nothing
@@ -303,7 +303,7 @@ def test_a_10mb_body_is_refused_at_once_and_the_server_still_answers():
     body = b'{"model": "paced", "prompt": "' + b"a" * (10 << 20) + b'", "max_tokens": 5}'
     t0 = time.monotonic()
     r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0
     assert r.status_code == 413, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"

@@ -147,8 +147,8 @@ class ServeConfig(BaseModel):
         "ended in a 408 mid-stream)."))
     max_request_body_bytes: Optional[int] = Field(None, ge=1024, description=(
         "Largest request body accepted; larger ones are refused with 413 before they are read in full, parsed "
-        "or tokenized. Default: 64 bytes per token of the largest served context, at least 1 MiB (no body "
-        "above that can fit the context)."))
+        "or tokenized. Default: 64 bytes per token of the largest served context (ordinary text takes about 4; "
+        "runs of one character up to the vocabulary's longest token), at least 1 MiB."))
     stream_batching_interval_ms: float = Field(STREAM_BATCHING_INTERVAL_MS, ge=0, description="Coalesce streamed tokens for this long per chunk (proxy overhead).")
     stream_messages_per_s: float = Field(STREAM_MESSAGES_PER_S, ge=0, description=(
         "A model replica's budget of stream messages per second, shared by its open streams: with n open, "

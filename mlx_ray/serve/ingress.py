@@ -267,7 +267,7 @@ async def _body(request: Request, limit: int) -> bytes:
     before anything is read, else while it arrives. Nothing larger is parsed or tokenized."""
     def too_large(size: str) -> RequestTooLarge:
         return RequestTooLarge(f"the request body is {size} bytes, more than the {limit} this server accepts "
-                               "(max_request_body_bytes; no longer prompt can fit the model's context)")
+                               "(max_request_body_bytes; a prompt that long cannot fit the model's context)")
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
