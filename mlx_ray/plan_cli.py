@@ -97,7 +97,11 @@ def doctor_check(cache_dir: str | None):
         got = subprocess.run(["sysctl", "-n", "iogpu.wired_limit_mb"], capture_output=True, text=True, timeout=10)
         wired = f"; iogpu.wired_limit_mb={got.stdout.strip() or '?'} (0: macOS's default)"
     try:
-        p = memory.make_plan(memory.footprint(big.path), dev, max_model_len=DOCTOR_CONTEXT)
+        fp = memory.footprint(big.path)
+    except memory.PlanError as e:
+        return Check("memory-plan", SKIP, f"{big.name}: {e}")
+    try:
+        p = memory.make_plan(fp, dev, max_model_len=DOCTOR_CONTEXT)
     except memory.PlanError as e:
         return Check("memory-plan", FAIL, f"{big.name}: {e}", "use a smaller or more quantized model here")
     kv = "model-dtype" if p.kv_bits is None else f"{p.kv_bits}-bit"

@@ -115,3 +115,11 @@ def test_the_default_budget_holds_every_sequence_at_full_length(mlx_f32, monkeyp
         assert engine._sched.backend.pool.num_blocks == 4 * 1024 // 32 + 1
     finally:
         run_async(engine.shutdown())
+
+
+def test_doctor_plans_the_largest_cached_model(mlx_f32, model_cache):
+    from mlx_ray.plan_cli import doctor_check
+
+    got = doctor_check(str(model_cache))
+    assert got.status == "pass", got
+    assert "full-length sequences" in got.message and "left for the OS" in got.message

@@ -177,6 +177,9 @@ def footprint(path: Path, *, weights_bytes: Optional[int] = None, kv_bytes_per_t
     kvh = c.get("num_key_value_heads") or nh
     hd = c.get("head_dim") or hidden // nh
     L = c.get("num_hidden_layers") or c.get("n_layer") or 1
+    if not (kv_bytes_per_token or hidden * kvh * hd):
+        raise PlanError(f"{cfg_file} names no attention shapes (hidden_size, num_attention_heads, head_dim); "
+                        f"the memory plan needs them", param="model")
     mapped, embed = mapped_bytes(cfg_file.parent) if path.is_dir() else (0, 0)
     estimated = False
     if weights_bytes is None:
