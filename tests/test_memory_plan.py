@@ -123,3 +123,16 @@ def test_doctor_plans_the_largest_cached_model(mlx_f32, model_cache):
     got = doctor_check(str(model_cache))
     assert got.status == "pass", got
     assert "full-length sequences" in got.message and "left for the OS" in got.message
+
+
+def test_serve_cli_kv_bits_words_reach_the_engine_config():
+    import argparse
+
+    from mlx_ray.serve.cli import config_from_args, configure_parser
+
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    got = {w: config_from_args(p.parse_args(["--model", "/m", "--kv-bits", w])).models[0].engine.kv_bits
+           for w in ("auto", "model", "8")}
+    assert got == {"auto": "auto", "model": None, "8": 8}
+    assert config_from_args(p.parse_args(["--model", "/m"])).models[0].engine.kv_bits == "auto"

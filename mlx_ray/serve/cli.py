@@ -48,7 +48,9 @@ def configure_parser(p) -> None:
     p.add_argument("--max-queue", type=int, help="requests waiting for admission per model")
     p.add_argument("--kv-cache", choices=("auto", "paged", "batch"),
                    help="KV cache per model: paged (block pool) where verified, batch (mlx-lm's), auto (default)")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8), help="quantize the paged KV cache (default: the model's dtype)")
+    p.add_argument("--kv-bits", choices=("auto", "model", "8", "4"),
+                   help="KV cache precision: auto (default: the model's dtype when the memory plan fits it, else 8), "
+                        "model (never quantize), 8 or 4")
     p.add_argument("--admission", choices=("backfill", "fifo"),
                    help="backfill (default): while the oldest request waits for KV, start later ones that cannot "
                         "delay it; fifo: strictly in arrival order")
@@ -80,9 +82,11 @@ def config_from_args(args) -> ServeConfig:
         raise BadRequest("no model given: pass --model M (or --config FILE with models)")
     for m in data["models"]:
         eng = m.setdefault("engine", {})
-        for key in ("max_model_len", "max_num_seqs", "max_queue", "kv_cache", "kv_bits", "admission"):
+        for key in ("max_model_len", "max_num_seqs", "max_queue", "kv_cache", "admission"):
             if getattr(args, key) is not None:
                 eng[key] = getattr(args, key)
+        if args.kv_bits is not None:  # the flag's words -> EngineConfig's values
+            eng["kv_bits"] = {"auto": "auto", "model": None, "8": 8, "4": 4}[args.kv_bits]
         for key, mib in (("kv_budget_bytes", args.kv_budget_mib), ("prefix_cache_bytes", args.prefix_cache_mib)):
             if mib is not None:
                 eng[key] = mib << 20
