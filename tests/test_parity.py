@@ -262,3 +262,55 @@ def test_documented_table_matches_defaults():
     for level, cells in table.items():
         documented = [None if c == "-" else float(c) for c in cells]
         assert documented == [thresholds.DEFAULTS[level][m] for m in thresholds.METRICS], level
+
+
+# ------------------------------------------------------------------ a base model (no chat template)
+
+@pytest.fixture(scope="module")
+def base_model(smollm2_hf, tmp_path_factory) -> tuple[Path, Path]:
+    """(HF dir, converted MLX dir) of a tiny random llama written by transformers with no chat template, as a base
+    model is: no chat_template.jinja, none in tokenizer_config.json."""
+    from fixtures_zoo import ZOO, tiny_config, write_transformers_model
+
+    from mlx_ray.conversion.convert import convert
+
+    root = tmp_path_factory.mktemp("base")
+    hf = root / "tiny-llama-base"
+    write_transformers_model(hf, tiny_config("llama", **ZOO["llama"]), smollm2_hf, seed=3)
+    (hf / "chat_template.jinja").unlink(missing_ok=True)
+    tc = json.loads((hf / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (hf / "tokenizer_config.json").write_text(json.dumps(tc))
+    mlx = convert(str(hf), cache_dir=root / "cache", quantize=False, dtype="float32", progress=False)
+    assert not (mlx / "chat_template.jinja").exists()
+    return hf, mlx
+
+
+def test_a_base_model_runs_the_built_in_prompts_as_raw_text(base_model, tmp_path, capsys):
+    """The built-in set has chat prompts: a model without a chat template gets them as raw text, to the end."""
+    hf, mlx = base_model
+    js = tmp_path / "parity.json"
+    rc = cli_main(["parity", "--hf", str(hf), "--mlx", str(mlx), "--device", "cpu", "--json", str(js), *SHORT])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    r = json.loads(js.read_text())
+    assert rc == 0 and r["passed"], (rc, r.get("verdict"), err[-2000:])
+    assert r["settings"]["chat_prompts"] == "raw text (no chat template)"
+    builtin = load_prompts(None)
+    assert [p["name"] for p in r["prompts"]] == [p.name for p in builtin]
+    assert any(p.messages for p in builtin)  # the chat prompts ran too
+
+
+def test_any_failure_is_one_line_and_non_zero(base_model, tmp_path, capsys, monkeypatch):
+    """Something outside the error taxonomy breaking mid-run (here in the torch side) ends in one line, exit 1."""
+    from mlx_ray.parity import harness
+
+    def broken(*a, **k):
+        raise ValueError("the torch side broke\nwith a second line")
+
+    monkeypatch.setattr(harness, "_torch_reference", broken)
+    hf, mlx = base_model
+    rc = cli_main(["parity", "--hf", str(hf), "--mlx", str(mlx), "--device", "cpu", *SHORT])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("mlx-ray parity: error: ValueError: the torch side broke"), err

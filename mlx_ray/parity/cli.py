@@ -1,11 +1,15 @@
 """``mlx-ray parity --hf SOURCE --mlx MODEL``: prove the MLX path answers like
 the PyTorch path. Exit 0 when every threshold passes, 1 when one fails, 2 on
-bad usage (including a tokenizer/vocabulary mismatch)."""
+bad usage (including a tokenizer/vocabulary mismatch). Any other failure is one
+line on stderr and exit 1, never a traceback (``MLX_RAY_DEBUG=1`` raises it)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+from ..errors import MlxRayError
 
 
 def configure_parser(p) -> None:
@@ -31,6 +35,24 @@ def configure_parser(p) -> None:
 
 
 def main(args) -> int:
+    try:
+        return _main(args)
+    except MlxRayError:
+        raise  # one line already (mlx_ray.cli prints it)
+    except Exception as e:  # noqa: BLE001 - whatever broke inside torch, transformers or MLX: one line, exit 1
+        if os.environ.get("MLX_RAY_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ParityFailed(f"{type(e).__name__}: {first} (MLX_RAY_DEBUG=1 shows the traceback)") from None
+
+
+class ParityFailed(MlxRayError):
+    """``mlx-ray parity`` broke on something outside the error taxonomy (exit 1, one line)."""
+
+    kind = "parity_error"
+
+
+def _main(args) -> int:
     from ..kernels_cli import apply_kernels_flag
 
     apply_kernels_flag(args.kernels)  # before the MLX side loads any kernel; the torch child does not use them

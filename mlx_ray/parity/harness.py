@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .. import blas, errors
 from ..errors import BadRequest, EngineFault, MlxRayError
 from . import backends, metrics, thresholds
-from .prompts import Prompt, data_path, load_prompts
+from .prompts import Prompt, data_path, has_chat_template, load_prompts
 from .runners import PagedRunner, runner_for
 
 KV_BITS = (4, 8)
@@ -243,6 +243,10 @@ def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None
         mlx_tok = load_tokenizer(mlx_path)
     except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on a bad tokenizer.json
         raise BadRequest(f"cannot load the MLX model's tokenizer from {mlx_path}: {str(e).splitlines()[0]}") from None
+    raw_chat = any(p.messages is not None for p in plist) and not (
+        has_chat_template(torch_tok) and has_chat_template(mlx_tok))
+    if raw_chat:  # a base model: its chat prompts as raw text (applying a missing template would raise)
+        plist = [p.as_raw() for p in plist]
     prompt_ids = check_tokenizers(torch_tok, mlx_tok, plist, ref_text)
     mlx_config = json.loads((mlx_path / "config.json").read_text())
     width = check_vocab_sizes(torch_vocab, _mlx_vocab_size(mlx_config), len(torch_tok.get_vocab()))
@@ -282,7 +286,8 @@ def run_parity(hf: str, mlx: str, prompts: str | None = None, device: str | None
         "kind": "parity", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": backends.environment(), "torch": t_info, "mlx": m_info,
         "settings": {"hf": hf, "mlx": mlx, "prompts": prompts or "built-in", "max_new_tokens": max_new_tokens,
-                     "ppl_tokens": len(ref_ids), "thresholds_file": thresholds_file},
+                     "ppl_tokens": len(ref_ids), "thresholds_file": thresholds_file,
+                     "chat_prompts": "raw text (no chat template)" if raw_chat else "chat template"},
         "logits": metrics.aggregate(stats),
         "greedy": {"prompts": len(plist), "identical": sum(e["greedy"]["identical"] for e in per_prompt),
                    "prefix_frac_mean": sum(e["greedy"]["prefix_frac"] for e in per_prompt) / len(per_prompt)},

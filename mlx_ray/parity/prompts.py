@@ -1,6 +1,9 @@
 """Prompt sets: the built-in one (short, chat-templated, code, multilingual,
 long) shipped as package data, or the user's own file.
 
+A model without a chat template (a base model) gets every chat prompt as raw
+text (:meth:`Prompt.as_raw`: the messages' contents, one paragraph each).
+
 Accepted files: ``.json`` (a list of strings or of objects with ``name`` and
 either ``prompt`` (raw text) or ``messages`` (chat, run through the model's
 chat template)), ``.jsonl`` (one such item per line), anything else: one raw
@@ -31,6 +34,17 @@ class Prompt:
                 ids = ids["input_ids"]
             return list(ids)
         return list(tokenizer.encode(self.text))
+
+    def as_raw(self) -> "Prompt":
+        """This prompt as raw text: a chat prompt's messages' contents, one paragraph each."""
+        if self.messages is None:
+            return self
+        return Prompt(self.name, text="\n\n".join(str(m.get("content", "")) for m in self.messages) + "\n")
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether an HF tokenizer (or mlx-lm's wrapper of one) has a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def data_path(name: str) -> Path:
