@@ -136,3 +136,6 @@ def test_serve_cli_kv_bits_words_reach_the_engine_config():
            for w in ("auto", "model", "8")}
     assert got == {"auto": "auto", "model": None, "8": 8}
     assert config_from_args(p.parse_args(["--model", "/m"])).models[0].engine.kv_bits == "auto"
+    from mlx_ray.engine.protocol import EngineConfig  # env vars arrive as strings (KV_BITS=8)
+
+    assert [EngineConfig(kv_bits=v).kv_bits for v in ("8", "model", "auto")] == [8, None, "auto"]

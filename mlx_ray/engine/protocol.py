@@ -10,7 +10,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..errors import MlxRayError
 from .chat_format import ChatFormat
@@ -37,6 +37,13 @@ class EngineConfig(BaseModel):
         "auto", description="Quantize the paged KV cache to this many bits (affine, per group); None: the model's "
                             "dtype; auto: the model's dtype when max_num_seqs sequences of max_model_len fit the "
                             "memory plan (engine/memory.py), else 8.")
+    @field_validator("kv_bits", mode="before")
+    @classmethod
+    def _kv_bits_words(cls, v):  # env vars and YAML: "8", "model" / "none"
+        if isinstance(v, str) and v.strip().lower() in ("model", "none", "null"):
+            return None
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else v
+
     kv_group_size: Literal[32, 64, 128] = Field(32, description="Group size of the quantized KV cache (32: top-1 agreement >= 0.99 with float KV on the parity prompts, where 64 fell short).")
     kv_block_size: int = Field(32, ge=1, le=1024, description="Tokens per block of the paged KV cache.")
     warmup: bool = Field(True, description="At start, run a few short chat requests (greedy and sampled) through the real "
