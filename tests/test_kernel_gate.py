@@ -501,3 +501,16 @@ def test_the_gate_checks_the_variants_production_dispatches():
     assert {c.family for c in q_cases} == {"rows8", "rows16", "rows32"}
     assert {(c.args[1].shape[0], c.args[0].shape[1], c.kwargs["group_size"]) for c in q_cases} == \
         {(5120, 5120, 128), (27648, 5120, 128)}
+
+
+def test_a_kernel_the_engine_cannot_check_is_off_not_measured_later(monkeypatch):
+    from mlx_ray.engine.protocol import EngineConfig
+    from mlx_ray.kernels import production
+
+    def broken(model, cfg):
+        raise RuntimeError("no logits")
+    monkeypatch.setattr(production, "sampler_shapes", broken)
+    n = _launches()
+    out = production.check(_Qwen32BStub(), EngineConfig(), None, None, device=FAKE)
+    assert not out["sampler"].enabled and "no logits" in out["sampler"].reason
+    assert not gate.enabled("sampler") and _launches() == n  # the twin; no lazy measurement from a step

@@ -371,6 +371,16 @@ def _from_child(spec, device, request, timeout_s, case_timeout_s) -> Verdict:
     return Verdict(enabled=False, reason=reason, **base)
 
 
+def off(name: str, reason: str) -> Verdict:
+    """Record "off: ``reason``" as this process's verdict for ``name`` (not cached): a kernel the caller could not
+    have measured; dispatch then takes the twin instead of measuring lazily in the middle of a step."""
+    v = Verdict(name=name, enabled=False, reason=reason, mlx=mx.__version__)
+    with _lock:
+        _latest[name] = v
+        _keys.pop(name, None)
+    return v
+
+
 def latest(name: str) -> Verdict | None:
     """This process's verdict for ``name`` (what dispatch reads), or None before the first ask."""
     return _latest.get(name)
