@@ -31,8 +31,8 @@ class EngineConfig(BaseModel):
     seed: Optional[int] = Field(None, description="Engine-wide default seed.")
     health_timeout_s: float = Field(120.0, gt=0, description="check_health fails when the generation loop has made no progress for this long.")
     kv_cache: Literal["auto", "paged", "batch"] = Field(
-        "auto", description="KV cache: paged (block pool, admission by blocks) where its kernel is verified on this "
-                            "device and the model allows it; batch: mlx-lm's rectangular batch cache; auto: paged when it can.")
+        "auto", description="KV cache: paged (block pool, admission by blocks) where the model allows it (attention "
+                            "runs on the device's verified kernel, else on its twin); batch: mlx-lm's rectangular batch cache; auto: paged when it can.")
     kv_bits: Optional[Literal["auto", 4, 8]] = Field(
         "auto", description="Quantize the paged KV cache to this many bits (affine, per group); None: the model's "
                             "dtype; auto: the model's dtype when max_num_seqs sequences of max_model_len fit the "
