@@ -21,14 +21,7 @@ FAKE = gate.Device("fake-metal", metal=True, mx_device=mx.cpu)
 EMULATE = skinny_qmm.cases("emulate")
 
 
-@pytest.fixture(autouse=True)
-def _clean(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_RAY_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLX_RAY_KERNELS", raising=False)
-    monkeypatch.delenv("MLX_RAY_KERNELS_DISABLE", raising=False)
-    gate.reset()
-    yield
-    gate.reset()
+pytestmark = pytest.mark.usefixtures("clean_gate")  # tests/fixtures_kernels.py
 
 
 def _emulated(case, kernel=None):

@@ -20,14 +20,7 @@ from mlx_ray import kernels_cli
 from mlx_ray.kernels import _common, gate
 
 
-@pytest.fixture(autouse=True)
-def _clean(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_RAY_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLX_RAY_KERNELS", raising=False)
-    monkeypatch.delenv("MLX_RAY_KERNELS_DISABLE", raising=False)
-    gate.reset()
-    yield
-    gate.reset()
+pytestmark = pytest.mark.usefixtures("clean_gate")  # tests/fixtures_kernels.py
 
 
 def _cli(*argv, env=None):
