@@ -101,8 +101,10 @@ class MLXEngine(LLMEngine):
                                 kv_bits=cfg.kv_bits, kv_group_size=cfg.kv_group_size, block_size=cfg.kv_block_size,
                                 prefill_chunk=cfg.prefill_chunk, kv_budget_bytes=cfg.kv_budget_bytes,
                                 prefix_cache_bytes=cfg.prefix_cache_bytes)
+        # What changes the service (quantized KV, fewer full-length rows) is a warning; hints are info.
+        changed = plan.full_length_seqs < cfg.max_num_seqs or (cfg.kv_bits == "auto" and plan.kv_bits is not None)
         for note in plan.notes:
-            log.warning("memory plan: %s", note)
+            log.log(logging.WARNING if changed else logging.INFO, "memory plan: %s", note)
         return plan
 
     @property

@@ -80,6 +80,7 @@ class Footprint:
     max_model_len: int  # the model's own context
     layers: int
     estimated: bool = False  # weights from the config's arithmetic, not from files
+    quantized: bool = False  # the config has a quantization section (then float embeddings can be quantized too)
 
     def kv_bytes(self, bits: Optional[int], group_size: int = 32) -> int:
         """Bytes of one token's KV at ``bits`` (None: the model's dtype), as ``kv_pool.bytes_per_slot`` lays it out."""
@@ -191,7 +192,8 @@ def footprint(path: Path, *, weights_bytes: Optional[int] = None, kv_bytes_per_t
         weights_bytes=int(weights_bytes), embed_bytes=int(embed),
         kv_bytes_per_token=int(kv_bytes_per_token or 2 * L * kvh * hd * d), dtype_bytes=d,
         hidden=hidden, intermediate=c.get("intermediate_size") or 4 * hidden, n_heads=nh,
-        vocab=vocab or c.get("vocab_size") or 0, max_model_len=_context_length(config), layers=L, estimated=estimated)
+        vocab=vocab or c.get("vocab_size") or 0, max_model_len=_context_length(config), layers=L, estimated=estimated,
+        quantized=bool(c.get("quantization") or c.get("quantization_config")))
 
 
 # ------------------------------------------------------------------ the plan
@@ -294,7 +296,7 @@ def make_plan(fp: Footprint, device: Device, *, max_model_len: Optional[int] = N
             notes.append(f"`sudo sysctl iogpu.wired_limit_mb={-(-want // (1 << 20))}` would fit "
                          f"{'the model dtype' if candidates[0] is None else candidates[0]} KV for all "
                          f"{max_num_seqs} sequences (leaving {gb(device.memory_bytes - want)} for macOS)")
-    if fp.embed_bytes:
+    if fp.embed_bytes and fp.quantized:
         saved = fp.embed_bytes - fp.embed_bytes * (4 / 8 + 2 * fp.dtype_bytes / 64) // fp.dtype_bytes
         notes.append(f"converting with --quantize-embeddings would free {gb(saved)} "
                      f"({int(saved // (per_seq_tokens * bpt))} more sequences of {ctx} tokens, or prefix cache)")
