@@ -66,6 +66,9 @@ def test_an_explicit_kv_budget_is_the_operators_and_is_never_refused(seed_config
     fp = memory.footprint(seed_config)
     plan = memory.make_plan(fp, device.resolve("m4-pro-48gb"), max_model_len=4096, kv_budget_bytes=64 << 20)
     assert plan.kv_pool_bytes == 64 << 20 and plan.full_length_seqs == 0
+    # A budget past the working set is the operator's too, but MLX refuses a wired limit above it.
+    big = memory.make_plan(fp, device.resolve("m4-pro-48gb"), max_model_len=4096, kv_budget_bytes=30 << 30)
+    assert big.planned_bytes > big.working_set_bytes and big.wired_limit_bytes == big.device["working_set_bytes"]
     assert any("longer requests are refused" in n for n in plan.notes)
 
 

@@ -31,6 +31,7 @@ bounds it, and its admission uses exactly that bound.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from typing import Optional
 
 from ..errors import BadRequest
 from .device import GiB, Device
+
+log = logging.getLogger(__name__)
 
 KV_STEP = 256  # BatchKVCache / KVCache growth step (mlx_lm.models.cache)
 PREFIX_SHARE = 0.25  # the prefix cache's default share of the KV pool
@@ -306,9 +309,9 @@ def make_plan(fp: Footprint, device: Device, *, max_model_len: Optional[int] = N
         kv_bytes_per_token=bpt, block_size=block_size, kv_blocks=int(blocks), kv_pool_bytes=int(pool),
         prefix_cache_bytes=int(prefix), activation_bytes=int(act), planned_bytes=int(planned),
         working_set_bytes=int(ceiling), left_for_os_bytes=int(device.memory_bytes - planned),
-        full_length_seqs=int(seqs), wired_limit_bytes=int(min(max(planned, device.working_set_bytes),
-                                                             device.memory_bytes - OS_MIN_BYTES)),
-        notes=notes)
+        # MLX refuses a wired limit above Metal's recommended working set (it raises), so the limit is that, as
+        # mlx-lm's wired_limit sets it: the plan keeps within it unless an explicit kv budget says otherwise.
+        full_length_seqs=int(seqs), wired_limit_bytes=int(device.working_set_bytes), notes=notes)
 
 
 def apply_wired_limit(plan: MemoryPlan) -> Optional[int]:
@@ -318,7 +321,11 @@ def apply_wired_limit(plan: MemoryPlan) -> Optional[int]:
 
     if not plan.device.get("metal") or plan.device.get("source") == "profile" or not mx.metal.is_available():
         return None
-    return mx.set_wired_limit(plan.wired_limit_bytes)
+    try:
+        return mx.set_wired_limit(plan.wired_limit_bytes)
+    except (RuntimeError, ValueError) as e:  # an MLX that refuses it: serve unwired rather than not at all
+        log.warning("MLX's wired limit not set (%s); the model's pages may be swapped out under pressure", e)
+        return None
 
 
 def describe(plan: MemoryPlan) -> str:
