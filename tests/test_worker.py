@@ -140,11 +140,14 @@ def test_worker_rejoins_a_restarted_head():
         assert info["alive"] and info["resources"]["gpu_apple_mps"] == 1
         assert seen["placed"] == node["id"]
         out = log_path.read_text()
-        assert out.count("starting the node:") == 2, out[-3000:]  # one supervisor, the node started twice
+        # One supervisor started the node at least twice: a first rejoin attempt may lose its raylet while the
+        # new head is still settling (seen under a loaded CI), and the supervisor then tries again, as it should.
+        assert out.count("starting the node:") >= 2, out[-3000:]
+        assert out.count("supervising a node for") == 1, out[-3000:]
         assert "rejoining 127.0.0.1:" in out and token.read_text().strip() not in out
-        # The old node's raylet & co. are gone: a clean stop of the supervisor leaves nothing behind.
+        # Every earlier raylet is gone: only the last one the supervisor started is alive.
         pids = [int(p) for p in re.findall(r"raylet pid (\d+) up", out)]
-        assert len(pids) == 2 and not _pid_alive(pids[0])
+        assert len(pids) >= 2 and not any(_pid_alive(p) for p in pids[:-1]), out[-3000:]
     finally:
         if sup is not None:
             stop_group(sup)
