@@ -70,6 +70,17 @@ class Overloaded(MlxRayError):
         self.retry_after = retry_after
 
 
+class Unavailable(MlxRayError):
+    """Nothing can take the request now (every arm behind the router is down); retry after
+    ``retry_after`` seconds."""
+
+    kind = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
 class DeadlineExceeded(MlxRayError):
     """The request ran past a deadline its caller set (the request's own ``timeout``).
 

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ..errors import (BadRequest, ContextOverflow, DeadlineExceeded, EngineFault, FirstTokenTimeout, MlxRayError,
-                      NotFound, Overloaded, RequestTooLarge, StallTimeout, UpstreamTimeout)
+                      NotFound, Overloaded, RequestTooLarge, StallTimeout, Unavailable, UpstreamTimeout)
 from . import openai_protocol as oai
 from . import openapi
 from .config import MAX_COALESCE_S, ServeConfig
@@ -43,6 +43,7 @@ STATUS: dict[type, tuple[int, str]] = {
     BadRequest: (400, "invalid_request_error"),
     NotFound: (404, "not_found_error"),
     Overloaded: (429, "rate_limit_error"),
+    Unavailable: (503, "service_unavailable"),
     DeadlineExceeded: (408, "timeout_error"),  # the request's own `timeout`; x-should-retry: false
     FirstTokenTimeout: (503, "timeout_error"),  # x-should-retry: true
     StallTimeout: (504, "timeout_error"),  # x-should-retry: false (a stream: an error event)
@@ -75,7 +76,7 @@ def error_response(e: BaseException) -> JSONResponse:
     code = err.code or (err.kind if isinstance(err, (ContextOverflow, RequestTooLarge, FirstTokenTimeout, StallTimeout))
                         else None)
     headers = {}
-    if isinstance(err, Overloaded):
+    if isinstance(err, (Overloaded, Unavailable)):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     if err.retryable is not None:
         headers["x-should-retry"] = "true" if err.retryable else "false"
