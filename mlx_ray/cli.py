@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "models": ("mlx_ray.conversion.models_cli", "list, verify or remove models on the cache", False),
     "generate": ("mlx_ray.engine.cli", "generate text from a model through the engine", True),
     "serve": ("mlx_ray.serve.cli", "serve models through Ray Serve with an OpenAI-compatible API", True),
+    "route": ("mlx_ray.router.cli", "run the router: one model name in front of the vLLM primary and mlx-ray arms "
+              "(overflow, A/B, failover)", False),
     "plan": ("mlx_ray.plan_cli", "print the memory plan for a model on this device or a profile (KV pool, fit)", False),
     "parity": ("mlx_ray.parity.cli", "compare the MLX path against the PyTorch path (logits, greedy, perplexity)", True),
     "bench": ("mlx_ray.bench.cli", "benchmark MLX against PyTorch, or load-test an OpenAI endpoint", True),

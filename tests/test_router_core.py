@@ -70,7 +70,7 @@ def test_config_valid_and_defaults():
     (lambda d: d["arms"][1].update(role="primary"), "takes one primary"),
     (lambda d: d["arms"][1].update(name="vllm"), "unique, repeated: vllm"),
     (lambda d: d["arms"][1].update(base_url="mac:8000"), "http:// or https://"),
-    (lambda d: d["arms"][1].update(serve_app="mac_app"), "exactly one of base_url and serve_app"),
+    (lambda d: d["arms"][1].pop("base_url"), "base_url: Field required"),
     (lambda d: d["arms"][0].pop("max_waiting"), "neither max_waiting nor max_running"),
     (lambda d: d["arms"][0].pop("load"), "set max_running"),
     (lambda d: d["arms"][0].update(load={"prometheus": "http://x/metrics", "mlx_ray": "http://y/load"}), "exactly one of prometheus"),
@@ -115,10 +115,10 @@ def test_load_config_yaml_json_and_errors(tmp_path):
     y = tmp_path / "router.yaml"
     y.write_text("public_model: chat\npolicy: ab\narms:\n"
                  "  - {name: a, role: primary, base_url: 'http://a/v1', model: m, weight: 1}\n"
-                 "  - {name: b, role: secondary, serve_app: mac_app, model: m, weight: 0,\n"
+                 "  - {name: b, role: secondary, base_url: 'http://b:8000/mac/v1/', model: m, weight: 0,\n"
                  "     load: {mlx_ray: 'http://b/load'}}\n")
     cfg = load_config(y)
-    assert cfg.arm("b").serve_app == "mac_app" and cfg.arm("b").load.url == "http://b/load"
+    assert cfg.arm("b").base_url == "http://b:8000/mac/v1" and cfg.arm("b").load.url == "http://b/load"
     j = tmp_path / "router.json"
     j.write_text(json.dumps({"public_model": "chat", "policy": "overflow", "arms": [
         {"name": "a", "role": "secondary", "base_url": "http://a/v1", "model": "m"}]}))

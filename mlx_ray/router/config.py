@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import BadRequest
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")  # goes into headers and metric labels
-_SERVE_APP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _http_url(v: str, what: str) -> str:
@@ -83,8 +82,9 @@ class ArmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(..., description="Short unique name; sent to clients in the x-mlx-ray-arm header.")
-    base_url: Optional[str] = Field(None, description="The arm's OpenAI-compatible base URL (http/https, usually ending in /v1).")
-    serve_app: Optional[str] = Field(None, description="Instead of base_url: a Serve application of the same cluster.")
+    base_url: str = Field(..., description=(
+        "The arm's OpenAI-compatible base URL (http/https, usually ending in /v1). An app of the same Serve cluster "
+        "is reached through Serve's proxy, e.g. http://127.0.0.1:8000/mac/v1."))
     model: str = Field(..., min_length=1, description="The arm's own model id, sent upstream (may be '<base>:<adapter>').")
     role: Literal["primary", "secondary"] = Field(..., description="overflow: the primary takes requests first, secondaries take the spill.")
     weight: Optional[float] = Field(None, ge=0, allow_inf_nan=False, description="ab: this arm's share of users (weights need not sum to 1).")
@@ -103,15 +103,10 @@ class ArmConfig(BaseModel):
             raise ValueError(f"arm name {v!r}: use letters, digits, '.', '_' or '-' (at most 63)")
         return v
 
-    @model_validator(mode="after")
-    def _where(self) -> "ArmConfig":
-        if (self.base_url is None) == (self.serve_app is None):
-            raise ValueError("set exactly one of base_url and serve_app")
-        if self.base_url is not None:
-            self.base_url = _http_url(self.base_url, "base_url")
-        if self.serve_app is not None and not _SERVE_APP.match(self.serve_app):
-            raise ValueError(f"serve_app {self.serve_app!r} is not a Serve application name")
-        return self
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        return _http_url(v, "base_url")
 
 
 class RouterConfig(BaseModel):
@@ -130,7 +125,17 @@ class RouterConfig(BaseModel):
     probe_interval_s: float = Field(2.0, gt=0, description="Seconds between active health probes (and load reads) of each arm.")
     cooldown_s: float = Field(5.0, gt=0, description="How long an open circuit keeps an arm out before one trial request or probe.")
     failure_threshold: int = Field(3, ge=1, description="Consecutive failed requests that open an arm's circuit (one failed probe opens it at once).")
+    probe_timeout_s: float = Field(2.0, gt=0, description="A probe (GET <base_url>/models) not answered in this is a failed probe.")
+    stall_timeout_s: float = Field(60.0, gt=0, description="A started stream that sends nothing for this long ends with an error event.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A non-streaming request's whole answer must come within this (retried once if not).")
     api_key_env: Optional[str] = Field(None, description="Env var holding the key clients must send, read where the router runs.")
+    num_replicas: int = Field(1, ge=1, description="Router replicas (each probes the arms itself; A/B hashing needs no shared state).")
+    max_ongoing_requests: int = Field(1000, ge=1, description="Requests one router replica proxies at once.")
+    placement: Literal["head", "anywhere"] = Field("head", description=(
+        "head: the router's replicas run on the head node (Ray's node:__internal_head__ resource), never on the Mac, "
+        "whose sleep must not take the router down; anywhere: let Ray place them."))
+    host: str = Field("127.0.0.1", description="`mlx-ray route` on an embedded Ray: HTTP bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="`mlx-ray route` on an embedded Ray: HTTP port (0: a free one).")
 
     @field_validator("sticky_header")
     @classmethod

@@ -129,6 +129,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
+    connect_ray_plain(address, {m.placement.resource: max(1.0, m.placement.resource_amount)
+                                for m in cfg.models if m.placement.resource},
+                      cfg.ray_event_stats, cfg.control_loop_interval_s)
+
+
+def connect_ray_plain(address: Optional[str], resources: Optional[dict] = None, ray_event_stats: bool = False,
+                      control_loop_interval_s: float = 0.5) -> None:
+    """Join the cluster at ``address`` (shipping mlx-ray's code with the job), or start an embedded Ray
+    declaring ``resources`` on this node."""
     import ray
 
     if address:
@@ -140,22 +149,20 @@ def connect_ray(cfg: ServeConfig, address: Optional[str]) -> None:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False,
                      runtime_env={"py_modules": [str(stage_module_dir(tmp))]})
         return
-    resources = {m.placement.resource: max(1.0, m.placement.resource_amount)
-                 for m in cfg.models if m.placement.resource}
     # The embedded raylet starts replicas at nice 15 unless told otherwise (worker/command.py).
     os.environ.setdefault("RAY_worker_niceness", "0")
     # Serve's controller polls every 0.1 s by default; on this one machine the controller and the GCS answering
     # it then take 0.06 cores idle (0.025 at 0.5 s) from the engine: 0.5 s raised Serve / engine throughput
     # in 10 of 12 paired runs (README, "Embedded control plane"). Health checks run every 10 s either way.
-    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", f"{cfg.control_loop_interval_s:g}")
+    os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", f"{control_loop_interval_s:g}")
     # Every Ray process times each handler of its event loops (event stats, for `ray debug` dumps) and the
     # main service exports per-handler metrics; with a stream message per Ray RPC that is ~0.3 ms of CPU per
     # streamed token across the proxy, the replica and Ray's daemons (README, "Ray's own instrumentation").
     # Application metrics (Serve's, ours) do not use them.
-    if not cfg.ray_event_stats:
+    if not ray_event_stats:
         os.environ.setdefault("RAY_event_stats", "0")
         os.environ.setdefault("RAY_emit_main_service_metrics", "0")
-    ray.init(address="local", include_dashboard=False, resources=resources, logging_level="WARNING",
+    ray.init(address="local", include_dashboard=False, resources=resources or {}, logging_level="WARNING",
              log_to_driver=False)
 
 
@@ -251,7 +258,6 @@ def curl_example(cfg: ServeConfig, url: str) -> str:
 def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = READY_TIMEOUT_S,
         app_name: str = APP_NAME, route_prefix: str = "/") -> int:
     import ray
-    from ray import serve
 
     if cfg.port == 0:
         cfg.port = free_port(cfg.host if cfg.host not in ("0.0.0.0", "::") else "127.0.0.1")
@@ -276,23 +282,39 @@ def run(cfg: ServeConfig, address: Optional[str] = None, ready_timeout: float = 
         wait_ready(cfg, url, app_name=app_name, timeout=ready_timeout, say=say)
         print(f"mlx-ray serve: ready at {url}/v1 (models: {', '.join(m.name for m in cfg.models)})", flush=True)
         print(f"try:\n  {curl_example(cfg, url)}", flush=True)
-        print("Ctrl-C to stop.", flush=True)
+        block_until_stopped()
+    except KeyboardInterrupt:  # while deploying
+        pass
+    finally:
+        tear_down("serve", address, deployed)
+    return 0
+
+
+def block_until_stopped() -> None:
+    """Wait for Ctrl-C or SIGTERM (the handlers raise KeyboardInterrupt)."""
+    print("Ctrl-C to stop.", flush=True)
+    try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
+
+
+def tear_down(command: str, address: Optional[str], deployed: Optional[str]) -> None:
+    """Embedded Ray: stop Serve; a cluster: delete only our application (the cluster and its other apps stay up)."""
+    from ray import serve
+    import ray
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the teardown finish
+    if deployed or not address:
+        print(f"mlx-ray {command}: shutting down", file=sys.stderr, flush=True)
+    try:
+        if not address:
+            serve.shutdown()
+        elif deployed:
+            serve.delete(deployed)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the teardown finish
-        if deployed or not address:
-            print("mlx-ray serve: shutting down", file=sys.stderr, flush=True)
-        try:
-            if not address:
-                serve.shutdown()
-            elif deployed:  # only our application: the cluster and its other apps stay up
-                serve.delete(deployed)
-        finally:
-            ray.shutdown()
-    return 0
+        ray.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover
