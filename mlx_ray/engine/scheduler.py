@@ -20,6 +20,12 @@ each request's event loop, one ``call_soon_threadsafe`` per loop and step.
 A failed step (e.g. an allocation failure) fails the requests of that batch and
 the loop continues with a fresh batch; a failure of one request's text
 handling fails that request only.
+
+The loop also measures each request's prefill rate (uncached prompt tokens over
+the time from joining the batch to its first token, so under load it includes
+the decode steps shared with others: what a new request would see) and decode
+rate (tokens after the first over the time since it), and publishes their
+running means for a router (``engine.stats()``, ``GET /v1/load``).
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ log = logging.getLogger(__name__)
 
 IDLE_TICK_S = 0.25  # the idle loop still beats this often (health)
 BACKFILL_LOOKAHEAD = 64  # waiting requests looked at behind a head that does not fit
+# The measured rates (``prefill_tokens_per_s``, ``decode_tokens_per_s`` in ``published``) are
+# exponentially weighted means of per-request samples with this weight on the newest; the first
+# sample is taken as it is. A router reads them to predict a request's time to first token.
+RATE_ALPHA = 0.2
 
 
 @dataclass
@@ -73,6 +83,8 @@ class Seq:
     buf_text: str = ""
     buf_lp: list[TokenLogprob] = field(default_factory=list)
     last_emit: float = 0.0
+    inserted_at: float = 0.0  # when it joined the running batch (monotonic)
+    first_at: float = 0.0  # when its first generated token came (0.0: not yet)
 
     @cached_property
     def prompt(self) -> Prompt:
@@ -93,6 +105,8 @@ class Scheduler:
         self.inject_fault: Optional[BaseException] = None  # test hook: raised inside the next step
         self.counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps=0, requests_finished=0,
                              requests_failed=0, batch_failures=0, requests_backfilled=0)
+        # Measured on the loop, per request (see _on_token, _finish): 0.0 until the first sample.
+        self.rates = dict(prefill_tokens_per_s=0.0, decode_tokens_per_s=0.0)
         self.published: dict[str, Any] = {}
         self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
@@ -120,13 +134,17 @@ class Scheduler:
         self.cmds.put(("stop", None))
 
     def reset_counters(self) -> threading.Event:
-        """Zero every counter (the backend's too), on the loop; the event is set once done. For the warm-up."""
+        """Zero every counter (the backend's too) and the measured rates, on the loop; the event is set
+        once done. For the warm-up: its requests pay one-time costs (first calls, compiles, an empty
+        prefix cache), so their rates would understate the server until a few real requests wore them
+        off; the rates read 0.0 (not measured yet) until the first real request instead."""
         done = threading.Event()
         self.cmds.put(("reset_counters", done))
         return done
 
     def _reset_counters(self, done: threading.Event) -> None:
         self.counters = dict.fromkeys(self.counters, 0)
+        self.rates = dict.fromkeys(self.rates, 0.0)
         self.backend.reset_counters()
         self._publish()
         done.set()
@@ -252,6 +270,7 @@ class Scheduler:
             return None
         self.waiting.remove(seq)
         seq.uid, seq.cached = got
+        seq.inserted_at = time.monotonic()
         seq.skip_first = self.backend.first_is_prompt
         self.active[seq.uid] = seq
         self.counters["prompt_tokens_total"] += len(prompt)
@@ -308,6 +327,9 @@ class Scheduler:
 
     def _on_token(self, seq: Seq, r, lp, now: float) -> Optional[str]:
         seq.generated += 1
+        if seq.generated == 1:  # the prompt's uncached part was computed between insertion and now
+            seq.first_at = now
+            self._rate("prefill_tokens_per_s", len(seq.req.prompt_token_ids) - seq.cached, now - seq.inserted_at)
         if r.token in seq.stop_ids:  # EOS or a stop token id: not part of the text
             text, reason = seq.text.finish(), "stop"
         else:
@@ -339,10 +361,20 @@ class Scheduler:
         if seq.uid is not None:
             self.active.pop(seq.uid, None)
         if error is None:
-            self._flush(seq, time.monotonic())
+            now = time.monotonic()
+            self._flush(seq, now)
+            if seq.generated > 1 and reason != "cancelled":  # a cancel comes between steps: not a decode time
+                self._rate("decode_tokens_per_s", seq.generated - 1, now - seq.first_at)
         self.counters["requests_finished"] += 1
         self.counters["requests_failed"] += error is not None
         self._deliver(seq, FinishEvent(reason, len(seq.req.prompt_token_ids), seq.generated, seq.cached, error))
+
+    def _rate(self, name: str, tokens: int, seconds: float) -> None:
+        """Fold one request's measured rate into the running mean (EWMA, first sample as it is)."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        sample, old = tokens / seconds, self.rates[name]
+        self.rates[name] = sample if old == 0.0 else old + RATE_ALPHA * (sample - old)
 
     def _deliver(self, seq: Seq, ev: Event) -> None:
         self._outbox.setdefault(seq.loop, []).append((seq.deliver, ev))
@@ -369,8 +401,9 @@ class Scheduler:
         mx.clear_cache()
 
     def _publish(self) -> None:
-        self.published = dict(self.counters, running=len(self.active), waiting=len(self.waiting),
-                              kv_budget_bytes=self.kv_budget, **self.backend.stats())
+        self.published = dict(self.counters, **self.rates, running=len(self.active), waiting=len(self.waiting),
+                              max_num_seqs=self.cfg.max_num_seqs, kv_budget_bytes=self.kv_budget,
+                              **self.backend.stats())
 
 
 def _run_all(items: list) -> None:
