@@ -28,6 +28,7 @@ from . import openai_protocol as oai
 from . import openapi
 from .config import MAX_COALESCE_S, ServeConfig
 from .generation import ModelRequest, first_error
+from .metrics import load_report, prometheus_text
 from .openai_bodies import Body, ChatBody, CompletionBody
 
 log = logging.getLogger("mlx_ray.serve")
@@ -52,6 +53,8 @@ STATUS: dict[type, tuple[int, str]] = {
     MlxRayError: (500, "server_error"),
 }
 HEALTH_TIMEOUT_S = 10.0
+# A replica whose stats take longer is left out of /metrics, and its /v1/load is a 503.
+LOAD_TIMEOUT_S = 5.0
 KEEPALIVE = ": keepalive\n\n"  # an SSE comment: clients skip it, proxies see bytes
 # A request's own `timeout` is a deadline the engine enforces itself (408); past it plus this grace,
 # the replica is taken as wedged or gone: the ingress answers 504 and cancels the request.
@@ -65,9 +68,11 @@ ROUTES = {
     "/v1/chat/completions": ("chat_completions", ["POST"]),
     "/v1/completions": ("completions", ["POST"]),
     "/v1/models": ("list_models", ["GET"]),
+    "/v1/load": ("load", ["GET"]),
     "/health": ("health", ["GET"]),
+    "/metrics": ("metrics", ["GET"]),
 }
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = {"/health", "/metrics"}  # /metrics is open, as vLLM's (counts only, no content)
 
 
 def error_response(e: BaseException) -> JSONResponse:
@@ -180,6 +185,45 @@ class OpenAIIngress:
             return JSONResponse(oai.error_body(f"unhealthy: {msg}", "server_error", None, "unhealthy"),
                                 status_code=503, headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok", "models": {n: "ok" for n in results}})
+
+    async def load(self, request: Request) -> Response:
+        """GET /v1/load[?model=NAME]: a model's load report for a router (``metrics.load_report``).
+        Without ``model``, the one model served; with several, a 400 naming them."""
+        try:
+            name = request.query_params.get("model")
+            if name is None:
+                if len(self.servers) != 1:
+                    raise BadRequest(f"several models are served here ({', '.join(self.servers)}): "
+                                     "name one with ?model=NAME", param="model")
+                (name,) = self.servers
+            elif name not in self.servers:
+                raise NotFound(f"model '{name}' is not served here; GET /v1/models lists the served models",
+                               param="model")
+            stats = await self._stats(name)
+            limit = next(m.engine.max_num_seqs for m in self.cfg.models if m.name == name)
+            return JSONResponse(load_report(name, stats, limit))
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+
+    async def metrics(self, request: Request) -> Response:
+        """GET /metrics: vLLM's gauges per served model (``model_name`` label), in Prometheus's text
+        format; a model whose replica does not answer in ``LOAD_TIMEOUT_S`` is left out."""
+        got = await asyncio.gather(*(self._stats(n) for n in self.servers), return_exceptions=True)
+        models = {n: s for n, s in zip(self.servers, got) if not isinstance(s, BaseException)}
+        body, content_type = prometheus_text(models)
+        return Response(body, media_type=content_type)
+
+    async def _stats(self, name: str) -> dict:
+        """The engine stats of model ``name``'s replica; Unavailable (503) when it does not answer in time."""
+        try:
+            return await asyncio.wait_for(_await(self.servers[name].stats.remote()), LOAD_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"model '{name}': its replica did not answer within {LOAD_TIMEOUT_S:.0f}s "
+                              "(starting or wedged)", retry_after=5.0) from None
+        except Exception as e:  # noqa: BLE001 - gone or failing: not a load anyone can use
+            log.info("stats of %s not available: %s: %s", name, type(e).__name__, e)
+            raise Unavailable(f"model '{name}': its replica cannot report its load "
+                              f"({type(e).__name__})", retry_after=5.0) from None
 
     # -- the shared request path ---------------------------------------------------
 
