@@ -39,10 +39,11 @@ def run_cli(*args, env=None, timeout=60):
 def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
     before = {n["id"] for n in gcs_nodes(ray_head)}
     log = open(tmp_path / "worker.log", "w")
+    metrics_port = free_port()  # not the default 8080: this machine may use it
     cmd = [*CLI, "worker", "start", "--address", ray_head.address, "--token-file", str(ray_head.token_file),
            "--resources-override", '{"gpu_apple_mps": 1}', "--num-cpus", "1", "--node-name", "fake-mac",
            "--label", "site=test", "--memory", "512MiB", "--object-store-memory", "200MiB", "--block",
-           "--", "--dashboard-agent-listen-port", str(free_port())]
+           "--metrics-export-port", str(metrics_port), "--", "--dashboard-agent-listen-port", str(free_port())]
     # A bounded drain: SIGTERM still takes Ray's graceful path, but a slow drain cannot stall the suite.
     env = clean_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="10")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -64,6 +65,10 @@ def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
         output = (tmp_path / "worker.log").read_text()
         assert "versions match" in output
         assert ray_head.token_file.read_text().strip() not in output
+        # The scrape target it printed is where Ray's metrics are
+        assert f"Prometheus) at http://127.0.0.1:{metrics_port}/metrics" in output, output
+        _wait_for(lambda: _metrics_up(metrics_port), 60, f"no Ray metrics on port {metrics_port}",
+                  check=lambda: proc.poll() is None)
     finally:
         stop_group(proc)
         log.close()
@@ -74,6 +79,16 @@ def test_join_real_cluster_with_apple_gpu_resource(ray_head, tmp_path):
     # which of these two it records depends on whether the drain was acknowledged before the exit
     # (seen: EXPECTED_TERMINATION in most runs, AUTOSCALER_DRAIN_PREEMPTED in one CI run).
     assert after[node["id"]]["death"] in ("EXPECTED_TERMINATION", "AUTOSCALER_DRAIN_PREEMPTED"), after[node["id"]]
+
+
+def _metrics_up(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.status == 200 and b"# TYPE ray_" in r.read()
+    except OSError:
+        return False
 
 
 def _wait_for(pred, timeout, what, poll=1.0, check=None):
@@ -106,7 +121,7 @@ def test_worker_rejoins_a_restarted_head():
         cmd = [*CLI, "worker", "start", "--address", head.address, "--token-file", str(token),
                "--resources-override", '{"gpu_apple_mps": 1}', "--num-cpus", "1", "--node-name", "rejoining-mac",
                "--memory", "512MiB", "--object-store-memory", "200MiB", "--block",
-               "--", "--dashboard-agent-listen-port", str(free_port())]
+               "--metrics-export-port", str(free_port()), "--", "--dashboard-agent-listen-port", str(free_port())]
         sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env=clean_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="10"))
 
@@ -249,6 +264,24 @@ def test_dry_run_on_linux_is_honest():
     assert "gpu_apple_mps" not in cmdline and "caffeinate" not in cmdline
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in cmdline
     assert "# supervised:" in res.stdout  # --block: the node runs under the rejoining supervisor
+    # Ray's metrics on a fixed port (Ray's own default is a random one) and the scrape target shown
+    assert " --metrics-export-port 8080 " in cmdline
+    assert re.search(r"^# Prometheus scrape target: http://[0-9.]+:8080/metrics$", res.stdout, re.M), res.stdout
+
+
+def test_metrics_export_port_theirs_wins_and_0_is_rays_choice():
+    from mlx_ray.worker import command, resources
+
+    res = resources.detect(num_cpus=1, num_gpus=0)
+    theirs = command.build("10.0.0.5:6379", res, block=False, platform="linux", base_env={},
+                           extra_args=["--metrics-export-port=9100", "--node-ip-address", "100.64.0.2"])
+    assert [a for a in theirs.argv if "metrics-export-port" in a] == ["--metrics-export-port=9100"]
+    assert command.scrape_target(theirs, "10.0.0.5") == "http://100.64.0.2:9100/metrics"
+    ours = command.build("10.0.0.5:6379", res, block=False, platform="linux", base_env={}, metrics_export_port=9200)
+    assert ours.argv[ours.argv.index("--metrics-export-port") + 1] == "9200"
+    assert command.scrape_target(ours, "127.0.0.1") == "http://127.0.0.1:9200/metrics"  # the route to the head
+    rays = command.build("10.0.0.5:6379", res, block=False, platform="linux", base_env={}, metrics_export_port=0)
+    assert "--metrics-export-port" not in rays.argv and command.scrape_target(rays, "10.0.0.5") is None
 
 
 def test_macos_command_shape(monkeypatch):
@@ -313,6 +346,7 @@ def test_launchd_plist_install_and_print(tmp_path):
     assert "--block" in prog and prog[prog.index("--address") + 1] == "10.0.0.5:6379"
     assert json.loads(prog[prog.index("--resources-override") + 1]) == {"gpu_apple_mps": 1}
     assert prog[prog.index("--token-file") + 1] == str(tmp_path / "token")
+    assert "--metrics-export-port" not in prog  # the default: `worker start` pins it itself
     env = plist["EnvironmentVariables"]
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # a launchd agent always runs on macOS
@@ -334,7 +368,8 @@ def test_systemd_unit(tmp_path):
 
     path = tmp_path / "mlx-ray-worker.service"
     res = run_cli("worker", "install", "--systemd", "--no-load", "--run-as", "nobody", "--path", str(path),
-                  *_service_args(tmp_path, "--label", "pct=50%"), "--", "--node-ip-address", "100.64.0.2")
+                  *_service_args(tmp_path, "--label", "pct=50%", "--metrics-export-port", "9100"),
+                  "--", "--node-ip-address", "100.64.0.2")
     assert res.returncode == 0, res.stderr
     text = path.read_text()
     assert "s3cr3t" not in text
@@ -346,6 +381,7 @@ def test_systemd_unit(tmp_path):
     assert argv[0] == sys.executable and argv[3:5] == ["worker", "start"] and "--block" in argv
     assert json.loads(argv[argv.index("--resources-override") + 1]) == {"gpu_apple_mps": 1}
     assert argv[argv.index("--label") + 1] == "pct=50%"
+    assert argv[argv.index("--metrics-export-port") + 1] == "9100"  # the unit keeps a non-default port
     assert argv[-3:] == ["--", "--node-ip-address", "100.64.0.2"]  # passed on to `ray start`
     envs = dict(unquote_words(v)[0].split("=", 1) for k, v in unit["Service"] if k == "Environment")
     assert envs["RAY_AUTH_MODE"] == "token" and envs["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "token")

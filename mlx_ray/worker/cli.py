@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BadRequest
+from .command import DEFAULT_METRICS_EXPORT_PORT
 
 SERVICE_PATH = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin", "/opt/homebrew/bin")
 
@@ -36,6 +37,10 @@ def _worker_options(p: argparse.ArgumentParser, *, for_service: bool) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the head (default 10)")
     p.add_argument("--skip-version-check", action="store_true",
                    help="do not compare Ray/Python with the head first (ray start still refuses a mismatch)")
+    p.add_argument("--metrics-export-port", type=int, default=DEFAULT_METRICS_EXPORT_PORT, metavar="PORT",
+                   help=f"Ray's Prometheus metrics port on this node (default {DEFAULT_METRICS_EXPORT_PORT}, "
+                        "KubeRay's; 0: a free port Ray picks, which no scrape config can name); one given to "
+                        "`ray start` after `--` wins")
     p.add_argument("ray_args", nargs="*", metavar="-- RAY_START_ARGS",
                    help="extra arguments passed verbatim to `ray start` after a `--`")
 
@@ -115,7 +120,8 @@ def start(args) -> int:
     _warn_loose_token(args.token_file)
     supervise = args.block and not args.no_supervise
     cmd = command.build(address, res, block=args.block, token_file=args.token_file, extra_args=args.ray_args,
-                        caffeinate=not supervise)
+                        caffeinate=not supervise, metrics_export_port=args.metrics_export_port)
+    target = command.scrape_target(cmd, host)
     if args.dry_run:
         for note in res.notes:
             print(f"# {note}")
@@ -123,6 +129,8 @@ def start(args) -> int:
         if supervise:
             print("# supervised: this command runs as a child and is started again whenever the node leaves "
                   f"the cluster{' (the supervisor holds caffeinate -s)' if sys.platform == 'darwin' else ''}")
+        if target:
+            print(f"# Prometheus scrape target: {target}")
         print(cmd.render())
         return 0
 
@@ -138,16 +146,29 @@ def start(args) -> int:
         from .supervise import Supervisor
 
         print(f"mlx-ray worker: supervising a node for {address} as {res.node_name!r}: {res.summary()}",
-              file=sys.stderr, flush=True)
+              file=sys.stderr)
+        _print_scrape_target(target)
         caffeinate = command.CAFFEINATE if sys.platform == "darwin" else None
         return Supervisor(cmd, address, check=check, caffeinate=caffeinate).run()
     check()
     print(f"mlx-ray worker: joining {address} as {res.node_name!r}: {res.summary()}", file=sys.stderr)
+    _print_scrape_target(target)
     print(f"mlx-ray worker: exec {cmd.render()}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd.argv[0], cmd.argv, cmd.env)
     return 0  # not reached
+
+
+def _print_scrape_target(target: str | None) -> None:
+    if target:
+        from urllib.parse import urlsplit
+
+        hostport = urlsplit(target).netloc
+        print(f"mlx-ray worker: Ray's metrics (Prometheus) at {target}; the cluster's Prometheus does not scrape "
+              f"this machine by itself: add a static target, e.g. scrape_configs: [{{job_name: mlx-ray-worker, "
+              f"static_configs: [{{targets: ['{hostport}']}}]}}]", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def service_argv(args) -> list[str]:
@@ -160,6 +181,8 @@ def service_argv(args) -> list[str]:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     if args.mlx_memory_fraction != 0.75:
         argv += ["--mlx-memory-fraction", str(args.mlx_memory_fraction)]
+    if args.metrics_export_port != DEFAULT_METRICS_EXPORT_PORT:
+        argv += ["--metrics-export-port", str(args.metrics_export_port)]
     for label in args.label or []:
         argv += ["--label", label]
     if args.token_file:

@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,12 @@ from ..errors import BadRequest, NotFound
 from .resources import NodeResources
 
 MASK = "****"
+# Ray's metrics export port (its Prometheus endpoint, /metrics): Ray's own default is a free port
+# picked at each start, which no scrape config can name. KubeRay pins 8080 on every Ray pod (the port
+# its PodMonitor scrapes), so a worker does the same; `--metrics-export-port` changes it, 0 leaves
+# it to Ray, and one given to `ray start` after `--` wins.
+DEFAULT_METRICS_EXPORT_PORT = 8080
+METRICS_FLAG = "--metrics-export-port"
 CAFFEINATE = "/usr/bin/caffeinate"  # part of every macOS install
 # Environment variables this command sets or forwards (shown by --dry-run).
 FORWARDED = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "MLX_RAY_CACHE", "HF_HOME",
@@ -35,6 +42,7 @@ class WorkerCommand:
     argv: list[str]
     env_updates: dict[str, str]  # what we add on top of the inherited environment
     env: dict[str, str] = field(repr=False, default_factory=dict)  # the full environment to exec with
+    metrics_port: int | None = None  # Ray's metrics export port on this node (None: Ray picks one)
 
     def shown_env(self) -> dict[str, str]:
         """The variables worth showing: ours plus the forwarded ones, secrets masked."""
@@ -72,10 +80,42 @@ def token_env(token_file: str | None) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
 
 
+def ray_arg(args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``ray start`` arguments (``--flag V`` or ``--flag=V``; the last wins)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+    return value
+
+
+def scrape_target(cmd: WorkerCommand, head_host: str) -> str | None:
+    """``http://IP:PORT/metrics`` of this node's Ray metrics (None when Ray picks the port). IP: the
+    ``--node-ip-address`` given to ``ray start``, else this machine's address on the route to the head
+    (what Ray's node IP is, and what a Prometheus beside the head reaches)."""
+    if not cmd.metrics_port:
+        return None
+    ip = ray_arg(cmd.argv, "--node-ip-address")
+    if ip is None:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in head_host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((head_host, 9))  # UDP: nothing is sent, the kernel only picks the route
+                ip = s.getsockname()[0]
+        except OSError:
+            ip = "THIS_MACHINE_IP"
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{cmd.metrics_port}/metrics"
+
+
 def build(address: str, res: NodeResources, *, block: bool, token_file: str | None = None,
           extra_args: list[str] | None = None, platform: str = sys.platform,
-          base_env: dict | None = None, caffeinate: bool = True) -> WorkerCommand:
-    """``caffeinate=False``: no ``caffeinate -s`` wrapper (the supervisor holds the assertion itself)."""
+          base_env: dict | None = None, caffeinate: bool = True,
+          metrics_export_port: int = DEFAULT_METRICS_EXPORT_PORT) -> WorkerCommand:
+    """``caffeinate=False``: no ``caffeinate -s`` wrapper (the supervisor holds the assertion itself).
+    ``metrics_export_port``: Ray's Prometheus port on this node (0: Ray's choice), unless
+    ``extra_args`` name one."""
     argv = [ray_executable(), "start", "--address", address, "--num-cpus", str(res.num_cpus)]
     if res.num_gpus is not None:
         argv += ["--num-gpus", str(res.num_gpus)]
@@ -87,6 +127,13 @@ def build(address: str, res: NodeResources, *, block: bool, token_file: str | No
     if res.labels:
         argv += ["--labels", ",".join(f"{k}={v}" for k, v in sorted(res.labels.items()))]
     argv += ["--disable-usage-stats"]
+    theirs = ray_arg(list(extra_args or []), METRICS_FLAG)
+    if theirs is None:
+        port = metrics_export_port
+        if port:
+            argv += [METRICS_FLAG, str(port)]
+    else:
+        port = int(theirs) if theirs.isdigit() else None
     argv += list(extra_args or [])
     if block:
         argv.append("--block")
@@ -112,4 +159,4 @@ def build(address: str, res: NodeResources, *, block: bool, token_file: str | No
     if token_file:
         env.pop("RAY_AUTH_TOKEN", None)  # the file is the one source of the token
     env.update(updates)
-    return WorkerCommand(argv=argv, env_updates=updates, env=env)
+    return WorkerCommand(argv=argv, env_updates=updates, env=env, metrics_port=port or None)
