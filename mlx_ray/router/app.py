@@ -33,12 +33,12 @@ MAX_BODY_BYTES = 64 << 20  # the arms enforce their own context limits; this onl
 class RouterIngress:
     """One router replica. Plain class: ``serve.ingress`` is applied by the builder."""
 
-    def __init__(self, config: "dict | RouterConfig", transport=None):
+    def __init__(self, config: "dict | RouterConfig"):
         from .metrics import RouterMetrics
         from .proxy import Router
 
         self.cfg = config if isinstance(config, RouterConfig) else RouterConfig.validate_dict(config)
-        self.router = Router(self.cfg, metrics=RouterMetrics(self.cfg.public_model), transport=transport)
+        self.router = Router(self.cfg, metrics=RouterMetrics(self.cfg.public_model))
 
     async def check_health(self) -> None:
         """Serve's health check (every few seconds from the replica's start): starts the probe loop."""

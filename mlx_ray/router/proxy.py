@@ -2,7 +2,7 @@
 byte, pass the answer through chunk by chunk; and the background loop that probes every arm.
 
 ``Router`` holds one ``Arm`` per configured arm (its breaker, its last load, its attempts in flight) and one
-httpx client. ``handle(path, body, headers)`` returns a Starlette ``Response``:
+aiohttp session. ``handle(path, body, headers)`` returns a Starlette ``Response``:
 
 - The first byte decides. Until an arm's answer has produced its first byte for the client (a streamed
   ``data:`` event, or a whole non-streamed body), nothing has been sent: a refused connection, a timeout,
@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping, Optional
 
-import httpx
+import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import FirstTokenTimeout, MlxRayError, NotFound, StallTimeout, Unavailable, UpstreamTimeout
@@ -122,23 +122,25 @@ class Router:
     """The request path and the probe loop of one router replica (see the module's docstring)."""
 
     def __init__(self, cfg: RouterConfig, *, metrics: Optional[RouterMetrics] = None,
-                 transport: Optional[httpx.AsyncBaseTransport] = None, clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.clock = clock
         self.arms = {a.name: Arm(a, cfg, clock) for a in cfg.arms}
         self.inflight = InFlight()
         self.metrics = metrics or RouterMetrics(cfg.public_model)
-        self._transport = transport
-        self._client: Optional[httpx.AsyncClient] = None
+        self._client: Optional[aiohttp.ClientSession] = None
         self._probe_task: Optional[asyncio.Task] = None
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> aiohttp.ClientSession:
+        """The one HTTP client of this replica. aiohttp, not httpx: aiohttp is Ray's own dependency, so it is on
+        every stock head the router runs on; httpx is not. No pool limit of aiohttp's own (100): the router's
+        max_ongoing_requests bounds the connections. Every wait has its own limit (``_race``, ``_get``)."""
         if self._client is None:
-            # No pool limit of httpx's own (100): the router's max_ongoing_requests bounds the connections.
-            self._client = httpx.AsyncClient(
-                transport=self._transport, timeout=httpx.Timeout(None, connect=self.cfg.probe_timeout_s * 2),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.probe_timeout_s * 2),
+                auto_decompress=False)
         return self._client
 
     # -- the probe loop ------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class Router:
             self._probe_task.cancel()
             self._probe_task = None
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     async def _probe_loop(self) -> None:
@@ -209,15 +211,19 @@ class Router:
             arm.load, arm.load_error = None, str(e)
 
     async def _get(self, arm: Arm, url: str) -> tuple[bool, str, bytes]:
+        async def get() -> tuple[int, bytes]:
+            async with self.client.get(url, headers=arm.headers) as r:
+                return r.status, await r.read()
+
         try:
-            r = await asyncio.wait_for(self.client.get(url, headers=arm.headers), self.cfg.probe_timeout_s)
+            status, body = await asyncio.wait_for(get(), self.cfg.probe_timeout_s)
         except asyncio.TimeoutError:
             return False, f"no answer within {self.cfg.probe_timeout_s:g}s", b""
-        except httpx.HTTPError as e:
-            return False, f"{type(e).__name__}: {e}"[:200] or type(e).__name__, b""
-        if r.status_code != 200:
-            return False, f"HTTP {r.status_code} from {url}", r.content[:500]
-        return True, "", r.content
+        except aiohttp.ClientError as e:
+            return False, f"{type(e).__name__}: {e}"[:200], b""
+        if status != 200:
+            return False, f"HTTP {status} from {url}", body[:500]
+        return True, "", body
 
     def _export(self, arm: Arm) -> None:
         self.metrics.arm_state(arm.name, arm.breaker.state, self.inflight.requests(arm.name))
@@ -284,7 +290,7 @@ class Router:
 
         return error_response(f.error())
 
-    def _headers(self, route: Route, upstream: Optional[httpx.Headers] = None) -> dict:
+    def _headers(self, route: Route, upstream: Optional[Mapping[str, str]] = None) -> dict:
         h = {k: v for k, v in (upstream or {}).items() if k.lower() in BACK_HEADERS}
         h["x-mlx-ray-arm"] = route.arm
         h["x-mlx-ray-route"] = route.reason
@@ -315,33 +321,32 @@ class Router:
         t0 = self.clock()
         limit = self.cfg.first_token_timeout_s if stream else self.cfg.request_timeout_s
         deadline = t0 + limit
-        resp: Optional[httpx.Response] = None
+        resp: Optional[aiohttp.ClientResponse] = None
         handed_over = first = False
         try:
-            req = self.client.build_request("POST", arm.url + path, json={**body, "model": arm.cfg.model},
-                                            headers={**forward, **arm.headers})
-            resp = await self._race(self.client.send(req, stream=True), at, limit)
+            send = self.client.post(arm.url + path, json={**body, "model": arm.cfg.model},
+                                    headers={**forward, **arm.headers, "Accept-Encoding": "identity"})
+            resp = await self._race(send, at, limit)
             left = max(0.0, deadline - self.clock())
-            if resp.status_code != 200:
-                data = await self._race(resp.aread(), at, left)
+            if resp.status != 200:
+                data = await self._race(resp.read(), at, left)
                 headers = self._headers(route, resp.headers)
                 headers["content-type"] = resp.headers.get("content-type", "application/json")
-                if resp.status_code == 429:  # alive but full: retried elsewhere, never a reason to open its circuit
+                if resp.status == 429:  # alive but full: retried elsewhere, never a reason to open its circuit
                     arm.breaker.record_success()
                     return Failure("busy", "HTTP 429", 429, data[:ERROR_BODY_LIMIT], headers, counts=False)
-                if resp.status_code >= 500:
-                    return Failure("status", f"HTTP {resp.status_code}", resp.status_code, data[:ERROR_BODY_LIMIT],
-                                   headers)
+                if resp.status >= 500:
+                    return Failure("status", f"HTTP {resp.status}", resp.status, data[:ERROR_BODY_LIMIT], headers)
                 arm.breaker.record_success()  # the arm answered; the request was wrong
-                return Response(arm.rewrite(data), status_code=resp.status_code, headers=headers,
+                return Response(arm.rewrite(data), status_code=resp.status, headers=headers,
                                 media_type=headers["content-type"])
             if not stream:
-                data = await self._race(resp.aread(), at, left)
+                data = await self._race(resp.read(), at, left)
                 first = True
                 self._first(arm, rr, t0)
                 return Response(arm.rewrite(data), headers=self._headers(route, resp.headers),
                                 media_type=resp.headers.get("content-type", "application/json"))
-            reader = EventReader(resp.aiter_bytes())
+            reader = EventReader(resp.content.iter_any())
             head: list[bytes] = []
             while not any(is_data(e) for e in head):
                 events = await self._race(reader.next(), at, max(0.0, deadline - self.clock()))
@@ -361,7 +366,7 @@ class Router:
                 return Failure("first_token", f"no first token from arm {arm.name!r} within {limit:g}s "
                                               "(first_token_timeout_s)")
             return Failure("timeout", f"no answer from arm {arm.name!r} within {limit:g}s (request_timeout_s)")
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             return Failure("connect", f"arm {arm.name!r}: {type(e).__name__}: {e}"[:300])
         finally:
             if not handed_over:
@@ -369,14 +374,14 @@ class Router:
                 self.inflight.finish(arm.name, 0 if first else rr.prompt_tokens)
                 self._export(arm)
                 if resp is not None:
-                    await resp.aclose()
+                    resp.close()
 
     def _first(self, arm: Arm, rr: RouteRequest, t0: float) -> None:
         self.inflight.first_token(arm.name, rr.prompt_tokens)
         arm.breaker.record_success()
         self.metrics.first_byte(arm.name, self.clock() - t0)
 
-    async def _pass_through(self, arm: Arm, at: Attempt, resp: httpx.Response, reader: EventReader,
+    async def _pass_through(self, arm: Arm, at: Attempt, resp: aiohttp.ClientResponse, reader: EventReader,
                             head: list[bytes]) -> AsyncIterator[bytes]:
         """The stream from its first events on, each batch of events as one write; ends with an error event
         and ``[DONE]`` if the arm fails, stalls or is taken out before its own ``[DONE]``."""
@@ -396,7 +401,7 @@ class Router:
                 except asyncio.TimeoutError:
                     failed = StallTimeout(f"arm {arm.name!r} sent nothing for {self.cfg.stall_timeout_s:g}s "
                                           "(stall_timeout_s); the stream was cut short")
-                except httpx.HTTPError as e:
+                except aiohttp.ClientError as e:
                     failed = Unavailable(f"arm {arm.name!r} broke the stream ({type(e).__name__}); it was cut short",
                                          retry_after=1.0, retryable=False)
                 else:
@@ -415,7 +420,7 @@ class Router:
             arm.attempts.discard(at)
             self.inflight.finish(arm.name)
             self._export(arm)
-            await resp.aclose()  # a client that went away: closing the connection cancels the arm's request
+            resp.close()  # a client that went away: closing the connection cancels the arm's request
 
     # -- what /health and /v1/models show ----------------------------------------------------
 
