@@ -14,79 +14,31 @@ The same router deployed by Ray Serve on a two-node cluster, pinned to the head,
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from fixtures_ray import free_ports
-from mlx_ray.router.app import RouterIngress, create_app
+from fixtures_router import oai_client, router_health, running_router, start_arm, wait_arm_healthy, wait_until
 from mlx_ray.router.hashing import pick
 from mlx_ray.router.loads import parse_mlx_ray_report
 
-REPO = Path(__file__).resolve().parents[1]
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@dataclass
-class ArmProc:
-    name: str
-    model: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return self.root + "/v1"
-
-    def signal(self, sig) -> None:
-        os.kill(self.proc.pid, sig)
-
-
-def _start_arm(name: str, model_dir: Path, port: int, seqs: int, queue: int, log: Path) -> ArmProc:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "arm_server.py"), str(model_dir), str(port),
-                                 name, str(seqs), str(queue)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    return ArmProc(name, name, port, proc, log)
-
-
-def _wait_healthy(arm: ArmProc, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert arm.proc.poll() is None, f"arm {arm.name} exited: {arm.log.read_text()[-2000:]}"
-        try:
-            if httpx.get(arm.root + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"arm {arm.name} not healthy in {timeout}s: {arm.log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
 def arms(mlx_f32, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("arms")
     p1, p2 = free_ports(2)
-    out = {"primary": _start_arm("prim", mlx_f32, p1, 2, 64, tmp / "primary.log"),
-           "mac": _start_arm("mac", mlx_f32, p2, 2, 4, tmp / "mac.log")}
+    out = {"primary": start_arm("prim", mlx_f32, p1, 2, 64, tmp / "primary.log"),
+           "mac": start_arm("mac", mlx_f32, p2, 2, 4, tmp / "mac.log")}
     try:
         for a in out.values():
-            _wait_healthy(a)
+            wait_arm_healthy(a)
         yield out
     finally:
         for a in out.values():
@@ -107,57 +59,16 @@ def router_config(arms, policy: str = "overflow", **kw) -> dict:
             **kw}
 
 
-@contextmanager
-def running_router(cfg: dict):
-    """The router's app under uvicorn on a free port in a thread of this process: (base URL, RouterIngress)."""
-    import uvicorn
-
-    ing = RouterIngress(cfg)
-    (port,) = free_ports(1)
-    server = uvicorn.Server(uvicorn.Config(create_app(ing), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and t.is_alive(), "the router's server did not start"
-        time.sleep(0.05)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        httpx.get(url + "/health", timeout=10)  # starts the probe loop (as Serve's first health check does)
-        yield url, ing
-    finally:
-        server.should_exit = True
-        t.join(15)
-
-
-def client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def health(url: str) -> dict:
-    return httpx.get(url + "/health", timeout=10).json()
-
-
-def wait_for(pred, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"{what} within {timeout}s")
-
-
 def test_one_public_name_untouched_answers_and_streams(arms):
     with running_router(router_config(arms)) as (url, _):
-        c = client(url)
+        c = oai_client(url)
         assert [m.id for m in c.models.list().data] == ["chat"]
         # what the arm answers, through the router: the same tokens, logprobs and tool-less JSON, renamed only
         kw = dict(messages=MSG, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
         r = c.chat.completions.with_raw_response.create(model="chat", **kw)
         assert (r.headers["x-mlx-ray-arm"], r.headers["x-mlx-ray-route"]) == ("primary", "primary")
         via = r.parse()
-        direct = client(arms["primary"].root).chat.completions.create(model="prim", **kw)
+        direct = oai_client(arms["primary"].root).chat.completions.create(model="prim", **kw)
         assert via.model == "chat" and direct.model == "prim"
         assert via.choices[0].message.content == direct.choices[0].message.content
         assert via.choices[0].logprobs.model_dump() == direct.choices[0].logprobs.model_dump()
@@ -182,14 +93,14 @@ def test_one_public_name_untouched_answers_and_streams(arms):
             c.chat.completions.create(model="chat", messages=MSG, max_tokens=100_000)
         assert e.value.response.headers["x-mlx-ray-arm"] == "primary"
         # both load sources are read: the primary's vLLM gauges, the Mac's load report with measured rates
-        h = health(url)
+        h = router_health(url)
         assert h["status"] == "ok" and h["arms"]["primary"]["load"]["source"] == "prometheus", h
         assert h["arms"]["mac"]["load"]["source"] == "mlx_ray" and h["arms"]["mac"]["up"], h
 
 
 def _burst(url: str, prompts: list[str], max_tokens: int = 24, stream: bool = False) -> list[tuple[str, str]]:
     """All prompts at once; [(route, arm)] in order. Any failure fails the test."""
-    c = client(url)
+    c = oai_client(url)
 
     def one(p):
         r = c.chat.completions.with_raw_response.create(model="chat", messages=[{"role": "user", "content": p}],
@@ -205,13 +116,13 @@ def test_overflow_spills_short_prompts_within_the_slo_and_never_a_long_one(arms)
     # The SLO from the Mac's own measured prefill rate: 250 prompt tokens' worth. A short prompt (plus the
     # few queued ahead of it) fits; a 900-token prompt is 3.6 times over and must wait for the primary.
     for i in range(2):  # the Mac measures its rates on real requests (the warm-up's are not kept)
-        client(arms["mac"].root).chat.completions.create(model="mac", messages=MSG, max_tokens=4)
+        oai_client(arms["mac"].root).chat.completions.create(model="mac", messages=MSG, max_tokens=4)
     report = parse_mlx_ray_report(httpx.get(arms["mac"].url + "/load", timeout=10).json())
     rate = report.prefill_tokens_per_s
     assert rate, f"the Mac's load report has no measured prefill rate yet: {report}"
     cfg = router_config(arms, ttft_slo_s=250 / rate)
     with running_router(cfg) as (url, ing):
-        wait_for(lambda: health(url)["arms"]["mac"]["load"], 10, "the Mac's load was not read")
+        wait_until(lambda: router_health(url)["arms"]["mac"]["load"], 10, "the Mac's load was not read")
         # 3x the primary's capacity (2 sequences) at once: some spill, none fails
         routes = _burst(url, [f"Count from 1 to {i + 5}." for i in range(6)])
         assert all(r in ("primary", "spill") for r, _ in routes), routes
@@ -234,7 +145,7 @@ def test_ab_split_is_sticky_by_user_and_moves_only_who_must(arms):
     users = [f"user-{i}" for i in range(300)]
 
     def arm_of(url: str, us: list[str]) -> dict[str, str]:
-        c = client(url)
+        c = oai_client(url)
 
         def one(u):
             r = c.completions.with_raw_response.create(model="chat", prompt="Hi", max_tokens=1, user=u)
@@ -268,7 +179,7 @@ def test_an_arm_that_does_not_answer_is_reported_down_and_skipped(arms):
     (dead,) = free_ports(1)
     cfg["arms"][1].update(base_url=f"http://127.0.0.1:{dead}/v1", load={"mlx_ray": f"http://127.0.0.1:{dead}/v1/load"})
     with running_router(cfg) as (url, _):
-        h = health(url)
+        h = router_health(url)
         assert h["status"] == "ok" and not h["arms"]["mac"]["up"] and h["arms"]["mac"]["circuit"] != "closed", h
         assert "Cannot connect" in h["arms"]["mac"]["probe_error"], h
         routes = _burst(url, [f"Count to {i + 3}." for i in range(5)], max_tokens=8)
@@ -286,7 +197,7 @@ def test_the_mac_sleeps_under_load_and_is_used_again_when_it_wakes(arms):
     stop = threading.Event()
 
     def worker(k: int) -> None:
-        c = client(url)
+        c = oai_client(url)
         i = 0
         while not stop.is_set():
             i += 1
@@ -312,16 +223,16 @@ def test_the_mac_sleeps_under_load_and_is_used_again_when_it_wakes(arms):
         for t in threads:
             t.start()
         try:
-            wait_for(lambda: any(r["arm"] == "mac" for r in results), 60, "no request reached the Mac")
-            wait_for(lambda: ing.router.arms["mac"].attempts, 30, "nothing in flight on the Mac", step=0.01)
+            wait_until(lambda: any(r["arm"] == "mac" for r in results), 60, "no request reached the Mac")
+            wait_until(lambda: ing.router.arms["mac"].attempts, 30, "nothing in flight on the Mac", step=0.01)
             mac.signal(signal.SIGSTOP)
             t_stop = time.monotonic()
-            opened = wait_for(lambda: health(url)["arms"]["mac"]["circuit"] != "closed" and time.monotonic(), 15,
+            opened = wait_until(lambda: router_health(url)["arms"]["mac"]["circuit"] != "closed" and time.monotonic(), 15,
                               "the Mac's circuit did not open")
             time.sleep(4)
             mac.signal(signal.SIGCONT)
             t_cont = time.monotonic()
-            wait_for(lambda: any(r["arm"] == "mac" and r["t0"] > t_cont and not r["error"] for r in results), 30,
+            wait_until(lambda: any(r["arm"] == "mac" and r["t0"] > t_cont and not r["error"] for r in results), 30,
                      "the Mac was not used again after it woke")
         finally:
             mac.signal(signal.SIGCONT)
@@ -341,12 +252,12 @@ def test_when_the_primary_dies_everything_goes_to_the_mac_at_once(arms):
     """Runs last in this module: it kills the primary."""
     cfg = router_config(arms, cooldown_s=30.0)
     with running_router(cfg) as (url, ing):
-        c = client(url)
+        c = oai_client(url)
         assert c.chat.completions.with_raw_response.create(model="chat", messages=MSG, max_tokens=4) \
                 .headers["x-mlx-ray-arm"] == "primary"
         arms["primary"].proc.kill()
         arms["primary"].proc.wait(30)
-        wait_for(lambda: health(url)["arms"]["primary"]["circuit"] == "open", 10, "the primary's circuit did not open")
+        wait_until(lambda: router_health(url)["arms"]["primary"]["circuit"] == "open", 10, "the primary's circuit did not open")
         failures = ing.router.arms["primary"].failures
         for _ in range(4):
             r = c.chat.completions.with_raw_response.create(model="chat", messages=MSG, max_tokens=4)

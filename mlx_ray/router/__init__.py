@@ -19,6 +19,6 @@ The Serve application, the HTTP proxying and the CLI are built on top of these.
 def app(args: dict):
     """The ready import path ``mlx_ray.router:app``: Serve calls it with the config's ``args`` (the router
     config, or ``{"config_file": PATH}``)."""
-    from .app import build_router_app
+    from .ingress import build_router_app
 
     return build_router_app(args)

@@ -16,7 +16,7 @@ import urllib.request
 from typing import Optional
 
 from ..errors import BadRequest, EngineFault
-from .app import APP_NAME, build_router_app, resolve_api_key, serve_config_v2
+from .ingress import APP_NAME, build_router_app, resolve_api_key, serve_config_v2
 from .config import RouterConfig, load_config
 
 READY_TIMEOUT_S = 120.0

@@ -129,7 +129,7 @@ class Router:
         self.inflight = InFlight()
         self.metrics = metrics or RouterMetrics(cfg.public_model)
         self._client: Optional[aiohttp.ClientSession] = None
-        self._probe_task: Optional[asyncio.Task] = None
+        self._probe_tasks: list[asyncio.Task] = []
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -147,25 +147,32 @@ class Router:
 
     async def start(self) -> None:
         """Start probing (idempotent); the first round runs before this returns."""
-        if self._probe_task is None:
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+        if not self._probe_tasks:
+            loop = asyncio.get_running_loop()
+            self._probe_tasks = [loop.create_task(self._probe_loop(a)) for a in self.arms.values()]
             await self.probe_all()
 
     async def close(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            self._probe_task = None
+        for t in self._probe_tasks:
+            t.cancel()
+        self._probe_tasks = []
         if self._client is not None:
             await self._client.close()
             self._client = None
 
-    async def _probe_loop(self) -> None:
+    async def _probe_loop(self, arm: Arm) -> None:
+        """One arm's probes, one every probe_interval_s from the start of the last (a probe that hangs for its
+        timeout does not delay the next one's start more than that): an arm that stops answering is out
+        within probe_interval_s + probe_timeout_s."""
+        interval, spent = self.cfg.probe_interval_s, 0.0
         while True:
-            await asyncio.sleep(self.cfg.probe_interval_s)
+            await asyncio.sleep(max(0.0, interval - spent))
+            t0 = self.clock()
             try:
-                await self.probe_all()
-            except Exception:  # noqa: BLE001 - the loop must outlive any one round
-                log.exception("probe round failed")
+                await self._probe(arm)
+            except Exception:  # noqa: BLE001 - the loop must outlive any one probe
+                log.exception("probe of arm %s failed", arm.name)
+            spent = self.clock() - t0
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(a) for a in self.arms.values()))
@@ -178,7 +185,16 @@ class Router:
         trial = b.state == "half_open"
         if trial and not b.try_acquire():  # a request holds the trial: its outcome decides
             return
-        ok, why, _ = await self._get(arm, arm.url + "/models")
+        if arm.cfg.load is not None and arm.cfg.load.kind == "mlx_ray":
+            # An mlx-ray arm's load report comes from the model's replica itself (its engine's stats), so it is
+            # the probe: GET /v1/models of a several-model app is answered by its ingress, which stays up while
+            # the model's node sleeps.
+            ok, why = await self._read_load(arm)
+        else:  # the load is read beside the probe, so a stalled load source cannot delay the next probe
+            load = asyncio.ensure_future(self._read_load(arm)) if arm.cfg.load is not None else None
+            ok, why, _ = await self._get(arm, arm.url + "/models")
+            if load is not None:
+                await load
         arm.probed_at = self.clock()
         was = b.state
         b.record_probe(ok)
@@ -188,11 +204,10 @@ class Router:
             if was == "closed":
                 log.warning("arm %s does not answer its probe (%s): circuit open for %gs", arm.name, why, b.cooldown_s)
             arm.abort_all(f"the arm {arm.name!r} stopped answering ({why})")
-        elif arm.cfg.load is not None:
-            await self._read_load(arm)
         self._export(arm)
 
-    async def _read_load(self, arm: Arm) -> None:
+    async def _read_load(self, arm: Arm) -> tuple[bool, str]:
+        """Read the arm's load into ``arm.load`` (None, with ``load_error``, when it fails); (answered, why not)."""
         src = arm.cfg.load
         assert src is not None
         url = src.url
@@ -209,6 +224,7 @@ class Router:
             arm.load_error = None
         except ValueError as e:  # the router then counts its own requests in flight there
             arm.load, arm.load_error = None, str(e)
+        return ok, why
 
     async def _get(self, arm: Arm, url: str) -> tuple[bool, str, bytes]:
         async def get() -> tuple[int, bytes]:

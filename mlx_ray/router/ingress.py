@@ -14,6 +14,7 @@ name only), ``GET /health`` (open; every arm's circuit, probe and load; 503 when
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -64,7 +65,17 @@ class RouterIngress:
     async def health(self, request: Request) -> Response:
         await self.router.start()
         ok, report = self.router.health()
+        report["node_id"] = _node_id()
         return JSONResponse(report, status_code=200 if ok else 503)
+
+
+def _node_id() -> Optional[str]:
+    """The Ray node this replica runs on (None outside Ray): where the router is, for operators and tests."""
+    ray = sys.modules.get("ray")  # never imported for this: outside Ray there is no node
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a report, never a failure
+        return None
 
 
 ROUTES = {
