@@ -15,9 +15,12 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 import yaml
+
+from fixtures_ray import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -123,6 +126,45 @@ def test_serve_address_from_the_node_side(stock_cluster, mlx_f32, model_cache):
     assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-2000:]
 
 
+def _deployed_apps(stock) -> list[dict]:
+    """The config-deployed applications running now (`serve deploy` declares the whole set: keep them)."""
+    r = stock.head_cli("serve", "status", "--address", stock.dashboard)
+    running = (yaml.safe_load(r.stdout) or {}).get("applications") or {}
+    current = stock.head_cli("serve", "config", "--address", stock.dashboard).stdout
+    return [a for a in yaml.safe_load_all(current) if a and a.get("name") in running]
+
+
+def test_the_router_block_deploys_from_the_stock_head_beside_the_model(stock_cluster, mlx_f32, model_cache, tmp_path):
+    """The README's RayService shape: the mlx-ray app and the router app side by side in one config,
+    applied from the head's own environment; the router runs on the head and answers under its public name."""
+    model = str(mlx_f32.relative_to(model_cache))
+    arm = f"http://127.0.0.1:{stock_cluster.http_port}{PREFIX}/v1"
+    (dead,) = free_ports(1)
+    router_cfg = tmp_path / "router.yaml"
+    router_cfg.write_text(yaml.safe_dump({"public_model": "chat", "policy": "overflow", "arms": [
+        {"name": "mac", "role": "primary", "base_url": arm, "model": model, "max_running": 4,
+         "load": {"mlx_ray": arm + "/load"}},
+        {"name": "elsewhere", "role": "secondary", "base_url": f"http://127.0.0.1:{dead}/v1", "model": "x"}]}))
+    out = subprocess.run([sys.executable, "-m", "mlx_ray.cli", "route", "--config", str(router_cfg), "--print-config",
+                          "--route-prefix", "/router", "--package-uri", stock_cluster.package_uri],
+                         capture_output=True, text=True, check=True).stdout
+    (block,) = yaml.safe_load(out)["applications"]
+    assert block["import_path"] == "mlx_ray.router:app" and block["route_prefix"] == "/router"
+    assert block["deployments"][0]["ray_actor_options"]["resources"] == {"node:__internal_head__": 0.001}
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": stock_cluster.http_port},
+           "applications": [a for a in _deployed_apps(stock_cluster) if a["name"] != block["name"]] + [block]}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = stock_cluster.head_cli("serve", "deploy", str(path), "--address", stock_cluster.dashboard)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    _wait_running(stock_cluster, block["name"])
+    base = f"http://127.0.0.1:{stock_cluster.http_port}/router"
+    health = httpx.get(base + "/health", timeout=30).json()
+    assert health["node_id"] == stock_cluster.head_node_id(), health
+    assert health["arms"]["mac"]["up"] and not health["arms"]["elsewhere"]["up"], health
+    assert "Paris" in _chat(base + "/v1", "chat")
+
+
 def test_without_the_package_the_stock_head_fails_the_build(stock_cluster, mlx_f32, model_cache, tmp_path):
     """The control: the same block without --package-uri fails on this head, and the guard sees it.
 
@@ -132,13 +174,8 @@ def test_without_the_package_the_stock_head_fails_the_build(stock_cluster, mlx_f
                           "--env-vars", "--app-name", "no-package", "--route-prefix", "/no-package"],
                          capture_output=True, text=True, check=True).stdout
     block = yaml.safe_load(out)
-    r = stock_cluster.head_cli("serve", "status", "--address", stock_cluster.dashboard)
-    running = (yaml.safe_load(r.stdout) or {}).get("applications") or {}
-    # `serve deploy` declares the whole set of apps: keep the ones already there
-    current = stock_cluster.head_cli("serve", "config", "--address", stock_cluster.dashboard).stdout
-    apps = [a for a in yaml.safe_load_all(current) if a and a.get("name") in running]
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": stock_cluster.http_port},
-           "applications": apps + block["applications"]}
+           "applications": _deployed_apps(stock_cluster) + block["applications"]}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     r = stock_cluster.head_cli("serve", "deploy", str(path), "--address", stock_cluster.dashboard)
