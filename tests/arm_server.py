@@ -4,7 +4,9 @@ The app is ``mlx-ray serve``'s one-model ingress (``LLMServerIngress`` over the 
 model) under uvicorn, so the router talks to it over real HTTP, and the tests can kill, stop (SIGSTOP) and
 resume it like a Mac going to sleep, without a Ray node around it.
 
-    python tests/arm_server.py MODEL_DIR PORT NAME MAX_NUM_SEQS MAX_QUEUE
+    python tests/arm_server.py MODEL_DIR PORT NAME MAX_NUM_SEQS MAX_QUEUE [ENGINE_CLASS]
+
+ENGINE_CLASS: e.g. ``mlx_ray.serve.testing:FaultInjectingEngine``, the real engine with the tests' fault hooks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from contextlib import asynccontextmanager
 
 
-def main(model: str, port: int, name: str, max_num_seqs: int, max_queue: int) -> None:
+def main(model: str, port: int, name: str, max_num_seqs: int, max_queue: int, engine_class: str = "") -> None:
     import uvicorn
 
     from mlx_ray.serve.config import ServeConfig
@@ -21,7 +23,8 @@ def main(model: str, port: int, name: str, max_num_seqs: int, max_queue: int) ->
     from mlx_ray.serve.local import LLMServerIngress
 
     cfg = ServeConfig.from_args({"models": [{"model": model, "name": name, "engine": {
-        "max_num_seqs": max_num_seqs, "max_queue": max_queue, "max_model_len": 1024}}]})
+        "max_num_seqs": max_num_seqs, "max_queue": max_queue, "max_model_len": 1024},
+        **({"engine_class": engine_class} if engine_class else {})}]})
     ingress = LLMServerIngress(cfg.models[0].model_dump(mode="json"), cfg.stream_batching_interval_ms, cfg.to_args())
     app = create_app(ingress)
 
@@ -37,4 +40,4 @@ def main(model: str, port: int, name: str, max_num_seqs: int, max_queue: int) ->
 
 if __name__ == "__main__":
     m, p, n, s, q = sys.argv[1:6]
-    main(m, int(p), n, int(s), int(q))
+    main(m, int(p), n, int(s), int(q), *sys.argv[6:7])

@@ -44,11 +44,11 @@ class ArmProc:
         os.kill(self.proc.pid, sig)
 
 
-def start_arm(name: str, model_dir: Path, port: int, seqs: int, queue: int, log: Path) -> ArmProc:
+def start_arm(name: str, model_dir: Path, port: int, seqs: int, queue: int, log: Path, engine_class: str = "") -> ArmProc:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "arm_server.py"), str(model_dir), str(port),
-                                 name, str(seqs), str(queue)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 name, str(seqs), str(queue), engine_class], stdout=out, stderr=subprocess.STDOUT, env=env)
     return ArmProc(name, name, port, proc, log)
 
 

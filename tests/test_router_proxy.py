@@ -34,7 +34,9 @@ MSG = [{"role": "user", "content": "What is the capital of France?"}]
 def arms(mlx_f32, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("arms")
     p1, p2 = free_ports(2)
-    out = {"primary": start_arm("prim", mlx_f32, p1, 2, 64, tmp / "primary.log"),
+    # the primary is the real engine with the tests' fault hooks: a request with WEDGE_TRIGGER as a stop string
+    # never gets a first token (until it is cancelled)
+    out = {"primary": start_arm("prim", mlx_f32, p1, 2, 64, tmp / "primary.log", "mlx_ray.serve.testing:FaultInjectingEngine"),
            "mac": start_arm("mac", mlx_f32, p2, 2, 4, tmp / "mac.log")}
     try:
         for a in out.values():
@@ -96,6 +98,38 @@ def test_one_public_name_untouched_answers_and_streams(arms):
         h = router_health(url)
         assert h["status"] == "ok" and h["arms"]["primary"]["load"]["source"] == "prometheus", h
         assert h["arms"]["mac"]["load"]["source"] == "mlx_ray" and h["arms"]["mac"]["up"], h
+
+
+def test_a_client_that_goes_away_cancels_the_arms_request(arms):
+    with running_router(router_config(arms)) as (url, ing):
+        body = {"model": "chat", "messages": MSG, "max_tokens": 900, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.headers["x-mlx-ray-arm"] == "primary"
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data:"))
+            assert _load(arms["primary"])["running"] == 1
+        # the client left after its first event: the primary stops generating at once, not 900 tokens later
+        wait_until(lambda: _load(arms["primary"])["running"] == 0, 5, "the primary kept generating")
+        wait_until(lambda: not ing.router.arms["primary"].attempts, 5, "the router kept the attempt")
+
+
+def test_no_first_token_in_time_is_retried_once_on_the_other_arm(arms):
+    """The primary admits the stream but never sends a first token (a wedged step): after first_token_timeout_s
+    the router cancels it there and the Mac answers; the client sees one clean stream."""
+    from mlx_ray.serve.testing import WEDGE_TRIGGER
+
+    with running_router(router_config(arms, first_token_timeout_s=3.0)) as (url, ing):
+        t0 = time.monotonic()
+        with oai_client(url).chat.completions.with_streaming_response.create(
+                model="chat", messages=MSG, max_tokens=8, stream=True, stop=[WEDGE_TRIGGER]) as resp:
+            assert (resp.headers["x-mlx-ray-arm"], resp.headers["x-mlx-ray-route"]) == ("mac", "failover")
+            text = "".join(ch.choices[0].delta.content or "" for ch in resp.parse() if ch.choices)
+        assert text and 3.0 <= time.monotonic() - t0 < 30
+        assert ing.router.arms["primary"].failures == 1 and ing.router.arms["primary"].breaker.state == "closed"
+
+
+def _load(arm) -> dict:
+    return httpx.get(arm.url + "/load", timeout=10).json()
 
 
 def _burst(url: str, prompts: list[str], max_tokens: int = 24, stream: bool = False) -> list[tuple[str, str]]:
