@@ -418,3 +418,14 @@ def test_request_estimate_and_sticky_key():
     assert route_request(body, {}, None, "r").sticky_key == "alice"
     assert route_request(body, {"X-User": "bob"}, "x-user", "r").sticky_key == "bob"
     assert route_request({"messages": []}, {}, "x-user", "r").hash_key == "r"
+
+
+def test_a_reported_load_moves_with_the_routers_own_requests_since_the_report():
+    from mlx_ray.router.loads import shifted
+
+    load = ArmLoad(waiting=1, running=2, source="mlx_ray")
+    assert (shifted(load, 2).waiting, shifted(load, 2).running) == (3, 2)  # sent since: they queue
+    assert (shifted(load, -1).waiting, shifted(load, -1).running) == (0, 2)  # a slot freed: the queued one runs
+    assert (shifted(load, -3).waiting, shifted(load, -3).running) == (0, 0)
+    assert (shifted(load, -9).waiting, shifted(load, -9).running) == (0, 0)
+    assert shifted(load, 0) is load

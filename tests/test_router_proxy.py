@@ -111,6 +111,14 @@ def test_a_client_that_goes_away_cancels_the_arms_request(arms):
         # the client left after its first event: the primary stops generating at once, not 900 tokens later
         wait_until(lambda: _load(arms["primary"])["running"] == 0, 5, "the primary kept generating")
         wait_until(lambda: not ing.router.arms["primary"].attempts, 5, "the router kept the attempt")
+        # a client that leaves before any byte came (the primary never starts it): dropped there too, at once
+        from mlx_ray.serve.testing import WEDGE_TRIGGER
+
+        body = {**body, "max_tokens": 8, "stop": [WEDGE_TRIGGER]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+        wait_until(lambda: not ing.router.arms["primary"].attempts, 5, "the router kept waiting for nobody")
+        assert ing.router.arms["primary"].failures == 0  # the client's leaving is no fault of the arm
 
 
 def test_no_first_token_in_time_is_retried_once_on_the_other_arm(arms):

@@ -13,6 +13,7 @@ name only), ``GET /health`` (open; every arm's circuit, probe and load; 503 when
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Any, Callable, Optional
@@ -55,7 +56,7 @@ class RouterIngress:
         try:
             await self.router.start()
             body = await _json(request, MAX_BODY_BYTES)
-            return await self.router.handle(path, body, request.headers)
+            return await _unless_client_leaves(request, self.router.handle(path, body, request.headers))
         except Exception as e:  # noqa: BLE001 - every error becomes an OpenAI error body
             return error_response(e)
 
@@ -76,6 +77,39 @@ def _node_id() -> Optional[str]:
         return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - a report, never a failure
         return None
+
+
+async def _unless_client_leaves(request: Request, work) -> Response:
+    """``work``'s response; cancelled if the client disconnects first (uvicorn does not cancel a handler
+    whose client left, and until an arm's first byte nothing is streaming yet that would notice). Cancelling
+    closes the arm's connection, so the arm drops the request instead of queueing and prefilling it for
+    nobody. Under Serve, its proxy cancels the replica's handler itself; this changes nothing there."""
+    task = asyncio.ensure_future(work)
+
+    async def left() -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                return
+            if not msg.get("more_body"):  # a server that hands the body out again: nothing more to learn here
+                await asyncio.Event().wait()
+
+    watch = asyncio.ensure_future(left())
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled itself (Serve's proxy saw the client go)
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return Response(status_code=499)  # nobody reads it: the client is gone (nginx's "client closed request")
 
 
 ROUTES = {

@@ -127,6 +127,19 @@ class InFlight:
         return self._queued_tokens.get(arm, 0)
 
 
+def shifted(load: ArmLoad, delta: int) -> ArmLoad:
+    """A reported load moved by this router's own change since the report: ``delta`` = its requests in flight
+    there now minus at the report. Requests sent since then wait; requests finished since then free their slots
+    (the queue first: a freed slot takes a waiting request). So a report up to a probe interval old does not keep a drained arm looking full."""
+    if delta > 0:
+        return replace(load, waiting=load.waiting + delta)
+    if delta < 0:  # a finished request's slot goes to a waiting one, if any: the queue shrinks first
+        total = max(0, load.waiting + load.running + delta)
+        running = min(load.running, total)
+        return replace(load, running=running, waiting=total - running)
+    return load
+
+
 def effective_load(load: Optional[ArmLoad], in_flight: int, max_running: Optional[int] = None) -> ArmLoad:
     """The load to decide on. Without a reported ``load``: the router's ``in_flight`` count, the first
     ``max_running`` of them counted running and the rest waiting. With one: the report, but never fewer

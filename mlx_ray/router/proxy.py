@@ -38,7 +38,7 @@ from starlette.responses import Response, StreamingResponse
 from ..errors import FirstTokenTimeout, MlxRayError, NotFound, StallTimeout, Unavailable, UpstreamTimeout
 from .breaker import Breaker
 from .config import ArmConfig, RouterConfig
-from .loads import ArmLoad, InFlight, parse_mlx_ray_report, parse_prometheus
+from .loads import ArmLoad, InFlight, parse_mlx_ray_report, parse_prometheus, shifted
 from .metrics import RouterMetrics
 from .policy import NoArm, Route, arm_state, decide, retry_target
 from .request import RouteRequest, route_request
@@ -63,10 +63,13 @@ class Attempt:
 
     arm: str
     aborted: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    resp: Optional[aiohttp.ClientResponse] = None  # a stream being passed through: closed on abort
 
     def abort(self, why: str) -> None:
         if not self.aborted.done():
             self.aborted.set_result(why)
+            if self.resp is not None:
+                self.resp.close()  # wakes the pass-through's pending read
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Arm:
         self.url = cfg.base_url
         self.breaker = Breaker(rc.failure_threshold, rc.cooldown_s, clock)
         self.load: Optional[ArmLoad] = None
+        self.inflight_at_read = 0  # this router's requests in flight there when the load was read
         self.load_error: Optional[str] = None
         self.probe_error: Optional[str] = "not probed yet"
         self.probed_at: Optional[float] = None
@@ -213,7 +217,9 @@ class Router:
         url = src.url
         if src.kind == "mlx_ray" and src.model_name:
             url += ("&" if "?" in url else "?") + "model=" + src.model_name
+        at_read = self.inflight.requests(arm.name)
         ok, why, body = await self._get(arm, url)
+        arm.inflight_at_read = at_read
         try:
             if not ok:
                 raise ValueError(why)
@@ -247,8 +253,12 @@ class Router:
     # -- the request path ----------------------------------------------------------------------
 
     def states(self) -> dict:
-        return {n: arm_state(a.breaker, a.load, self.inflight.requests(n), self.inflight.queued_tokens(n))
-                for n, a in self.arms.items()}
+        out = {}
+        for n, a in self.arms.items():
+            now = self.inflight.requests(n)
+            load = None if a.load is None else shifted(a.load, now - a.inflight_at_read)
+            out[n] = arm_state(a.breaker, load, now, self.inflight.queued_tokens(n))
+        return out
 
     def route_request(self, body: Mapping[str, Any], headers: Mapping[str, str]) -> RouteRequest:
         rid = headers.get("x-request-id") or uuid.uuid4().hex
@@ -340,8 +350,13 @@ class Router:
         resp: Optional[aiohttp.ClientResponse] = None
         handed_over = first = False
         try:
+            # sock_read: the longest silence allowed on the connection. A stream's stall (after its first byte) is
+            # caught by it, without a timer of the router's own per chunk.
+            quiet = max(self.cfg.stall_timeout_s, self.cfg.first_token_timeout_s) if stream else self.cfg.request_timeout_s
             send = self.client.post(arm.url + path, json={**body, "model": arm.cfg.model},
-                                    headers={**forward, **arm.headers, "Accept-Encoding": "identity"})
+                                    headers={**forward, **arm.headers, "Accept-Encoding": "identity"},
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=quiet,
+                                                                  sock_connect=self.cfg.probe_timeout_s * 2))
             resp = await self._race(send, at, limit)
             left = max(0.0, deadline - self.clock())
             if resp.status != 200:
@@ -372,6 +387,7 @@ class Router:
             first = True
             self._first(arm, rr, t0)
             handed_over = True
+            at.resp = resp
             return StreamingResponse(self._pass_through(arm, at, resp, reader, head), media_type="text/event-stream",
                                      headers={**self._headers(route, resp.headers), "Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -410,20 +426,11 @@ class Router:
                     if events[-1].strip() == DONE:
                         return
                 try:
-                    events = await self._race(reader.next(), at, self.cfg.stall_timeout_s)
-                except _Aborted as e:
-                    failed = Unavailable(f"{e}; the stream was cut short, retry the request", retry_after=1.0,
-                                         retryable=False)
-                except asyncio.TimeoutError:
-                    failed = StallTimeout(f"arm {arm.name!r} sent nothing for {self.cfg.stall_timeout_s:g}s "
-                                          "(stall_timeout_s); the stream was cut short")
-                except aiohttp.ClientError as e:
-                    failed = Unavailable(f"arm {arm.name!r} broke the stream ({type(e).__name__}); it was cut short",
-                                         retry_after=1.0, retryable=False)
-                else:
-                    if events is None:
-                        failed = Unavailable(f"arm {arm.name!r} ended the stream without [DONE]; it was cut short",
-                                             retry_after=1.0, retryable=False)
+                    events = await reader.next()
+                except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+                    events, failed = None, e
+                if events is None:  # ended without [DONE], broke, stalled, or taken out by its probe
+                    failed = self._cut_short(arm, at, failed)
                 if failed is not None:
                     from ..serve.ingress import error_response
 
@@ -437,6 +444,20 @@ class Router:
             self.inflight.finish(arm.name)
             self._export(arm)
             resp.close()  # a client that went away: closing the connection cancels the arm's request
+
+    def _cut_short(self, arm: Arm, at: Attempt, e: Optional[BaseException]) -> MlxRayError:
+        """Why a started stream ended before its ``[DONE]``, as the error its client sees."""
+        if at.aborted.done():
+            return Unavailable(f"{at.aborted.result()}; the stream was cut short, retry the request",
+                               retry_after=1.0, retryable=False)
+        if isinstance(e, asyncio.TimeoutError):  # aiohttp's sock_read (ServerTimeoutError is one too)
+            return StallTimeout(f"arm {arm.name!r} sent nothing for {self.cfg.stall_timeout_s:g}s "
+                                "(stall_timeout_s); the stream was cut short")
+        if e is not None:
+            return Unavailable(f"arm {arm.name!r} broke the stream ({type(e).__name__}); it was cut short",
+                               retry_after=1.0, retryable=False)
+        return Unavailable(f"arm {arm.name!r} ended the stream without [DONE]; it was cut short",
+                           retry_after=1.0, retryable=False)
 
     # -- what /health and /v1/models show ----------------------------------------------------
 
