@@ -16,10 +16,7 @@ from contextlib import asynccontextmanager
 def main(argv=None) -> None:
     import uvicorn
 
-    try:
-        from .ingress import RouterIngress, create_app
-    except ImportError:  # before the module's rename
-        from .app import RouterIngress, create_app
+    from .ingress import RouterIngress, create_app
     from .config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
