@@ -25,6 +25,11 @@ hand one prompt KV computed for another prefix.
 
 A waiting request is looked up at every admission pass of the scheduler; a
 ``Prompt`` remembers its block keys, so it is hashed once however long it waits.
+
+A row served with a LoRA adapter computes other K/V for the same tokens: its
+chain starts from the adapter version's own root key (``root``, as vLLM puts
+the LoRA id in its block hash), so it neither reuses nor leaves KV for the
+base or another adapter.
 """
 
 from __future__ import annotations
@@ -38,12 +43,13 @@ from typing import Optional
 from .kv_pool import KVPool
 
 _ROOT = bytes(32)  # the parent key of a prompt's first block: every hashed input is 32 + 4 * n bytes
+ROOT = _ROOT  # the base model's root (a LoRA adapter's rows chain from their own: ``lora.Adapter.prefix_root``)
 
 
 class Prompt(list):
     """A prompt's token ids that remember their block keys (tokens are not changed once wrapped)."""
 
-    block_keys: Optional[tuple[int, list[bytes]]] = None  # (block size, keys of the full blocks before its last token)
+    block_keys: Optional[tuple[int, bytes, list[bytes]]] = None  # (block size, root, keys of the full blocks before its last token)
 
 
 @dataclass
@@ -82,22 +88,22 @@ class BlockPrefixCache:
         once per request (``Prompt``)."""
         return hashlib.sha256(parent + array("i", tokens).tobytes()).digest()
 
-    def block_keys(self, prompt: list[int]) -> list[bytes]:
+    def block_keys(self, prompt: list[int], root: bytes = _ROOT) -> list[bytes]:
         """The chain of keys of ``prompt``'s full blocks before its last token; kept on a ``Prompt``."""
         bs = self.pool.block_size
         memo = getattr(prompt, "block_keys", None)
-        if memo is not None and memo[0] == bs:
-            return memo[1]
-        keys, parent = [], _ROOT
+        if memo is not None and memo[0] == bs and memo[1] == root:
+            return memo[2]
+        keys, parent = [], root
         for pos in range(0, len(prompt) - bs, bs):  # blocks ending at or before len - 1
             parent = self.key(parent, tuple(prompt[pos:pos + bs]))
             keys.append(parent)
         if isinstance(prompt, Prompt):
-            prompt.block_keys = (bs, keys)
+            prompt.block_keys = (bs, root, keys)
         return keys
 
     # -- lookup --------------------------------------------------------------------
-    def match(self, prompt: list[int]) -> tuple[list[int], Optional[tuple[int, int]]]:
+    def match(self, prompt: list[int], root: bytes = _ROOT) -> tuple[list[int], Optional[tuple[int, int]]]:
         """(full blocks covering ``prompt``'s start, (partial block, its tokens) or None), no references taken.
 
         At least the prompt's last token is left out: the model must compute it to give logits.
@@ -105,8 +111,8 @@ class BlockPrefixCache:
         if not self.enabled:
             return [], None
         bs, limit = self.pool.block_size, len(prompt) - 1
-        blocks, parent, pos = [], _ROOT, 0
-        for k in self.block_keys(prompt):
+        blocks, parent, pos = [], root, 0
+        for k in self.block_keys(prompt, root):
             e = self.full.get(k)
             if e is None or e.parent != parent or e.tokens != tuple(prompt[pos:pos + bs]):
                 break
@@ -135,11 +141,11 @@ class BlockPrefixCache:
             self.misses += 1
 
     # -- insert ----------------------------------------------------------------------
-    def insert(self, tokens: list[int], blocks: list[int]) -> None:
+    def insert(self, tokens: list[int], blocks: list[int], root: bytes = _ROOT) -> None:
         """Keep the blocks of a finished sequence whose KV covers exactly ``tokens``."""
         if not self.enabled:
             return
-        bs, parent = self.pool.block_size, _ROOT
+        bs, parent = self.pool.block_size, root
         for i, b in enumerate(blocks):
             toks = tuple(tokens[i * bs:(i + 1) * bs])
             if not toks:
@@ -147,7 +153,7 @@ class BlockPrefixCache:
             if len(toks) == bs:
                 k = self.key(parent, toks)
                 e = self.full.get(k)
-                if e is None and b not in self.by_block and k != _ROOT:
+                if e is None and b not in self.by_block and k != root:
                     self._keep(_Entry(k, parent, toks, b))
                     self.full[k] = self.by_block[b]
                 elif e is None or e.tokens != toks or e.parent != parent:

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Optional
 from .. import blas
 from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
 from . import backend as kv_backend
-from . import chat_format, device, loader, memory, sampling, warmup
+from . import chat_format, device, loader, lora, memory, sampling, warmup
 from .constrain import Grammars
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, LLMEngine
 from .scheduler import Scheduler, Seq
@@ -62,6 +62,7 @@ class MLXEngine(LLMEngine):
         self.prefix_cache_bytes = 0
         self.plan: Optional[memory.MemoryPlan] = None
         self.grammars: Optional[Grammars] = None
+        self.lora: Optional[lora.Store] = None  # the adapters (max_loras > 0)
 
     # -- loading ------------------------------------------------------------------------
     def load(self) -> None:
@@ -82,6 +83,8 @@ class MLXEngine(LLMEngine):
             memory.apply_wired_limit(self.plan)
             self._tokenizer, self.info = tokenizer, info
             self.grammars = Grammars(tokenizer._tokenizer, info.vocab_size, tokenizer.eos_token_ids)
+            if cfg.max_loras:
+                self.lora = lora.Store(model, info.path, cfg.max_loras)
             self._model = model
             # The model's modules and arrays and the tokenizer are long-lived: move them out of the
             # cyclic GC's generations so its collections during generation stop rescanning them
@@ -180,6 +183,8 @@ class MLXEngine(LLMEngine):
         if self._sched is not None:
             return
         self._sched = Scheduler(backend, self.config, self.kv_budget_bytes)
+        if self.lora is not None and backend.kind == "paged":  # rows of many adapters in one batch
+            backend.lora, self._sched.lora = self.lora.slots.state, self.lora.slots
         self._sched.start()
         if blas.wanted_library() and not blas.preload_active():
             log.warning("MLX runs with the reference BLAS (slow); start Python with LD_PRELOAD=%s "
@@ -228,16 +233,31 @@ class MLXEngine(LLMEngine):
         return out
 
     # -- requests -----------------------------------------------------------------------
+    def adapters(self) -> list[str]:
+        return self.lora.names() if self.lora is not None else []
+
+    def _adapter(self, name: str) -> lora.Adapter:
+        """Find, check and (unless loaded) read adapter ``name``: blocking, off the event loop."""
+        if self.lora is None:
+            raise BadRequest(f"this engine serves no LoRA adapters (max_loras=0); '{name}' cannot be used",
+                             param="model")
+        if self._sched is not None and self._sched.lora is None:
+            raise BadRequest(f"LoRA adapters need the paged KV cache, which model {self.model_id} does not use "
+                             f"here; '{name}' cannot be served", param="model")
+        return self.lora.prepare(name)
+
     async def cancel(self, request_id: str) -> None:
         if self._sched is not None and request_id in self._inflight:
             self._sched.cancel(request_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        s, grammar = request.sampling, None
+        s, grammar, adapter = request.sampling, None, None
         if s.grammar is not None and not s.ignore_eos and self.grammars is not None:
             # llguidance's compile and matcher take ms to seconds: off the event loop (also the HTTP loop)
             grammar = await asyncio.to_thread(lambda: self.grammars.processor(self.grammars.compile(s.grammar)))
-        handle = self._admit(request, grammar)
+        if request.adapter is not None:  # reading an adapter's files: off the event loop and the generation loop
+            adapter = await asyncio.to_thread(self._adapter, request.adapter)
+        handle = self._admit(request, grammar, adapter)
         try:
             while True:
                 ev = await handle.queue.get()
@@ -248,8 +268,9 @@ class MLXEngine(LLMEngine):
             if not handle.finished:  # the consumer went away: free the row
                 self._sched.cancel(request.request_id)
 
-    def _admit(self, request: GenerationRequest, grammar=None) -> _Handle:
-        """Validate and submit, or raise before the first event (``grammar``: the processor, built already)."""
+    def _admit(self, request: GenerationRequest, grammar=None, adapter: Optional[lora.Adapter] = None) -> _Handle:
+        """Validate and submit, or raise before the first event (``grammar``: the processor, built already;
+        ``adapter``: the request's LoRA adapter, checked already)."""
         self.check_health()
         cfg, info, s = self.config, self.info, request.sampling
         rid = request.request_id
@@ -297,6 +318,7 @@ class MLXEngine(LLMEngine):
             stop_ids=stops,
             reserve=need,
             release=lambda: self._release(rid, handle),
+            adapter=adapter,
         )
         self._inflight[rid] = handle
         self._sched.submit(seq)

@@ -46,7 +46,7 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 
 from ..kernels import paged_attention as pa
-from .block_prefix import BlockPrefixCache
+from .block_prefix import ROOT, BlockPrefixCache
 from .kv_pool import KVPool, LayerShape
 from .sampling import sample_rows
 
@@ -135,6 +135,8 @@ class Row:
     generated: int = 0  # tokens sampled, including one still in flight
     cached: int = 0
     final: bool = False  # its last token (max_tokens) is in flight: not decoded again
+    lora: int = 0  # its LoRA adapter's slot (``lora.Slots``); 0: none
+    root: bytes = ROOT  # its prefix-cache root key (an adapter's rows have their own)
 
     @property
     def prefilling(self) -> bool:
@@ -197,6 +199,7 @@ class PagedBatch:
         self._layers = len(pool.shapes)
         self.trash = pool.allocate()  # never freed: where padded prefill positions write
         self._inflight: Optional[_InFlight] = None
+        self.lora = None  # lora.State when the engine serves adapters: each forward's per-row slots
 
     # -- admission -----------------------------------------------------------------
     def available(self) -> int:
@@ -205,14 +208,17 @@ class PagedBatch:
     def fits_alone(self, tokens: int) -> bool:
         return _cdiv(tokens, self.pool.block_size) <= self.pool.num_blocks - 1  # less the trash block
 
-    def try_insert(self, prompt: list[int], max_tokens: int, sampler, processors) -> Optional[tuple[int, int]]:
-        """Admit a row when the blocks for its prompt plus max_tokens are free: (uid, cached tokens), else None."""
-        row = self.insert_row(prompt, max_tokens, sampler, processors)
+    def try_insert(self, prompt: list[int], max_tokens: int, sampler, processors, lora: int = 0,
+                   root: bytes = ROOT) -> Optional[tuple[int, int]]:
+        """Admit a row when the blocks for its prompt plus max_tokens are free: (uid, cached tokens), else None.
+        ``lora``: its adapter's slot; ``root``: its prefix-cache root (the adapter version's)."""
+        row = self.insert_row(prompt, max_tokens, sampler, processors, lora, root)
         return None if row is None else (row.uid, row.cached)
 
-    def insert_row(self, prompt: list[int], max_tokens: int, sampler, processors) -> Optional[Row]:
+    def insert_row(self, prompt: list[int], max_tokens: int, sampler, processors, lora: int = 0,
+                   root: bytes = ROOT) -> Optional[Row]:
         bs = self.pool.block_size
-        full, tail = self.prefix.match(prompt)
+        full, tail = self.prefix.match(prompt, root)
         need = _cdiv(len(prompt) + max_tokens, bs)
         fresh = need - len(full)
         # Shared blocks that sit in the evictable list are counted in available(): take them out.
@@ -224,7 +230,8 @@ class PagedBatch:
         for b in full:
             self.pool.incref(b)
         self.prefix.touch(full)
-        row = Row(self._next_uid, list(prompt), max_tokens, sampler, processors, fresh, blocks=list(full))
+        row = Row(self._next_uid, list(prompt), max_tokens, sampler, processors, fresh, blocks=list(full), lora=lora,
+                  root=root)
         self._next_uid += 1
         row.n_kv = len(full) * bs
         self.outstanding += fresh
@@ -244,18 +251,18 @@ class PagedBatch:
         self.rows[row.uid] = row
         return row
 
-    def _need(self, prompt: list[int], max_tokens: int) -> int:
+    def _need(self, prompt: list[int], max_tokens: int, root: bytes = ROOT) -> int:
         """Blocks a request would take from the pool now: prompt + max_tokens, less the cached full blocks."""
-        full, _ = self.prefix.match(prompt)
+        full, _ = self.prefix.match(prompt, root)
         return _cdiv(len(prompt) + max_tokens, self.pool.block_size) - len(full)
 
     def _steps_left(self, row: Row) -> int:
         left = max(0, len(row.tokens) - 1 - row.n_kv)
         return _cdiv(left, self.prefill_chunk) + row.max_tokens - row.generated
 
-    def reservation(self, prompt: list[int], max_tokens: int) -> Reservation:
+    def reservation(self, prompt: list[int], max_tokens: int, root: bytes = ROOT) -> Reservation:
         """The head's reservation: the step by which the running rows will have freed its blocks."""
-        need, avail = self._need(prompt, max_tokens), self.available()
+        need, avail = self._need(prompt, max_tokens, root), self.available()
         ends = sorted((self._steps_left(r), len(r.blocks) + r.unallocated) for r in self.rows.values())
         for steps, blocks in [(0, 0)] + ends:
             avail += blocks
@@ -264,7 +271,7 @@ class PagedBatch:
         return Reservation(0, 0)  # never, while these rows run (e.g. blocks pinned): no backfilling
 
     def try_backfill(self, res: Reservation, prompt: list[int], max_tokens: int, sampler,
-                     processors) -> Optional[tuple[int, int]]:
+                     processors, lora: int = 0, root: bytes = ROOT) -> Optional[tuple[int, int]]:
         """Admit a request behind the waiting head only if that cannot delay the head (EASY backfilling).
 
         It may start when its blocks are free now and either it will have finished by the head's
@@ -272,13 +279,13 @@ class PagedBatch:
         every prompt now prefilling) or it fits in the blocks spare at that point (then taken from
         ``res.spare``). vLLM's and TGI's schedulers stop at the first request that does not fit; with
         long prompts of mixed length that leaves most of the pool idle behind one long prompt."""
-        need = self._need(prompt, max_tokens)
+        need = self._need(prompt, max_tokens, root)
         sharing = 1 + sum(r.prefilling for r in self.rows.values())
         steps = _cdiv(max(0, len(prompt) - 1), self.prefill_chunk) * sharing + max_tokens
         early = steps <= res.steps
         if not early and need > res.spare:
             return None
-        got = self.try_insert(prompt, max_tokens, sampler, processors)
+        got = self.try_insert(prompt, max_tokens, sampler, processors, lora, root)
         if got is not None and not early:
             res.spare -= need
         return got
@@ -299,7 +306,7 @@ class PagedBatch:
             if row is None:
                 continue
             if keep_cache and self.prefix.enabled and row.n_kv > 0:
-                self.prefix.insert(row.tokens[:row.n_kv], row.blocks[:_cdiv(row.n_kv, self.pool.block_size)])
+                self.prefix.insert(row.tokens[:row.n_kv], row.blocks[:_cdiv(row.n_kv, self.pool.block_size)], row.root)
             self.outstanding -= row.unallocated
             for b in row.blocks:
                 if not self.pool.decref(b):
@@ -315,11 +322,19 @@ class PagedBatch:
         bs, blocks = self.pool.block_size, row.blocks
         return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _forward(self, inputs: mx.array, slots: list[int], tables: list[list[int]], lens: list[int], offset):
+    def _forward(self, inputs: mx.array, slots: list[int], tables: list[list[int]], lens: list[int], offset,
+                 loras: list[int]):
+        """The model over ``inputs`` ([B, L]); ``loras``: each row's adapter slot (0: none)."""
         width = max(len(t) for t in tables)
         bt = mx.array([t + [0] * (width - len(t)) for t in tables], dtype=mx.int32)
         step = StepState(self.pool, mx.array(slots, dtype=mx.int32), bt, mx.array(lens, dtype=mx.int32), offset)
-        return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
+        if self.lora is None:
+            return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
+        self.lora.set(loras)  # read by every adapted layer while the graph is built
+        try:
+            return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
+        finally:
+            self.lora.clear()
 
     def _prefill(self) -> None:
         """One forward over the next chunks of up to ``MAX_PREFILL_ROWS`` prompts (FIFO, ``prefill_chunk`` tokens).
@@ -353,7 +368,8 @@ class PagedBatch:
         offset = starts[0] if len(chunks) == 1 else mx.array(starts, dtype=mx.int32)
         # The logits are never needed, only the K/V writes. Queued on their own (async): in one graph with
         # the decode step that follows, MLX could not always update the pool in place and copied whole layers.
-        self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset)
+        self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset,
+                      [row.lora for row, _, _ in chunks])
         mx.async_eval(self.pool.arrays())
         for row, _, end in chunks:
             row.n_kv = end
@@ -370,7 +386,7 @@ class PagedBatch:
             inputs = mx.array([r.tokens[-1] for r in rows], dtype=mx.uint32)
         offsets = mx.array([r.n_kv for r in rows], dtype=mx.int32)
         return self._forward(inputs[:, None], slots, [r.blocks for r in rows], [r.n_kv + 1 for r in rows],
-                             offsets)[:, -1, :]
+                             offsets, [r.lora for r in rows])[:, -1, :]
 
     def step(self) -> list[Response]:
         """Queue this step (prefill chunk + decode of every running row) and return the previous step's tokens."""
@@ -456,7 +472,7 @@ class PagedBatch:
         try:
             self._ensure_blocks(row, len(ids))
             logits = self._forward(mx.array([ids], dtype=mx.uint32), self._slots(row, 0, len(ids)), [row.blocks],
-                                   [len(ids)], 0)[0]
+                                   [len(ids)], 0, [0])[0]
             mx.eval(logits)
             return logits
         finally:

@@ -49,6 +49,9 @@ class EngineConfig(BaseModel):
     warmup: bool = Field(True, description="At start, run a few short chat requests (greedy and sampled) through the real "
                                            "path, leaving the chat template's preamble in the prefix cache, then zero the "
                                            "counters: the first users do not pay one-time costs.")
+    max_loras: int = Field(4, ge=0, description="LoRA adapters held at once (vLLM's name): each in a slot of the "
+                                                "adapted layers, loaded on first use, the least recently used one "
+                                                "no running request uses evicted for another; 0: no adapters.")
     admission: Literal["backfill", "fifo"] = Field(
         "backfill", description="fifo: requests start strictly in arrival order; backfill (paged cache): while the "
                                 "oldest waits for KV, later requests that cannot delay it start (EASY backfilling).")
@@ -135,6 +138,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     deadline: Optional[float] = None  # time.monotonic() deadline; past it: finish "error" with DeadlineExceeded
+    adapter: Optional[str] = None  # a LoRA adapter of the model, by name (mlx_ray/adapters.py); None: the base
 
 
 # The floor of a reported logprob (vLLM's): -inf and NaN are not JSON, and a token the
@@ -198,6 +202,10 @@ class LLMEngine(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, token_ids: list[int]) -> str: ...
+
+    def adapters(self) -> list[str]:
+        """The LoRA adapters a request may name (``GenerationRequest.adapter``); none by default."""
+        return []
 
     @abc.abstractmethod
     async def start(self) -> None: ...

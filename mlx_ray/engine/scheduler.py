@@ -30,6 +30,7 @@ running means for a router (``engine.stats()``, ``GET /v1/load``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import queue
@@ -45,6 +46,7 @@ import mlx.core as mx
 
 from ..errors import DeadlineExceeded, EngineFault, MlxRayError
 from .block_prefix import Prompt
+from .lora import Adapter
 from .protocol import EngineConfig, Event, FinishEvent, GenerationRequest, TokenEvent, TokenLogprob, finite_logprob
 from .sampling import top_logprobs
 from .textstream import TextStream
@@ -83,6 +85,8 @@ class Seq:
     buf_text: str = ""
     buf_lp: list[TokenLogprob] = field(default_factory=list)
     last_emit: float = 0.0
+    adapter: Optional[Adapter] = None  # its LoRA adapter, checked (``lora.Store.prepare``); None: the base
+    lora: int = 0  # the adapter's slot while it runs
     inserted_at: float = 0.0  # when it joined the running batch (monotonic)
     first_at: float = 0.0  # when its first generated token came (0.0: not yet)
 
@@ -95,6 +99,7 @@ class Seq:
 class Scheduler:
     def __init__(self, backend, cfg: EngineConfig, kv_budget: int):
         self.backend = backend  # paged.PagedBatch or batching.RectBatch, built by the engine
+        self.lora = None  # lora.Slots when the engine serves adapters (the paged backend only)
         self.cfg = cfg
         self.kv_budget = kv_budget
         self.cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -242,7 +247,7 @@ class Scheduler:
             got = self._insert(seq, self.backend.try_insert)
             if got is False:
                 continue
-            if got is None:  # its KV does not fit beside the running rows yet
+            if got is None:  # its KV (or a LoRA slot for its adapter) is not free yet
                 break
         else:
             return
@@ -250,25 +255,55 @@ class Scheduler:
         if self.cfg.admission != "backfill" or reservation is None or len(self.waiting) < 2:
             return
         head = self.waiting[0]
-        res = reservation(head.prompt, head.req.sampling.max_tokens)
+        res = reservation(head.prompt, head.req.sampling.max_tokens,
+                          *((head.adapter.prefix_root,) if head.adapter is not None else ()))
+        # A head waiting for a LoRA slot must not be passed by rows that keep slots busy; a head whose
+        # adapter is loaded keeps it (backfilled rows do not evict it).
+        head_slot = None if head.adapter is None else self.lora.slot_for(head.adapter, self._busy_slots())
+        pinned = set() if head.adapter is None or head_slot is None else {head_slot}
         for seq in list(islice(self.waiting, 1, 1 + BACKFILL_LOOKAHEAD)):
             if len(self.active) >= self.cfg.max_num_seqs - 1:
                 return
-            self._insert(seq, lambda *a: self.backend.try_backfill(res, *a), backfill=True)
+            if seq.adapter is not None and head.adapter is not None and head_slot is None:
+                continue
+            self._insert(seq, lambda *a: self.backend.try_backfill(res, *a), backfill=True, pinned=pinned)
 
-    def _insert(self, seq: Seq, insert, backfill: bool = False) -> Any:
-        """Start a waiting request: True, None (no room yet), False (it failed and was answered)."""
-        prompt = seq.prompt
+    def _busy_slots(self) -> set[int]:
+        """The LoRA slots that running rows use (never evicted under them)."""
+        return {s.lora for s in self.active.values() if s.lora}
+
+    def _insert(self, seq: Seq, insert, backfill: bool = False, pinned: frozenset = frozenset()) -> Any:
+        """Start a waiting request: True, None (no room yet), False (it failed and was answered).
+
+        A request with an adapter first needs a LoRA slot (``lora.Slots.slot_for``: its own, a free one,
+        or the least recently used one no running row uses): without one it waits as for KV, never fails.
+        The adapter is loaded into the slot only once the row is in."""
+        prompt, lora = seq.prompt, ()
         try:
-            got = insert(prompt, seq.req.sampling.max_tokens, seq.sampler, seq.processors)
+            if seq.adapter is not None:
+                slot = self.lora.slot_for(seq.adapter, self._busy_slots() | pinned)
+                if slot is None:
+                    return None
+                lora = (slot, seq.adapter.prefix_root)
+            got = insert(prompt, seq.req.sampling.max_tokens, seq.sampler, seq.processors, *lora)
+            if got is not None and lora:
+                try:
+                    self.lora.commit(seq.adapter, lora[0])
+                except BaseException:
+                    self.backend.remove([got[0]])
+                    raise
         except Exception as e:
             self.waiting.remove(seq)
-            log.exception("could not insert request %s", seq.req.request_id)
-            self._finish(seq, "error", EngineFault(f"could not start the request ({type(e).__name__}: {e})"))
+            if not isinstance(e, MlxRayError):
+                log.exception("could not insert request %s", seq.req.request_id)
+                e = EngineFault(f"could not start the request ({type(e).__name__}: {e})")
+            self._finish(seq, "error", e)
             return False
         if got is None:
             return None
         self.waiting.remove(seq)
+        if lora:
+            seq.lora, seq.adapter = lora[0], dataclasses.replace(seq.adapter, tensors=None)  # the host copy can go
         seq.uid, seq.cached = got
         seq.inserted_at = time.monotonic()
         seq.skip_first = self.backend.first_is_prompt
@@ -403,7 +438,7 @@ class Scheduler:
     def _publish(self) -> None:
         self.published = dict(self.counters, **self.rates, running=len(self.active), waiting=len(self.waiting),
                               max_num_seqs=self.cfg.max_num_seqs, kv_budget_bytes=self.kv_budget,
-                              **self.backend.stats())
+                              **self.backend.stats(), **(self.lora.stats() if self.lora is not None else {}))
 
 
 def _run_all(items: list) -> None:

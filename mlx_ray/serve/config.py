@@ -79,6 +79,10 @@ class ModelConfig(BaseModel):
     think_markers: Optional[tuple[str, str]] = Field(None, description=(
         "Start and end markers of the model's thinking section, split into reasoning_content; default: "
         "mlx-lm's markers found in the vocabulary or the chat template."))
+    lora_modules: dict[str, str] = Field(default_factory=dict, description=(
+        "Aliases of this model's LoRA adapters, as vLLM's --lora-modules: {alias: adapter name}; a request "
+        "names an adapter by `<name>:<adapter>` or by its alias (adapters live beside the model on the cache, "
+        "mlx_ray/adapters.py; engine.max_loras of them are held at once)."))
 
     @model_validator(mode="after")
     def _default_name(self) -> "ModelConfig":

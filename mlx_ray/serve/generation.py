@@ -62,6 +62,7 @@ class ModelRequest:
     n: int = 1
     timeout_s: Optional[float] = None
     request_id: Optional[str] = None
+    adapter: Optional[str] = None  # the model's LoRA adapter to run it on (None: the base)
 
 
 @dataclass

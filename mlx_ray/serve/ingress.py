@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -146,9 +146,37 @@ class OpenAIIngress:
             return error_response(e)
 
     async def list_models(self, request: Request) -> Response:
-        cards = [oai.ModelCard(id=m.name, root=m.model, max_model_len=await self._max_model_len(m))
-                 for m in self.cfg.models]
+        cards = []
+        for m in self.cfg.models:
+            n = await self._max_model_len(m)
+            cards.append(oai.ModelCard(id=m.name, root=m.model, max_model_len=n))
+            cards += [oai.ModelCard(id=f"{m.name}:{a}", root=f"{m.model}:{a}", parent=m.name, max_model_len=n)
+                      for a in await self._adapters(m)]
+            cards += [oai.ModelCard(id=alias, root=f"{m.model}:{a}", parent=m.name, max_model_len=n)
+                      for alias, a in m.lora_modules.items()]
         return JSONResponse(oai.ModelList(data=cards).model_dump())
+
+    async def _adapters(self, m) -> list[str]:
+        """The adapters on the cache beside model ``m`` (none while its replica cannot answer)."""
+        try:
+            return await asyncio.wait_for(_await(self.servers[m.name].adapters.remote()), HEALTH_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - starting, gone, or an engine without adapters
+            log.info("adapters of %s not available (%s)", m.name, type(e).__name__)
+            return []
+
+    def _route(self, model: str) -> tuple[Any, Optional[str]]:
+        """(the handle of the served model, the LoRA adapter) that a request's ``model`` names: a served
+        name, ``<name>:<adapter>``, or an alias of ``lora_modules``; NotFound otherwise."""
+        handle = self.servers.get(model)
+        if handle is not None:
+            return handle, None
+        for m in self.cfg.models:
+            if model in m.lora_modules:
+                return self.servers[m.name], m.lora_modules[model]
+        base, _, adapter = model.rpartition(":")
+        if base in self.servers and adapter:
+            return self.servers[base], adapter
+        raise NotFound(f"model '{model}' is not served here; GET /v1/models lists the served models", param="model")
 
     async def _max_model_len(self, m) -> Optional[int]:
         """The engine's real context length, asked once per model (None while its replica cannot answer)."""
@@ -228,14 +256,11 @@ class OpenAIIngress:
     # -- the shared request path ---------------------------------------------------
 
     async def _run(self, req, fmt: Body) -> Response:
-        handle = self.servers.get(req.model)
-        if handle is None:
-            raise NotFound(f"model '{req.model}' is not served here; GET /v1/models lists the served models",
-                           param="model")
+        handle, adapter = self._route(req.model)
         rid = uuid.uuid4().hex
         # req.timeout: a deadline the client sets itself (the engine enforces it); the server's own
         # timeouts are on the first token and on stalls, never on generation that makes progress.
-        call = ModelRequest(req.prompts(), req.to_sampling(), req.n, req.timeout, rid)
+        call = ModelRequest(req.prompts(), req.to_sampling(), req.n, req.timeout, rid, adapter)
         stream = handle.options(stream=True).generate.remote(call)
         batches = _Batches(stream, self.cfg.first_token_timeout_s,
                            self.cfg.stall_timeout_s + max(MAX_COALESCE_S, self.cfg.stream_batching_interval_ms / 1000),

@@ -378,6 +378,7 @@ class ModelCard(_Object):
     object: Literal["model"] = "model"
     owned_by: str = "mlx-ray"
     root: Optional[str] = None
+    parent: Optional[str] = None  # a LoRA adapter's base model (OpenAI's and vLLM's field)
     max_model_len: Optional[int] = None
 
 

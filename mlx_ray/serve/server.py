@@ -240,7 +240,8 @@ class LLMServer:
                 s = sp if sp.seed is None or i == 0 else dataclasses.replace(sp, seed=sp.seed + i)
                 if plan is not None:
                     splitters[len(reqs)] = plan.splitter()
-                reqs.append(GenerationRequest(f"{rid}-{p}-{i}", list(ids), dataclasses.replace(s), deadline))
+                reqs.append(GenerationRequest(f"{rid}-{p}-{i}", list(ids), dataclasses.replace(s), deadline,
+                                              adapter=request.adapter))
         return reqs, splitters
 
     def _check_length(self, spec: PromptSpec, max_len: int) -> None:
@@ -259,6 +260,11 @@ class LLMServer:
         if chars > CHARS_PER_TOKEN_MARGIN * self._token_chars * max_len:
             raise ContextOverflow(f"the prompt has {chars} characters, more than the context of {max_len} tokens "
                                   "can hold; shorten the prompt", param=spec.param)
+
+    async def adapters(self) -> list[str]:
+        """The LoRA adapters of the model (what GET /v1/models lists under it)."""
+        await self.start()
+        return await asyncio.to_thread(self.engine.adapters)
 
     async def max_model_len(self) -> int:
         """The engine's real context length (what GET /v1/models reports)."""
