@@ -47,6 +47,7 @@ class AdapterManifest(BaseModel):
     dropout: float = 0.0
     keys: list[str] | None = Field(None, description="the modules adapted in each layer; None: mlx-lm's default")
     num_layers: int = Field(description="how many of the last layers are adapted (-1: all)")
+    layers: list[int] | None = Field(None, description="the indices of the adapted layers")
     base_quantized: bool = Field(False, description="the base is quantized, so this is a QLoRA adapter")
     data_sha256: str = Field(description="sha256 of the training JSONL")
     valid_data_sha256: str | None = None
@@ -57,6 +58,7 @@ class AdapterManifest(BaseModel):
     versions: dict = Field(default_factory=dict, description="mlx, mlx-lm, mlx-ray, ray")
     created: str | None = None
     files: dict = Field(default_factory=dict, description="name -> {size, sha256} of the adapter's files")
+    training: dict = Field(default_factory=dict, description="batch size, learning rate, max sequence length, ...")
 
 
 def adapters_root(base_dir: str | Path) -> Path:
@@ -126,6 +128,43 @@ def read_adapter(directory: str | Path) -> AdapterManifest:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "(root)"
         raise CorruptModel(f"adapter manifest {d / MANIFEST} is invalid: {where}: {first['msg']}") from e
+
+
+_ADAPTED = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.(?:lora_a|lora_b|m)$")
+
+
+def keys_adapted(weights: str | Path) -> tuple[list[int], list[str]]:
+    """(layer indices, module keys within a layer) that an ``adapters.safetensors`` adapts (from its header)."""
+    from mlx_ray.conversion.source import read_header
+
+    layers, keys = set(), set()
+    for name in read_header(Path(weights)):
+        m = _ADAPTED.search(name)
+        if m:
+            layers.add(int(m[1]))
+            keys.add(m[2])
+    return sorted(layers), sorted(keys)
+
+
+def verify_adapter(directory: str | Path, deep: bool = True) -> list[str]:
+    """Problems of a published adapter against its manifest (sizes, headers, with ``deep`` sha256s)."""
+    from mlx_ray.conversion.source import sha256_file
+
+    d = Path(directory)
+    try:
+        m = read_adapter(d)
+    except (NotFound, CorruptModel) as e:
+        return [str(e)]
+    problems = []
+    for name, want in sorted(m.files.items()):
+        f = d / name
+        if not f.is_file():
+            problems.append(f"{name}: missing")
+        elif f.stat().st_size != want.get("size"):
+            problems.append(f"{name}: size {f.stat().st_size} != {want.get('size')} in manifest")
+        elif deep and sha256_file(f) != want.get("sha256"):
+            problems.append(f"{name}: sha256 mismatch (corrupted or modified)")
+    return problems
 
 
 def scan_adapters(base_dir: str | Path) -> list[tuple[str, AdapterManifest | Exception]]:

@@ -19,6 +19,8 @@ from .errors import MlxRayError
 COMMANDS: dict[str, tuple[str, str, bool]] = {
     "convert": ("mlx_ray.conversion.cli", "convert HF / AWQ weights into a (quantized) MLX model on the cache", True),
     "models": ("mlx_ray.conversion.models_cli", "list, verify or remove models on the cache", False),
+    "finetune": ("mlx_ray.train.cli", "fine-tune a cached model (LoRA, DoRA, QLoRA) as a Ray Train job; publish the "
+                 "adapter next to its base", True),
     "generate": ("mlx_ray.engine.cli", "generate text from a model through the engine", True),
     "serve": ("mlx_ray.serve.cli", "serve models through Ray Serve with an OpenAI-compatible API", True),
     "route": ("mlx_ray.router.cli", "run the router: one model name in front of the vLLM primary and mlx-ray arms "

@@ -20,7 +20,7 @@ if [[ ! -f "$STAMP" ]]; then
     --extra dev --extra parity -c "$C" --find-links /opt/wheels -o /dev/null >&2
   rm -rf "$ENV"
   "$PY" -m venv --system-site-packages "$ENV"
-  "$UV" pip install --quiet --python "$ENV/bin/python" "ray[serve]==$VERSION" -c "$C" >&2
+  "$UV" pip install --quiet --python "$ENV/bin/python" "ray[serve,train]==$VERSION" -c "$C" >&2
   touch "$STAMP"
 fi
 "$ENV/bin/python" -c "import ray, sys; assert ray.__version__ == '$VERSION', ray.__version__" >&2

@@ -25,6 +25,6 @@ if [[ -n "${MLX_RAY_RAY_VERSION:-}" ]]; then
     echo "setup.sh: make one with: bash constraints/compile.sh $MLX_RAY_RAY_VERSION YYYY-MM-DD (a month after that release)" >&2
     exit 2
   fi
-  PIN=(-c "$C" "ray[serve]==$MLX_RAY_RAY_VERSION")
+  PIN=(-c "$C" "ray[serve,train]==$MLX_RAY_RAY_VERSION")
 fi
 "$PY" -m pip install -q -e ".[parity,dev]" ${PIN[@]+"${PIN[@]}"}  # (bash 3.2 on macOS: empty arrays)

@@ -32,14 +32,16 @@ def served(ray_cluster, mlx_f32):
     from fixtures_ray import free_ports
     from mlx_ray.serve.cli import deploy, wait_ready
 
+    # A quarter of the Mac's gpu_apple_mps each: half stays free for a fine-tune job in the same session
+    # (tests/test_finetune.py), as on a Mac that serves and trains.
     cfg = ServeConfig.from_args({
         "port": free_ports(1)[0],
         "models": [
             {"model": str(mlx_f32), "name": "smol", "engine": LIMIT,
-             "placement": {"resource_amount": 0.5, "max_queued_requests": 1}},
+             "placement": {"resource_amount": 0.25, "max_queued_requests": 1}},
             {"model": str(mlx_f32), "name": "smol-faulty", "engine": LIMIT,
              "engine_class": "mlx_ray.serve.testing:FaultInjectingEngine",
-             "placement": {"resource_amount": 0.5}},
+             "placement": {"resource_amount": 0.25}},
         ],
     })
     url = deploy(cfg, app_name=APP, proxy_location="HeadOnly")

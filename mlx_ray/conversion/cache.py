@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlx_ray.errors import NotFound
@@ -53,9 +53,29 @@ class ModelEntry:
     source: str | None
     revision: str | None
     created: str | None
+    adapters: list[dict] = field(default_factory=list)  # fine-tuned adapters of this model (`adapter_entries`)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def adapter_entries(model_dir: Path, model_name: str) -> list[dict]:
+    """The adapters published next to a model (``<tag>-adapters/NAME``), one dict each; a broken one has
+    ``error`` set instead of its manifest's fields."""
+    from mlx_ray.adapters import adapter_dir, scan_adapters
+
+    out = []
+    for name, m in scan_adapters(model_dir):
+        d = {"name": name, "model": f"{model_name}:{name}", "path": str(adapter_dir(model_dir, name))}
+        if isinstance(m, Exception):
+            out.append({**d, "error": str(m)})
+            continue
+        size = sum(f.get("size", 0) for f in m.files.values())
+        out.append({**d, "fine_tune_type": m.fine_tune_type, "rank": m.rank, "num_layers": m.num_layers,
+                    "base_quantized": m.base_quantized, "size": size, "iterations": m.iterations,
+                    "train_loss": m.train_loss, "val_loss": m.val_loss, "created": m.created,
+                    "base_hash": m.base_hash, "error": None})
+    return out
 
 
 def _entry(root: Path, d: Path) -> ModelEntry:
@@ -65,9 +85,10 @@ def _entry(root: Path, d: Path) -> ModelEntry:
         m = {}
     src = m.get("source", {})
     size = m.get("total_size") or sum(p.stat().st_size for p in d.iterdir() if p.is_file())
-    return ModelEntry(name=str(d.relative_to(root)), path=str(d), quantization=d.name, size=size,
+    name = str(d.relative_to(root))
+    return ModelEntry(name=name, path=str(d), quantization=d.name, size=size,
                       source=src.get("id") or src.get("path"), revision=src.get("revision"),
-                      created=m.get("created"))
+                      created=m.get("created"), adapters=adapter_entries(d, name))
 
 
 def list_models(cache_dir: str | Path | None = None) -> list[ModelEntry]:
@@ -115,21 +136,36 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def remove_model(spec: str, cache_dir: str | Path | None = None) -> Path:
-    """Delete a model from the cache (under its convert lock, via an atomic rename first)."""
+    """Delete a model from the cache (under its convert lock, via an atomic rename first), with its adapters;
+    ``BASE:ADAPTER`` deletes one adapter."""
+    from mlx_ray.adapters import adapters_root, parse_model_name, resolve_adapter
+
     root = cache_root(cache_dir)
+    if parse_model_name(spec)[1] is not None:
+        _, target = resolve_adapter(spec, cache_dir)
+        _remove_dir(target)
+        return target
     target = resolve_model(spec, cache_dir)
     if root.resolve() not in target.resolve().parents:
         raise NotFound(f"{spec} is not inside the cache {root}; remove directories outside it yourself",
                        param="model")
-    grave = target.parent / f".{target.name}.trash-rm-{os.getpid()}"
-    try:
-        with TargetLock(target, wait=30):
-            os.rename(target, grave)
-    except OSError as e:
-        raise writable_error(target, e) from e
-    shutil.rmtree(grave, ignore_errors=True)
+    with TargetLock(target, wait=30):
+        _remove_dir(target, locked=True)
+        if adapters_root(target).is_dir():  # an adapter is useless without its base
+            _remove_dir(adapters_root(target), locked=True)  # the base's lock guards its adapters
     org = target.parent
     if org != root and not any(org.iterdir()):
         with contextlib.suppress(OSError):
             org.rmdir()
     return target
+
+
+def _remove_dir(target: Path, locked: bool = False) -> None:
+    """Rename ``target`` aside (under its lock unless ``locked``), then delete it."""
+    grave = target.parent / f".{target.name}.trash-rm-{os.getpid()}"
+    try:
+        with contextlib.nullcontext() if locked else TargetLock(target, wait=30):
+            os.rename(target, grave)
+    except OSError as e:
+        raise writable_error(target, e) from e
+    shutil.rmtree(grave, ignore_errors=True)

@@ -19,11 +19,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     ls = sub.add_parser("list", help="show the models on the cache")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ve = sub.add_parser("verify", help="re-hash a model against its manifest")
-    ve.add_argument("model", help="cache name (as `models list` prints it) or model directory")
+    ve.add_argument("model", help="cache name (as `models list` prints it), model directory, or BASE:ADAPTER")
     ve.add_argument("--fast", action="store_true", help="check sizes and headers only, no hashing")
     ve.add_argument("--json", action="store_true", help="machine-readable output")
     rm = sub.add_parser("rm", help="remove a model from the cache")
-    rm.add_argument("model", help="cache name, as `models list` prints it")
+    rm.add_argument("model", help="cache name, as `models list` prints it (with its adapters), or BASE:ADAPTER")
     for p in (ls, ve, rm):
         p.add_argument("--cache-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -50,14 +50,33 @@ def _list(args) -> int:
         print(f"no models in {cache.cache_root(args.cache_dir)}")
         return 0
     rows = [["NAME", "QUANTIZATION", "SIZE", "SOURCE"]]
-    rows += [[m.name, m.quantization, human_size(m.size), m.source or "?"] for m in models]
+    for m in models:
+        rows.append([m.name, m.quantization, human_size(m.size), m.source or "?"])
+        rows += [_adapter_row(a) for a in m.adapters]
     print(_table(rows))
     return 0
 
 
+def _adapter_row(a: dict) -> list[str]:
+    """An adapter's row under its base: ``  :NAME``, its type and rank, size, final losses."""
+    if a.get("error"):
+        return [f"  :{a['name']}", "adapter", "?", f"broken: {a['error']}"]
+    kind = f"{'q' if a['base_quantized'] else ''}{a['fine_tune_type']} r{a['rank']}"
+    losses = f"loss {a['train_loss']:.3f}" if a.get("train_loss") is not None else ""
+    if a.get("val_loss") is not None:
+        losses += f", val {a['val_loss']:.3f}"
+    return [f"  :{a['name']}", kind, human_size(a["size"]), f"adapter, {a['iterations']} iters{', ' + losses if losses else ''}"]
+
+
 def _verify(args) -> int:
-    path = cache.resolve_model(args.model, args.cache_dir)
-    problems = cache.verify_model(path, deep=not args.fast)
+    from mlx_ray.adapters import parse_model_name, resolve_adapter, verify_adapter
+
+    if parse_model_name(args.model)[1] is not None:
+        _, path = resolve_adapter(args.model, args.cache_dir)
+        problems = verify_adapter(path, deep=not args.fast)
+    else:
+        path = cache.resolve_model(args.model, args.cache_dir)
+        problems = cache.verify_model(path, deep=not args.fast)
     if args.json:
         print(json.dumps({"path": str(path), "ok": not problems, "problems": problems}, indent=2))
     else:
