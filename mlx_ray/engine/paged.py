@@ -30,6 +30,10 @@ processors: the forward of every row, theirs included, is still built on the
 previous step's lazy tokens and queued first; only then does the host read
 the previous tokens, apply the processors and queue the sampling. So one such
 row costs the batch no overlap of its forward, only the (short) sampling tail.
+
+With LoRA adapters (``lora.py``), every forward first tells the adapted layers each row's adapter
+slot (``Row.lora``, 0: none), prefill chunks and decode steps alike: rows of different adapters and
+rows of none share one forward.
 """
 
 from __future__ import annotations
