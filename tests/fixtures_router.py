@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +72,15 @@ def running_router(cfg: dict):
 
     ing = RouterIngress(cfg)
     (port,) = free_ports(1)
-    server = uvicorn.Server(uvicorn.Config(create_app(ing), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(ing)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await ing.router.close()  # its HTTP client, on the loop that made it
+
+    app.router.lifespan_context = lifespan
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     deadline = time.monotonic() + 30

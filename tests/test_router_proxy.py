@@ -52,7 +52,7 @@ def arms(mlx_f32, tmp_path_factory):
 
 def router_config(arms, policy: str = "overflow", **kw) -> dict:
     p, m = arms["primary"], arms["mac"]
-    return {"public_model": "chat", "policy": policy, "probe_interval_s": 0.5, "probe_timeout_s": 2.0,
+    return {"public_model": "chat", "policy": policy, "probe_interval_s": 0.5, "probe_timeout_s": 5.0,
             "cooldown_s": 2.0, "ttft_slo_s": 10.0,
             "arms": [{"name": "primary", "role": "primary", "base_url": p.url, "model": p.model, "max_waiting": 0,
                       "load": {"prometheus": p.root + "/metrics"}, **({"weight": 0.8} if policy == "ab" else {})},

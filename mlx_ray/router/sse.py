@@ -21,11 +21,23 @@ def model_rewriter(upstream_model: str, public_model: str):
 
     Only a structural key matches: inside a JSON string every quote is escaped (``\\"model\\"``), so the
     look-behind keeps generated text that merely mentions a model key untouched."""
-    pattern = re.compile(rb'(?<!\\)"model"\s*:\s*' + re.escape(json.dumps(upstream_model).encode()))
+    value = json.dumps(upstream_model).encode()
+    pattern = re.compile(rb'(?<!\\)"model"\s*:\s*' + re.escape(value))
     replacement = b'"model":' + json.dumps(public_model).encode()
+    # The two spellings servers write, replaced as plain bytes (an escaped key inside a string reads \"model\":
+    # and never matches them); the pattern only for other spacing. Per streamed event, this is the hot path.
+    compact, spaced = b'"model":' + value, b'"model": ' + value
     if upstream_model == public_model:
         return lambda data: data
-    return lambda data: pattern.sub(lambda _m: replacement, data)
+
+    def rewrite(data: bytes) -> bytes:
+        if compact in data:
+            return data.replace(compact, replacement)
+        if spaced in data:
+            return data.replace(spaced, replacement)
+        return pattern.sub(lambda _m: replacement, data) if b'"model"' in data else data
+
+    return rewrite
 
 
 class EventReader:
