@@ -131,7 +131,7 @@ def _deployed_apps(stock) -> list[dict]:
     r = stock.head_cli("serve", "status", "--address", stock.dashboard)
     running = (yaml.safe_load(r.stdout) or {}).get("applications") or {}
     current = stock.head_cli("serve", "config", "--address", stock.dashboard).stdout
-    return [a for a in yaml.safe_load_all(current) if a and a.get("name") in running]
+    return [a for a in yaml.safe_load_all(current) if isinstance(a, dict) and a.get("name") in running]
 
 
 def test_the_router_block_deploys_from_the_stock_head_beside_the_model(stock_cluster, mlx_f32, model_cache, tmp_path):
