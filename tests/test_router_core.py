@@ -429,3 +429,21 @@ def test_a_reported_load_moves_with_the_routers_own_requests_since_the_report():
     assert (shifted(load, -3).waiting, shifted(load, -3).running) == (0, 0)
     assert (shifted(load, -9).waiting, shifted(load, -9).running) == (0, 0)
     assert shifted(load, 0) is load
+
+
+def test_a_burst_between_two_load_reports_never_overfills_a_secondary():
+    """The Mac reported itself idle; the router then sends requests one after the other before the next report:
+    only max_running of them spill, the rest wait for the primary (CI once saw 4 spill onto 2 slots)."""
+    from mlx_ray.router.loads import shifted
+
+    d = overflow_cfg().model_dump(exclude_none=True)
+    d["arms"][1]["max_running"] = 2
+    cfg = RouterConfig.validate_dict(d)
+    idle = ArmLoad(waiting=0, running=0, free_kv_blocks=100, prefill_tokens_per_s=1000.0, source="mlx_ray")
+    busy_primary = ArmState(load=ArmLoad(waiting=5, running=2, source="prometheus"))
+    spilled = 0
+    for _ in range(6):
+        mac = ArmState(load=shifted(idle, spilled), in_flight=spilled)
+        d = decide(RouteRequest(prompt_tokens=20), {"vllm": busy_primary, "mac": mac}, cfg)
+        spilled += d.reason == "spill"
+    assert spilled == cfg.arm("mac").max_running

@@ -274,7 +274,7 @@ def test_a_slow_grammar_compile_runs_off_the_event_loop():
         def processor(self, compiled):
             return f"processor of {compiled}"
 
-    def admit(request, grammar=None):  # MLXEngine._admit up to its grammar: built here if not before
+    def admit(request, grammar=None, adapter=None):  # MLXEngine._admit up to its grammar: built here if not before
         if grammar is None:
             grammar = eng.grammars.processor(eng.grammars.compile(request.sampling.grammar))
         seen["grammar"] = grammar

@@ -89,10 +89,18 @@ _CLOSED = ArmState()
 
 
 def past_load(arm: ArmConfig, state: ArmState) -> bool:
-    """Whether the arm is past its configured load (no threshold set: never)."""
+    """Whether the arm is past its configured load (no threshold set: never).
+
+    With ``max_running`` alone, queued requests count toward it too: they will run, and the router's own requests
+    sent since the arm's last report are counted as queued (``loads.shifted``), so a burst decided between two
+    reports cannot all pass a threshold that only looked at ``running``."""
     load = effective_load(state.load, state.in_flight, arm.max_running)
-    return ((arm.max_waiting is not None and load.waiting > arm.max_waiting)
-            or (arm.max_running is not None and load.running >= arm.max_running))
+    if arm.max_waiting is not None and load.waiting > arm.max_waiting:
+        return True
+    if arm.max_running is None:
+        return False
+    busy = load.running if arm.max_waiting is not None else load.running + load.waiting
+    return busy >= arm.max_running
 
 
 def has_room(arm: ArmConfig, state: ArmState) -> bool:
