@@ -10,6 +10,7 @@ a high learning rate, 16 iterations (about 20 s of training here).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,9 @@ def homelab_job(ray_cluster, mlx_f32, model_cache, homelab_data, tmp_path_factor
 
     cfg = config(mlx_f32, model_cache, tmp_path_factory.mktemp("finetune"), homelab_data, name="homelab",
                  iters=16, steps_per_report=2, save_every=8, max_failures=1)
-    return finetune(cfg, loop_extra={"_test_exit_after": 10})
+    yield finetune(cfg, loop_extra={"_test_exit_after": 10})
+    # the session's model cache is shared: the served app's /v1/models would list the adapter in later tests
+    shutil.rmtree(adapter_dir(mlx_f32, "homelab"), ignore_errors=True)
 
 
 @pytest.mark.ray
