@@ -45,6 +45,7 @@ def test_faulting_kernels_are_measured_once_and_the_engine_serves_on_twins(mlx_f
                                                                    max_tokens=4)))
         assert fin.finish_reason == "length" and len(ids) == 4
         engine.check_health()
+        assert engine.stats().get("batch_failures", 0) == 0  # the faults cost the gate's child, never a batch
     finally:
         run_async(engine.shutdown())
 
@@ -58,7 +59,7 @@ def test_faulting_kernels_are_measured_once_and_the_engine_serves_on_twins(mlx_f
         run_async(engine.shutdown())
 
 
-def test_a_kernel_failing_at_run_time_fails_that_request_then_the_twin_serves(engine_f32, monkeypatch):
+def test_a_kernel_failing_at_run_time_fails_that_request_then_the_twin_serves(engine_f32, mlx_f32, monkeypatch):
     key = gate.cache_key(batch_sampler.SPEC, FAKE)
     gate._write_cache(key, gate.Verdict("sampler", True, "seeded: measured faster earlier", device=FAKE.name))
     assert gate.verdict("sampler", device=FAKE).enabled  # this process's verdict: on (from the cache)
@@ -82,6 +83,25 @@ def test_a_kernel_failing_at_run_time_fails_that_request_then_the_twin_serves(en
     stats = engine_f32.stats()
     assert "Unable to load kernel" in stats["kernels_failed"]["sampler"]
     assert stats["batch_failures"] == failures + 1
+    r = run_async(_http_health(engine_f32, mlx_f32))  # the replica's GET /health: 200, and it says so
+    assert r.status_code == 200, r.text
+    assert "Unable to load kernel" in r.json()["kernels_failed"]["smol"]["sampler"], r.text
     gate.reset()
     v = gate.verdict("sampler", device=FAKE)  # the next process: off, from the cache
     assert v.cached and not v.enabled and v.failed_at_runtime
+
+
+
+async def _http_health(engine, model):
+    """GET /health of a replica's own app (direct ingress: the real routes over this engine), over ASGI."""
+    import httpx
+
+    from mlx_ray.serve.config import ServeConfig
+    from mlx_ray.serve.ingress import OpenAIIngress, create_app
+    from mlx_ray.serve.local import LocalHandle
+    from mlx_ray.serve.server import LLMServer
+
+    cfg = ServeConfig.from_args({"models": [{"model": str(model), "name": "smol"}]})
+    app = create_app(OpenAIIngress({"smol": LocalHandle(LLMServer(cfg.models[0], engine=engine))}, cfg))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
+        return await c.get("/health")

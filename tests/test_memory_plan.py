@@ -142,3 +142,30 @@ def test_serve_cli_kv_bits_words_reach_the_engine_config():
     from mlx_ray.engine.protocol import EngineConfig  # env vars arrive as strings (KV_BITS=8)
 
     assert [EngineConfig(kv_bits=v).kv_bits for v in ("8", "model", "auto")] == [8, None, "auto"]
+
+
+def test_the_wired_limit_is_set_only_on_a_real_metal_device_and_a_refusal_is_a_warning(seed_config, monkeypatch,
+                                                                                       caplog):
+    """``apply_wired_limit`` as the engine calls it at start. Mocked, because Metal is not here: MLX's
+    ``metal.is_available`` and ``set_wired_limit`` (recorded). A profile never wires this machine's memory."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    fp = memory.footprint(seed_config)
+    plan = memory.make_plan(fp, device.resolve("m4-pro-48gb"), max_model_len=4096)
+    assert memory.apply_wired_limit(plan) is None  # a profile: nothing is set
+    assert plan.wired_limit_bytes == device.resolve("m4-pro-48gb").working_set_bytes
+
+    mac = dataclasses.replace(device.resolve("m4-pro-48gb"), source="metal")  # what a real Mac reports
+    real = memory.make_plan(fp, mac, max_model_len=4096)
+    calls = []
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 7)
+    assert memory.apply_wired_limit(real) == 7 and calls == [real.wired_limit_bytes]
+
+    def refuse(n):
+        raise RuntimeError("[metal::set_wired_limit] Setting a wired limit larger than the maximum working set")
+    monkeypatch.setattr(mx, "set_wired_limit", refuse)
+    assert memory.apply_wired_limit(real) is None  # serve unwired rather than not at all
+    assert "wired limit not set" in caplog.text

@@ -335,8 +335,10 @@ def test_recovery_from_a_failed_step_frees_the_old_pool_before_allocating_the_ne
     assert list(got.values()) == list(want.values())
 
 
-def test_a_row_with_a_penalty_keeps_the_batch_pipelined_and_its_tokens(mlxlm_f32, monkeypatch):
-    """One row with a logits processor (repetition penalty) in a batch of three: every step's forward, for all rows,
+@pytest.mark.parametrize("processor", [dict(repetition_penalty=1.5, repetition_context_size=64),
+                                       dict(logit_bias={28: 3.0, 30: -100.0})], ids=["penalty", "logit_bias"])
+def test_a_row_with_a_penalty_keeps_the_batch_pipelined_and_its_tokens(mlxlm_f32, monkeypatch, processor):
+    """One row with a logits processor (repetition penalty, or logit_bias) in a batch of three: every step's forward, for all rows,
     is queued on the previous step's lazy tokens before the host reads them (the pipelined order); and every row's
     tokens are those it gets alone."""
     from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
@@ -344,7 +346,7 @@ def test_a_row_with_a_penalty_keeps_the_batch_pipelined_and_its_tokens(mlxlm_f32
     model, tok = mlxlm_f32
     n = 16
     prompts = [chat_ids(tok, q) for q in QUESTIONS[:3]]
-    procs = [[], make_logits_processors(repetition_penalty=1.5, repetition_context_size=64), []]
+    procs = [[], make_logits_processors(**processor), []]
 
     alone = []
     for ids, pr in zip(prompts, procs):

@@ -258,6 +258,7 @@ def test_deadline_408():
     engine.step_s = 0.05
     r = client.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 50, "timeout": 0.12})
     assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error"
+    assert r.headers["x-should-retry"] == "false"  # the openai SDK would repeat a 408: the client's deadline passed
 
 
 def test_engine_fault_500_and_health_503():

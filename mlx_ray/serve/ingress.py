@@ -212,7 +212,12 @@ class OpenAIIngress:
             msg = "; ".join(f"{n}: {err}" for n, err in bad.items())
             return JSONResponse(oai.error_body(f"unhealthy: {msg}", "server_error", None, "unhealthy"),
                                 status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ok", "models": {n: "ok" for n in results}})
+        body: dict = {"status": "ok", "models": {n: "ok" for n in results}}
+        # A kernel that failed at run time is off (its calls go to the twin): still healthy, but said here.
+        failed = {n: k for n, r in results.items() if (k := (r.get("stats") or {}).get("kernels_failed"))}
+        if failed:
+            body["kernels_failed"] = failed
+        return JSONResponse(body)
 
     async def load(self, request: Request) -> Response:
         """GET /v1/load[?model=NAME]: a model's load report for a router (``metrics.load_report``).
