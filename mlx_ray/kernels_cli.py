@@ -159,8 +159,9 @@ def _rows(v, kernel: str, path: str) -> list[dict]:
     return [{"kernel": kernel, "path": path, **r} for r in v.cases]
 
 
-def selftest() -> dict:
-    """Every kernel against its twin here; the report (see the module docstring)."""
+def selftest(quick: bool = False) -> dict:
+    """Every kernel against its twin here; the report (see the module docstring). ``quick``: one warm-up and one
+    timed run per case (every case still checked against its twin; the timings are rough)."""
     import mlx.core as mx
 
     from .kernels import _common, gate
@@ -171,6 +172,7 @@ def selftest() -> dict:
               "inactive": {}, "skipped_modules": {}}
     if not device.metal:
         report["note"] = NO_METAL_NOTE
+    warmup, reps = (1, 1) if quick else (CPU_WARMUP, CPU_REPS)
     for name, spec in _common.kernels().items():
         if device.metal:
             v = gate.verdict(spec, device=device, refresh=True)
@@ -179,7 +181,7 @@ def selftest() -> dict:
             v = gate.verdict(spec, device=device)
         report["verdicts"].append(v.as_dict())
         if spec.cpu_fn is not None:
-            cv = gate.evaluate(spec, cpu, fast_fn=spec.cpu_fn, warmup=CPU_WARMUP, reps=CPU_REPS,
+            cv = gate.evaluate(spec, cpu, fast_fn=spec.cpu_fn, warmup=warmup, reps=reps,
                                stop_on_problem=False)
             report["rows"] += _rows(cv, name, "cpu")
     report["skipped_modules"] = dict(_common.SKIPPED)
@@ -187,7 +189,7 @@ def selftest() -> dict:
         if isinstance(spec, tuple):
             report["inactive"][spec[0]] = spec[1]
             continue
-        cv = gate.evaluate(spec, cpu, warmup=CPU_WARMUP, reps=CPU_REPS, stop_on_problem=False)
+        cv = gate.evaluate(spec, cpu, warmup=warmup, reps=reps, stop_on_problem=False)
         report["rows"] += _rows(cv, spec.name, "cpu")
     mismatched = [r for r in report["rows"] if "problem" in r]
     mismatched += [v for v in report["verdicts"] if v["reason"].startswith(("mismatch", "cases failed"))]
@@ -270,12 +272,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="{selftest,check}", required=True)
     s = sub.add_parser("selftest", help="every kernel against its twin on this device: timings and verdicts")
     s.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
+    s.add_argument("--quick", action="store_true",
+                   help="one timed run per case: every case still checked against its twin, timings rough")
     c = sub.add_parser("check", help="type-check every Metal kernel and run it under the CPU emulator against its twin")
     c.add_argument("--json", metavar="OUT", help="also write the rows as JSON here")
 
 
 def main(args) -> int:
-    report = selftest() if args.action == "selftest" else check()
+    report = selftest(quick=args.quick) if args.action == "selftest" else check()
     print(render_selftest(report) if args.action == "selftest" else render_check(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))

@@ -51,7 +51,7 @@ import asyncio, json, sys
 sys.path.insert(0, {tests!r})
 from fixtures_engine import collect, make_request, start_engine
 from mlx_ray.blas import loaded_blas
-e = start_engine({model!r}, kv_budget_bytes=64 << 20, prefix_cache_bytes=0)
+e = start_engine({model!r}, kv_budget_bytes=64 << 20, prefix_cache_bytes=0, max_num_seqs=1, warmup=False)  # the BLAS only
 ids = e.encode_chat([{{"role": "user", "content": {prompt!r}}}])
 got, text, _, lps, fin = asyncio.run(collect(e, make_request("b", ids, max_tokens=8, logprobs=True)))
 asyncio.run(e.shutdown())

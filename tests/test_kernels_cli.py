@@ -30,7 +30,7 @@ def _cli(*argv, env=None):
 
 def test_selftest_on_cpu_says_no_metal_and_passes(tmp_path):
     out = tmp_path / "selftest.json"
-    p = _cli("kernels", "selftest", "--json", str(out))
+    p = _cli("kernels", "selftest", "--quick", "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     assert kernels_cli.NO_METAL_NOTE in p.stdout and "selftest: ok" in p.stdout
     report = json.loads(out.read_text())

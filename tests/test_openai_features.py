@@ -68,7 +68,7 @@ def test_tool_choice_required_and_named_give_valid_calls(oa):
                                        parallel_tool_calls=False, temperature=0.9, seed=i, max_tokens=120)
         return choice, r.choices[0]
 
-    for choice, c in _pmap(one, range(20)):
+    for choice, c in _pmap(one, range(10)):
         assert c.finish_reason == "tool_calls", c
         _check_calls(c.message, ("get_time",) if isinstance(choice, dict) else ("get_weather", "get_time"))
         assert len(c.message.tool_calls) == 1

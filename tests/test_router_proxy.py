@@ -184,7 +184,7 @@ def test_ab_split_is_sticky_by_user_and_moves_only_who_must(arms):
     replica, no shared state), stays there, and a weight change moves only users towards the arm that gained.
     The split's share over many users is the hash's property: checked on 20,000 users below, on the same
     function the router was just shown to follow."""
-    users = [f"user-{i}" for i in range(300)]
+    users = [f"user-{i}" for i in range(150)]
 
     def arm_of(url: str, us: list[str]) -> dict[str, str]:
         c = oai_client(url)
