@@ -141,7 +141,7 @@ def test_the_router_runs_on_the_head_and_rides_out_the_mac_sleeping(ray_cluster,
             stop.set()
             for t in threads:
                 t.join(120)
-        assert opened - t_stop <= 1.0 + 2.0 + 1.0, opened - t_stop
+        assert opened - t_stop <= 5.0, opened - t_stop  # the target: out within 5 s (probe 1 s + timeout 2 s + slack)
         assert not [r for r in results if r["error"]], [r for r in results if r["error"]][:3]  # none failed
         assert any(r["arm"] == "primary" and t_stop < r["t1"] < t_cont for r in results)  # the Mac's users failed over
     finally:
