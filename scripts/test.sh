@@ -28,20 +28,8 @@ else
   echo "== pytest on Ray $NEWEST (all tests)"
   python3 -m pytest -q -ra --durations=25
 fi
-# The `ray` tests in two shards at once: they wait on Ray more than they compute (~1.2 of 2 cores alone).
-# Shard 1: the tests with clusters of their own (the worker's heads, the stock head, the doctor's head);
-# shard 0: the rest, on the session's two-node cluster. Each shard draws worker ports from its own range.
-OWN_CLUSTERS=(tests/test_worker.py tests/test_stock_head.py tests/test_doctor.py)
 for V in ${OTHERS[@]+"${OTHERS[@]}"}; do
   PYV=$(bash scripts/ray_env.sh "$V")
-  echo "== pytest on Ray $V (marker ray: Serve, the worker, a stock head; two shards at once)"
-  LOG1=$(mktemp) BT=$(mktemp -d)
-  (MLX_RAY_TEST_SHARD=1 PATH="$(dirname "$PYV"):$PATH" "$PYV" -m pytest -q -ra --durations=10 -m ray \
-     --basetemp="$BT/shard1" "${OWN_CLUSTERS[@]}" >"$LOG1" 2>&1) & SHARD1=$!
-  rc0=0; MLX_RAY_TEST_SHARD=0 PATH="$(dirname "$PYV"):$PATH" "$PYV" -m pytest -q -ra --durations=10 -m ray \
-     --basetemp="$BT/shard0" "${OWN_CLUSTERS[@]/#/--ignore=}" || rc0=$?
-  rc1=0; wait "$SHARD1" || rc1=$?
-  echo "== pytest on Ray $V, shard 1 (${OWN_CLUSTERS[*]})"
-  cat "$LOG1"; rm -rf "$LOG1" "$BT"
-  if [[ $rc0 -ne 0 || $rc1 -ne 0 ]]; then echo "== Ray $V: shard 0 exit $rc0, shard 1 exit $rc1"; exit 1; fi
+  echo "== pytest on Ray $V (marker ray: Serve, the worker, a stock head)"
+  PATH="$(dirname "$PYV"):$PATH" "$PYV" -m pytest -q -ra --durations=10 -m ray
 done
