@@ -239,7 +239,7 @@ class MLXEngine(LLMEngine):
                                    retry_after=self.config.sleep_retry_after_s))
             if not await asyncio.to_thread(sched.thread.join, 60) and sched.thread.is_alive():
                 log.warning("the generation loop did not stop within 60 s of going to sleep")
-            self._sched = None
+            self._sched = sched = None  # the loop held the backend, its KV pool and the model
             await asyncio.to_thread(self._release_model)
             after = memory.mlx_memory()
             self._state = "asleep"
