@@ -102,7 +102,7 @@ def test_http_sleep_under_load_503_then_wake_identical(served):
     import openai
     from concurrent.futures import ThreadPoolExecutor
 
-    from fixtures_serve import serve_handle
+    from fixtures_serve import engine_stats, serve_handle
 
     url, _ = served
     oa = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -123,9 +123,14 @@ def test_http_sleep_under_load_503_then_wake_identical(served):
 
     pid = serve_handle("smol").info.remote().result(timeout_s=60)["pid"]
     reference = greedy()
-    with ThreadPoolExecutor(4) as pool:
-        streams = [pool.submit(long_stream) for _ in range(2)]
-        time.sleep(1.0)
+    with ThreadPoolExecutor(2) as pool:
+        streams = []
+        for n in (1, 2):  # one at a time: the app admits 2 running + 1 waiting, and a burst can see 429
+            streams.append(pool.submit(long_stream))
+            deadline = time.monotonic() + 60
+            while engine_stats("smol")["running"] < n:
+                assert time.monotonic() < deadline, engine_stats("smol")
+                time.sleep(0.05)
         slept = httpx.post(url + "/sleep", params={"model": "smol", "grace_s": 0.5}, timeout=120)
         assert slept.status_code == 200 and slept.json()["is_sleeping"], slept.text
         try:
