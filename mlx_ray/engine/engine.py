@@ -20,8 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
+import mlx.core as mx
+
 from .. import blas
-from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded
+from ..errors import BadRequest, ContextOverflow, EngineFault, Overloaded, Unavailable
 from . import backend as kv_backend
 from . import chat_format, device, loader, lora, memory, sampling, warmup
 from .constrain import Grammars
@@ -63,12 +65,20 @@ class MLXEngine(LLMEngine):
         self.plan: Optional[memory.MemoryPlan] = None
         self.grammars: Optional[Grammars] = None
         self.lora: Optional[lora.Store] = None  # the adapters (max_loras > 0)
+        self._loaded = False  # tokenizer, info and plan: kept while asleep
+        # Sleep and wake: "awake", "sleeping" (admission closed, draining), "asleep" (model and KV
+        # released), "waking" (reloading). One transition at a time (a thread lock: callers may come from
+        # several event loops).
+        self._state = "awake"
+        self._sleep_lock = threading.Lock()
+        self._sleep_facts: dict = {}  # what the last sleep and wake measured
+        self.cold_start_s: Optional[float] = None
 
     # -- loading ------------------------------------------------------------------------
     def load(self) -> None:
         """Load the model and tokenizer (idempotent, blocking). ``start`` calls it off the event loop."""
         with self._load_lock:
-            if self._model is not None:
+            if self._loaded:
                 return
             model, tokenizer, info = loader.load(self._model_arg)
             cfg = self.config
@@ -86,6 +96,7 @@ class MLXEngine(LLMEngine):
             if cfg.max_loras:
                 self.lora = lora.Store(model, info.path, cfg.max_loras)
             self._model = model
+            self._loaded = True
             # The model's modules and arrays and the tokenizer are long-lived: move them out of the
             # cyclic GC's generations so its collections during generation stop rescanning them
             # (perf showed gc_collect_main at 1.5-2.7% of a decode step; vLLM freezes after init too).
@@ -170,22 +181,17 @@ class MLXEngine(LLMEngine):
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        if self._sched is not None:
+        if self._sched is not None or self._state != "awake":
             return
+        t0 = time.perf_counter()
         await asyncio.to_thread(self.load)
         await asyncio.to_thread(lambda: self.grammars.tokenizer)  # llguidance's view of the vocabulary (0.4-2.5 s)
         if self._sched is not None:
             return
         blas.set_threads()  # a Ray replica inherits OMP_NUM_THREADS=num_cpus (mlx_ray/blas.py)
-        backend = await asyncio.to_thread(kv_backend.build, self._model, self.config, kv_budget=self.kv_budget_bytes,
-                                          kv_bytes_per_token=self.info.kv_bytes_per_token,
-                                          prefix_bytes=self.prefix_cache_bytes)
-        if self._sched is not None:
+        backend = await self._start_loop()
+        if backend is None:
             return
-        self._sched = Scheduler(backend, self.config, self.kv_budget_bytes)
-        if self.lora is not None and backend.kind == "paged":  # rows of many adapters in one batch
-            backend.lora, self._sched.lora = self.lora.slots.state, self.lora.slots
-        self._sched.start()
         if blas.wanted_library() and not blas.preload_active():
             log.warning("MLX runs with the reference BLAS (slow); start Python with LD_PRELOAD=%s "
                         "(the mlx-ray CLI and Ray workers do this themselves)", blas.wanted_library())
@@ -194,6 +200,115 @@ class MLXEngine(LLMEngine):
                  self.prefix_cache_bytes / 2**20)
         if self.config.warmup:
             await warmup.warm_up(self)
+        self.cold_start_s = time.perf_counter() - t0
+
+    async def _start_loop(self):
+        """Build the KV backend on the loaded model and start the generation loop; the backend, or None
+        when a concurrent start got there first."""
+        backend = await asyncio.to_thread(kv_backend.build, self._model, self.config, kv_budget=self.kv_budget_bytes,
+                                          kv_bytes_per_token=self.info.kv_bytes_per_token,
+                                          prefix_bytes=self.prefix_cache_bytes)
+        if self._sched is not None:
+            return None
+        self._sched = Scheduler(backend, self.config, self.kv_budget_bytes)
+        if self.lora is not None and backend.kind == "paged":  # rows of many adapters in one batch
+            backend.lora, self._sched.lora = self.lora.slots.state, self.lora.slots
+        self._sched.start()
+        return backend
+
+    # -- sleep and wake (vLLM's /sleep and /wake_up) -----------------------------------------
+    async def sleep(self, grace_s: Optional[float] = None) -> dict:
+        """Close admission (new requests: Unavailable, 503 + Retry-After), give running and queued requests
+        ``grace_s`` (default ``sleep_grace_s``) to finish, end the rest with Unavailable, stop the loop and
+        release the KV pool, the prefix cache, the adapters and the weights (MLX's memory and its buffer
+        cache). The tokenizer stays; health still passes. Idempotent."""
+        grace = self.config.sleep_grace_s if grace_s is None else grace_s
+        await asyncio.to_thread(self._sleep_lock.acquire)
+        try:
+            if self._state == "asleep" or self._sched is None:
+                return self.sleep_state()
+            t0 = time.perf_counter()
+            before = memory.mlx_memory()
+            self._state = "sleeping"
+            deadline = time.monotonic() + grace
+            while self._inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            left, sched = len(self._inflight), self._sched
+            sched.stop(Unavailable(f"model {self.model_id} went to sleep before this request finished "
+                                   f"(grace {grace:g} s); retry, on another replica while it sleeps",
+                                   retry_after=self.config.sleep_retry_after_s))
+            if not await asyncio.to_thread(sched.thread.join, 60) and sched.thread.is_alive():
+                log.warning("the generation loop did not stop within 60 s of going to sleep")
+            self._sched = sched = None  # the loop held the backend, its KV pool and the model
+            await asyncio.to_thread(self._release_model)
+            after = memory.mlx_memory()
+            self._state = "asleep"
+            self._sleep_facts = {"memory_before_sleep_bytes": before, "memory_asleep_bytes": after,
+                                 "released_bytes": before - after, "cancelled": left,
+                                 "sleep_s": round(time.perf_counter() - t0, 3)}
+            log.info("asleep: released %.0f MiB of MLX memory (%.0f MiB left), %d unfinished request(s) ended",
+                     (before - after) / 2**20, after / 2**20, left)
+            return self.sleep_state()
+        except BaseException:
+            if self._state == "sleeping" and self._sched is not None:
+                self._state = "awake"  # the loop still runs: serve on
+            raise
+        finally:
+            self._sleep_lock.release()
+
+    def _release_model(self) -> None:
+        """Drop every reference to the model and its arrays, collect them, and empty MLX's buffer cache."""
+        self._model, self.lora = None, None
+        gc.unfreeze()  # load() froze the model's objects: a frozen cycle would never be collected
+        gc.collect()
+        mx.clear_cache()
+
+    async def wake_up(self) -> dict:
+        """Reload the weights from the cache, rebuild the KV pool, start the loop and admit again (then the
+        warm-up, as at start). Idempotent."""
+        await asyncio.to_thread(self._sleep_lock.acquire)
+        try:
+            if self._state != "asleep":
+                return self.sleep_state()
+            t0 = time.perf_counter()
+            self._state = "waking"
+            try:
+                await asyncio.to_thread(self._reload_model)
+                await self._start_loop()
+            except BaseException:
+                self._state = "asleep"
+                raise
+            self._state = "awake"
+            if self.config.warmup:
+                await warmup.warm_up(self)
+            self._sleep_facts["wake_s"] = round(time.perf_counter() - t0, 3)
+            self._sleep_facts["memory_awake_bytes"] = memory.mlx_memory()
+            log.info("awake again in %.2f s (cold start %s s)", self._sleep_facts["wake_s"],
+                     f"{self.cold_start_s:.2f}" if self.cold_start_s else "?")
+            return self.sleep_state()
+        finally:
+            self._sleep_lock.release()
+
+    def _reload_model(self) -> None:
+        model, _, info = loader.load(self._model_arg)
+        if info.weights_bytes != self.info.weights_bytes or info.vocab_size != self.info.vocab_size:
+            raise EngineFault(f"model {self.model_id} changed on the cache while asleep ({info.weights_bytes} bytes of "
+                              f"weights, were {self.info.weights_bytes}); restart the replica to serve the new one")
+        if self.config.max_loras:
+            self.lora = lora.Store(model, info.path, self.config.max_loras)
+        self._model = model
+        gc.freeze()
+
+    def sleep_state(self) -> dict:
+        """{"sleeping", "state", "memory_bytes" (MLX's active + cache, this process), "cold_start_s", and what
+        the last sleep and wake measured}."""
+        return {"sleeping": self._state != "awake", "state": self._state, "memory_bytes": memory.mlx_memory(),
+                "cold_start_s": self.cold_start_s, **self._sleep_facts}
+
+    def _check_awake(self) -> None:
+        if self._state != "awake":
+            raise Unavailable(f"model {self.model_id} is asleep (POST /wake_up wakes it); retry later or on "
+                              "another replica", retry_after=self.config.sleep_retry_after_s)
 
     async def reset_counters(self) -> None:
         """Zero the loop's counters (after the warm-up); the prefix cache keeps its entries."""
@@ -211,10 +326,12 @@ class MLXEngine(LLMEngine):
 
     def check_health(self) -> None:
         sched = self._sched
-        if sched is None:
-            raise EngineFault("the engine is not started")
         if self._shutdown:
             raise EngineFault("the engine is shutting down")
+        if self._state != "awake":  # asleep on purpose (or on the way): healthy, so Serve keeps the replica
+            return
+        if sched is None:
+            raise EngineFault("the engine is not started")
         if not sched.thread.is_alive():
             cause = f" ({type(sched.error).__name__}: {sched.error})" if sched.error else ""
             raise EngineFault(f"the generation loop is dead{cause}; restart the replica")
@@ -230,10 +347,15 @@ class MLXEngine(LLMEngine):
         out["waiting"] = len(sched.waiting) if sched is not None else 0
         out["inflight"] = len(self._inflight)
         out["kv_budget_bytes"] = self.kv_budget_bytes
+        out["sleeping"] = self._state != "awake"
         return out
 
     # -- requests -----------------------------------------------------------------------
     def adapters(self) -> list[str]:
+        if self.lora is None and self.config.max_loras and self.info is not None:  # asleep: from the cache
+            from .. import adapters as layout
+
+            return [n for n, _ in layout.list_adapters(self.info.path)]
         return self.lora.names() if self.lora is not None else []
 
     def _adapter(self, name: str) -> lora.Adapter:
@@ -247,10 +369,12 @@ class MLXEngine(LLMEngine):
         return self.lora.prepare(name)
 
     async def cancel(self, request_id: str) -> None:
-        if self._sched is not None and request_id in self._inflight:
-            self._sched.cancel(request_id)
+        sched = self._sched
+        if sched is not None and request_id in self._inflight:
+            sched.cancel(request_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        self._check_awake()
         s, grammar, adapter = request.sampling, None, None
         if s.grammar is not None and not s.ignore_eos and self.grammars is not None:
             # llguidance's compile and matcher take ms to seconds: off the event loop (also the HTTP loop)
@@ -265,12 +389,14 @@ class MLXEngine(LLMEngine):
                 if isinstance(ev, FinishEvent):
                     return
         finally:
-            if not handle.finished:  # the consumer went away: free the row
-                self._sched.cancel(request.request_id)
+            sched = self._sched
+            if not handle.finished and sched is not None:  # the consumer went away: free the row
+                sched.cancel(request.request_id)
 
     def _admit(self, request: GenerationRequest, grammar=None, adapter: Optional[lora.Adapter] = None) -> _Handle:
         """Validate and submit, or raise before the first event (``grammar``: the processor, built already;
         ``adapter``: the request's LoRA adapter, checked already)."""
+        self._check_awake()
         self.check_health()
         cfg, info, s = self.config, self.info, request.sampling
         rid = request.request_id

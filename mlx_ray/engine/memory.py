@@ -56,6 +56,14 @@ class PlanError(BadRequest):
     """The model cannot run at the requested context on this device (one line: what to change)."""
 
 
+def mlx_memory() -> int:
+    """The bytes MLX holds in this process: arrays alive (``mx.get_active_memory``) plus its buffer cache
+    (``mx.get_cache_memory``), what a sleeping engine gives back."""
+    import mlx.core as mx
+
+    return int(mx.get_active_memory()) + int(mx.get_cache_memory())
+
+
 def round_up(n: int, step: int = KV_STEP) -> int:
     return -(-n // step) * step
 

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator
 
-from ..errors import MlxRayError
+from ..errors import BadRequest, MlxRayError
 from .chat_format import ChatFormat
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -55,6 +55,12 @@ class EngineConfig(BaseModel):
     admission: Literal["backfill", "fifo"] = Field(
         "backfill", description="fifo: requests start strictly in arrival order; backfill (paged cache): while the "
                                 "oldest waits for KV, later requests that cannot delay it start (EASY backfilling).")
+    sleep_grace_s: float = Field(30.0, ge=0, description="Going to sleep (POST /sleep, `mlx-ray finetune "
+                                                      "--sleep-serving`), running and queued requests get this long to "
+                                                      "finish; the rest end with 503 + Retry-After (an error event in a "
+                                                      "stream).")
+    sleep_retry_after_s: float = Field(10.0, gt=0, description="Retry-After (seconds) of the 503 that an asleep model "
+                                                               "answers (and its GET /v1/load, so a router fails over).")
 
 
 @dataclass(frozen=True)
@@ -229,3 +235,17 @@ class LLMEngine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
+
+    # Sleep and wake (vLLM's /sleep and /wake_up): an engine that can release its memory overrides these.
+    async def sleep(self, grace_s: Optional[float] = None) -> dict:
+        """Stop admitting, let what runs finish (up to ``grace_s``), end the rest with Unavailable, and
+        release the model's memory; returns ``sleep_state()``."""
+        raise BadRequest(f"{type(self).__name__} cannot sleep", param="model")
+
+    async def wake_up(self) -> dict:
+        """Reload what ``sleep`` released and admit again; returns ``sleep_state()``."""
+        raise BadRequest(f"{type(self).__name__} cannot sleep", param="model")
+
+    def sleep_state(self) -> dict:
+        """{"sleeping": bool, "state": "awake"|"sleeping"|"asleep"|"waking", ...}."""
+        return {"sleeping": False, "state": "awake"}

@@ -116,6 +116,7 @@ class Scheduler:
         self._outbox: dict[Any, list] = {}  # loop -> [(deliver, event)] of this iteration
         self.thread = threading.Thread(target=self._run, name="mlx-ray-engine-loop", daemon=True)
         self._closed = False  # set (under _close_lock) once the loop has ended: submits fail at once
+        self._stop_reason: Optional[MlxRayError] = None  # what a stop answers the requests left
         self._close_lock = threading.Lock()
         self._publish()
 
@@ -135,8 +136,9 @@ class Scheduler:
     def cancel(self, request_id: str) -> None:
         self.cmds.put(("cancel", request_id))
 
-    def stop(self) -> None:
-        self.cmds.put(("stop", None))
+    def stop(self, reason: Optional[MlxRayError] = None) -> None:
+        """End the loop; what is still running or queued ends with ``reason`` (default: an EngineFault)."""
+        self.cmds.put(("stop", reason))
 
     def reset_counters(self) -> threading.Event:
         """Zero every counter (the backend's too) and the measured rates, on the loop; the event is set
@@ -165,7 +167,7 @@ class Scheduler:
                 self._publish()  # before the events: a caller that sees its finish sees its stats
                 self._send()
                 self.heartbeat = time.monotonic()
-            reason = EngineFault("the engine shut down; retry on another replica")
+            reason = self._stop_reason or EngineFault("the engine shut down; retry on another replica")
         except BaseException as e:  # the loop itself broke: health must say so
             log.exception("generation loop died")
             self.error = e
@@ -200,6 +202,7 @@ class Scheduler:
         while True:
             kind, arg = cmd
             if kind == "stop":
+                self._stop_reason = arg
                 return False
             if kind == "submit":
                 self.waiting.append(arg)

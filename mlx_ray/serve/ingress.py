@@ -70,6 +70,9 @@ ROUTES = {
     "/v1/models": ("list_models", ["GET"]),
     "/v1/load": ("load", ["GET"]),
     "/health": ("health", ["GET"]),
+    "/sleep": ("http_sleep", ["POST"]),  # vLLM's sleep mode: POST /sleep, POST /wake_up, GET /is_sleeping
+    "/wake_up": ("http_wake_up", ["POST"]),
+    "/is_sleeping": ("http_is_sleeping", ["GET"]),
     "/metrics": ("metrics", ["GET"]),
 }
 OPEN_PATHS = {"/health", "/metrics"}  # /metrics is open, as vLLM's (counts only, no content)
@@ -219,22 +222,74 @@ class OpenAIIngress:
             body["kernels_failed"] = failed
         return JSONResponse(body)
 
+    def _named_model(self, request: Request) -> str:
+        """The served model a request's ``?model=NAME`` names; without it, the one model served (with
+        several, a 400 naming them); an unknown one, a 404."""
+        name = request.query_params.get("model")
+        if name is None:
+            if len(self.servers) != 1:
+                raise BadRequest(f"several models are served here ({', '.join(self.servers)}): "
+                                 "name one with ?model=NAME", param="model")
+            (name,) = self.servers
+        elif name not in self.servers:
+            raise NotFound(f"model '{name}' is not served here; GET /v1/models lists the served models",
+                           param="model")
+        return name
+
     async def load(self, request: Request) -> Response:
         """GET /v1/load[?model=NAME]: a model's load report for a router (``metrics.load_report``).
-        Without ``model``, the one model served; with several, a 400 naming them."""
+        Without ``model``, the one model served; with several, a 400 naming them. An asleep model is
+        unavailable (503 + Retry-After), so a router's probe fails over."""
         try:
-            name = request.query_params.get("model")
-            if name is None:
-                if len(self.servers) != 1:
-                    raise BadRequest(f"several models are served here ({', '.join(self.servers)}): "
-                                     "name one with ?model=NAME", param="model")
-                (name,) = self.servers
-            elif name not in self.servers:
-                raise NotFound(f"model '{name}' is not served here; GET /v1/models lists the served models",
-                               param="model")
+            name = self._named_model(request)
             stats = await self._stats(name)
-            limit = next(m.engine.max_num_seqs for m in self.cfg.models if m.name == name)
-            return JSONResponse(load_report(name, stats, limit))
+            m = next(m for m in self.cfg.models if m.name == name)
+            if stats.get("sleeping"):
+                raise Unavailable(f"model '{name}' is asleep (POST /wake_up wakes it)",
+                                  retry_after=m.engine.sleep_retry_after_s)
+            return JSONResponse(load_report(name, stats, m.engine.max_num_seqs))
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+
+    async def http_sleep(self, request: Request) -> Response:
+        """POST /sleep[?model=NAME][&grace_s=S][&level=1|2] (vLLM's): the model's replica stops admitting,
+        lets running requests finish for ``grace_s`` (default the engine's ``sleep_grace_s``), ends the rest
+        with 503, and releases its KV pool and weights. vLLM's ``level`` is accepted; both levels release
+        the weights here (they reload from the model cache). Answers the replica's state."""
+        try:
+            name = self._named_model(request)
+            q = request.query_params
+            if q.get("level", "1") not in ("1", "2"):
+                raise BadRequest(f"level must be 1 or 2, got {q['level']!r}", param="level")
+            try:
+                grace = float(q["grace_s"]) if "grace_s" in q else None
+            except ValueError:
+                raise BadRequest(f"grace_s must be a number of seconds, got {q['grace_s']!r}",
+                                 param="grace_s") from None
+            if grace is not None and not 0 <= grace <= 3600:
+                raise BadRequest("grace_s must be in [0, 3600]", param="grace_s")
+            state = await _await(self.servers[name].sleep.remote(grace))
+            return JSONResponse({"is_sleeping": state["sleeping"], **state})
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+
+    async def http_wake_up(self, request: Request) -> Response:
+        """POST /wake_up[?model=NAME] (vLLM's): reload the weights from the cache and serve again."""
+        try:
+            state = await _await(self.servers[self._named_model(request)].wake_up.remote())
+            return JSONResponse({"is_sleeping": state["sleeping"], **state})
+        except Exception as e:  # noqa: BLE001
+            return error_response(e)
+
+    async def http_is_sleeping(self, request: Request) -> Response:
+        """GET /is_sleeping[?model=NAME] (vLLM's): {"is_sleeping": bool, ...the replica's state}."""
+        try:
+            state = await asyncio.wait_for(_await(self.servers[self._named_model(request)].replica_state.remote()),
+                                           LOAD_TIMEOUT_S)
+            return JSONResponse({"is_sleeping": state["sleeping"], **state})
+        except asyncio.TimeoutError:
+            return error_response(Unavailable("the model's replica did not answer within "
+                                              f"{LOAD_TIMEOUT_S:.0f}s (starting, waking or wedged)", retry_after=5.0))
         except Exception as e:  # noqa: BLE001
             return error_response(e)
 

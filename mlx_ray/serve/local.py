@@ -105,3 +105,12 @@ class LLMServerIngress(OpenAIIngress):
 
     async def stats(self) -> dict:
         return await self.server.stats()
+
+    async def sleep(self, grace_s: Optional[float] = None, node_id: Optional[str] = None) -> dict:
+        return await self.server.sleep(grace_s, node_id)
+
+    async def wake_up(self, node_id: Optional[str] = None) -> dict:
+        return await self.server.wake_up(node_id)
+
+    async def replica_state(self) -> dict:
+        return await self.server.replica_state()

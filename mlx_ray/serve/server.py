@@ -111,20 +111,35 @@ class LLMServer:
 
     async def info(self) -> dict:
         await self.start()
-        node_id = None
-        try:
-            import ray
-
-            if ray.is_initialized():
-                node_id = ray.get_runtime_context().get_node_id()
-        except ImportError:
-            pass
-        return {"name": self.cfg.name, "model": self.cfg.model, "node_id": node_id, "pid": os.getpid(),
+        return {"name": self.cfg.name, "model": self.cfg.model, "node_id": _node_id(), "pid": os.getpid(),
                 "max_model_len": self.engine.max_model_len, **_runtime_facts()}
 
     async def stats(self) -> dict:
         await self.start()
         return self.engine.stats()
+
+    # -- sleep and wake (vLLM's /sleep, /wake_up, /is_sleeping; `mlx-ray finetune --sleep-serving`) ----------
+
+    async def sleep(self, grace_s: Optional[float] = None, node_id: Optional[str] = None) -> dict:
+        """Put the engine to sleep (``engine.sleep``); with ``node_id``, only if this replica runs on that
+        Ray node. Returns ``replica_state()``."""
+        await self.start()
+        if node_id is None or node_id == _node_id():
+            await self.engine.sleep(grace_s)
+        return await self.replica_state()
+
+    async def wake_up(self, node_id: Optional[str] = None) -> dict:
+        """Wake the engine (``engine.wake_up``); with ``node_id``, only if this replica runs on that node."""
+        await self.start()
+        if node_id is None or node_id == _node_id():
+            await self.engine.wake_up()
+        return await self.replica_state()
+
+    async def replica_state(self) -> dict:
+        """Which replica this is (model, replica id, Ray node, pid) and its engine's ``sleep_state()``."""
+        await self.start()
+        return {"model": self.cfg.name, "replica": _replica_id(), "node_id": _node_id(), "pid": os.getpid(),
+                **self.engine.sleep_state()}
 
     async def generate(self, request: ModelRequest) -> AsyncIterator[list[ChoiceEvent]]:
         """Stream batches of ChoiceEvents for ``len(request.prompts) * request.n`` choices.
@@ -351,6 +366,26 @@ class Inbox:
 def _wake(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _node_id() -> Optional[str]:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _replica_id() -> Optional[str]:
+    """This Serve replica's id (None outside a replica)."""
+    try:
+        from ray import serve
+
+        rid = serve.get_replica_context().replica_id
+    except Exception:  # noqa: BLE001 - not in a replica, or no Serve
+        return None
+    return getattr(rid, "unique_id", None) or str(rid)
 
 
 def _longest_token_chars(engine: LLMEngine) -> int:

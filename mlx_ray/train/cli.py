@@ -39,6 +39,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="model cache root (default: $MLX_RAY_CACHE or ~/.cache/mlx-ray/models)")
     p.add_argument("--force", action="store_true", help="replace an adapter of the same name")
     p.add_argument("--no-memory-check", action="store_true", help="skip the memory check")
+    p.add_argument("--sleep-serving", action="store_true",
+                   help="put the mlx-ray replicas on the job's node to sleep for the job (found through Ray "
+                        "Serve on the cluster) and wake them afterwards, even when the job fails")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

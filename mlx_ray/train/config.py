@@ -53,6 +53,9 @@ class FinetuneConfig(BaseModel):
     cache_dir: str | None = Field(None, description="model cache root (default $MLX_RAY_CACHE)")
     force: bool = Field(False, description="replace an adapter of the same name")
     check_memory: bool = Field(True, description="refuse when the job does not fit the worker's free memory")
+    sleep_serving: bool = Field(False, description="put the mlx-ray model replicas on the job's node to sleep "
+                                                   "for the job (their KV pool and weights released) and wake "
+                                                   "them afterwards, even when the job fails")
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:

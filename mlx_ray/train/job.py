@@ -3,7 +3,9 @@
 1. Resolve the base on the cache, refuse an existing adapter name (without ``force``) and a cache this
    process cannot write, and validate the data files line by line: all before Ray is touched.
 2. Probe the worker's node (a task with the job's resources): it exists, and the job's estimated memory
-   fits what it has free (``memory.py``).
+   fits what it has free (``memory.py``), or the refusal names the served models holding it. With
+   ``sleep_serving`` the mlx-ray replicas on that node sleep for steps 2-3 and wake after, however the
+   job ends (``serving.py``).
 3. Run :class:`MLXTrainer` with :func:`lora_train_loop`, resuming from its last checkpoint after a lost
    worker (``FailureConfig(max_failures)``); progress comes back through a Ray queue as the job reports.
 4. Publish the final checkpoint's adapter under the adapter's lock (and the base's, so the base cannot be
@@ -107,12 +109,12 @@ def loop_config(cfg: FinetuneConfig, prep: Prepared) -> dict:
             "steps_per_report": report, "save_every": save}
 
 
-def check_node(cfg: FinetuneConfig, prep: Prepared) -> dict:
-    """Probe the node a worker would run on; refuse (one line) when none offers the resources or the job
-    does not fit its free memory. Returns the probe's facts."""
+def check_node(cfg: FinetuneConfig, prep: Prepared, memory: bool | None = None) -> dict:
+    """Probe the node a worker would run on; refuse (one line) when none offers the resources or (with
+    ``memory``, default ``cfg.check_memory``) the job does not fit its free memory. Returns the probe's facts."""
     import ray
 
-    from .memory import estimate, probe_node, shortfall
+    from .memory import probe_node
 
     have = ray.cluster_resources()
     missing = {k: v for k, v in cfg.resources.items() if have.get(k, 0) < v}
@@ -128,15 +130,24 @@ def check_node(cfg: FinetuneConfig, prep: Prepared) -> dict:
         ray.cancel(ref, force=True)
         raise Conflict(f"no node had {json.dumps(cfg.resources)} free for {PROBE_TIMEOUT_S:.0f} s (a served "
                        f"model's replica may hold it); free it, or pass --resources") from None
-    if cfg.check_memory:
-        est = estimate(prep.base_dir, rank=cfg.rank, num_layers=cfg.num_layers, batch_size=cfg.batch_size,
-                       max_seq_length=cfg.max_seq_length, grad_checkpoint=cfg.grad_checkpoint,
-                       dora=cfg.fine_tune_type == "dora")
-        why = shortfall(est, node)
-        if why:
-            raise BadRequest(why, param="memory")
-        node["estimate"] = est.as_dict()
+    if cfg.check_memory if memory is None else memory:
+        check_memory(cfg, prep, node)
     return node
+
+
+def check_memory(cfg: FinetuneConfig, prep: Prepared, node: dict) -> None:
+    """Refuse (BadRequest, one line) when the job's estimate does not fit what ``node`` has free, naming the
+    served mlx-ray replicas there (``serving.replicas_on``) or else the biggest processes."""
+    from .memory import estimate, shortfall
+    from .serving import replicas_on
+
+    est = estimate(prep.base_dir, rank=cfg.rank, num_layers=cfg.num_layers, batch_size=cfg.batch_size,
+                   max_seq_length=cfg.max_seq_length, grad_checkpoint=cfg.grad_checkpoint,
+                   dora=cfg.fine_tune_type == "dora")
+    why = shortfall(est, node)
+    if why:
+        raise BadRequest(shortfall(est, node, replicas_on(node["node_id"])), param="memory")
+    node["estimate"] = est.as_dict()
 
 
 def _run_config(cfg: FinetuneConfig, run_name: str):
@@ -278,13 +289,21 @@ def connect(address: str | None, resources: dict) -> None:
 
 
 def finetune(cfg: FinetuneConfig, *, address: str | None = None,
-             progress: Callable[[dict], None] | None = None, loop_extra: dict | None = None) -> FinetuneResult:
+             progress: Callable[[dict], None] | None = None, loop_extra: dict | None = None,
+             say: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` as a Ray Train job and publish the adapter; Ray is joined at
-    ``address`` (or an embedded one is started declaring ``cfg.resources``) unless already initialised."""
+    ``address`` (or an embedded one is started declaring ``cfg.resources``) unless already initialised.
+    With ``cfg.sleep_serving`` the mlx-ray replicas on the job's node sleep while it runs (``say``: where
+    that is reported, default stderr)."""
+    from .serving import asleep
+
     prep = prepare(cfg)
     connect(address, cfg.resources)
-    check_node(cfg, prep)
-    result, reports = train(cfg, prep, progress, loop_extra)
+    node = check_node(cfg, prep, memory=cfg.check_memory and not cfg.sleep_serving)
+    with asleep(node["node_id"], say=say or _stderr) if cfg.sleep_serving else contextlib.nullcontext():
+        if cfg.sleep_serving and cfg.check_memory:
+            check_memory(cfg, prep, check_node(cfg, prep, memory=False))  # what is free with them asleep
+        result, reports = train(cfg, prep, progress, loop_extra)
     if result.checkpoint is None:
         raise EngineFault("the training job reported no checkpoint; nothing was published")
     with result.checkpoint.as_directory() as d:
@@ -292,6 +311,12 @@ def finetune(cfg: FinetuneConfig, *, address: str | None = None,
     _remove_run(result)
     return FinetuneResult(adapter=str(prep.target), model=f"{prep.base_name}:{cfg.name}",
                           manifest=manifest.model_dump(), metrics=dict(result.metrics or {}), history=reports)
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def _remove_run(result) -> None:

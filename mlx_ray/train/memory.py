@@ -11,8 +11,8 @@ The estimate (stated as one) counts, once each:
 
 It is compared on the worker's node (a probe task with the job's resources) with the smaller of the
 device's working set (Metal's recommended working set on a Mac) and the memory free there now. Short of
-it, the refusal names the processes that hold the most memory there (a served model's replica, say).
-``--sleep-serving`` (put a co-located replica to sleep for the job) is not built yet.
+it, the refusal names what holds the memory there: the served mlx-ray models' replicas on that node
+(``serving.py``, with ``--sleep-serving`` as the way out), else the processes that hold the most.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def probe_node() -> dict:
         if p.info["pid"] != os.getpid():
             holders.append((rss, p.info["pid"], cmd))
     holders.sort(reverse=True)
-    return {"host": socket.gethostname(), "device": dev.name, "working_set": dev.working_set_bytes,
+    import ray
+
+    return {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(), "device": dev.name, "working_set": dev.working_set_bytes,
             "available": int(psutil.virtual_memory().available), "holders": holders[:3]}
 
 
@@ -84,14 +86,19 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def shortfall(est: TrainEstimate, node: dict) -> str | None:
-    """The one-line refusal when the estimate does not fit the node, else None."""
+def shortfall(est: TrainEstimate, node: dict, served: list | None = None) -> str | None:
+    """The one-line refusal when the estimate does not fit the node, else None. ``served``: the mlx-ray
+    replicas on the node (``serving.Replica``), named first, with ``--sleep-serving`` as the way out."""
     room = min(node["working_set"], node["available"])
     if est.total <= room:
         return None
-    who = ", ".join(f"pid {pid} {cmd!r} {gb(rss)}" for rss, pid, cmd in node["holders"]) or "nothing found"
-    return (f"the fine-tune needs about {gb(est.total)} (weights {gb(est.weights)}, activations "
+    need = (f"the fine-tune needs about {gb(est.total)} (weights {gb(est.weights)}, activations "
             f"{gb(est.activations)}, adapter + optimizer {gb(est.adapter)}) but {node['host']} has {gb(room)} "
-            f"free of its {gb(node['working_set'])} working set; the most memory is held by: {who}. Lower "
-            f"--batch-size / --max-seq-length, add --grad-checkpoint, stop what holds the memory, or pass "
-            f"--no-memory-check")
+            f"free of its {gb(node['working_set'])} working set")
+    awake = [r for r in served or () if not r.sleeping]
+    if awake:
+        held = "; ".join(r.describe() for r in awake)
+        return f"{need}; {held}; stop {'it' if len(awake) == 1 else 'them'} or pass --sleep-serving"
+    who = ", ".join(f"pid {pid} {cmd!r} {gb(rss)}" for rss, pid, cmd in node["holders"]) or "nothing found"
+    return (f"{need}; the most memory is held by: {who}. Lower --batch-size / --max-seq-length, add "
+            f"--grad-checkpoint, stop what holds the memory, or pass --no-memory-check")
