@@ -39,13 +39,14 @@ from mlx_ray.blas import loaded_blas, reexec_with_fast_blas
 MODES = {"greedy": {"temperature": 0.0}, "top_p": {"temperature": 0.7, "top_p": 0.9}}
 
 
-async def round_(engine, prompts, adapters: list[str], n: int, max_tokens: int, sampling: dict, tag: str) -> dict:
+async def round_(engine, prompts, adapters: list[str], n: int, max_tokens: int, sampling: dict, tag: str,
+                 ignore_eos: bool = True) -> dict:
     """``n`` concurrent requests (request i on adapters[i % len] when ``adapters``); tokens and wall seconds."""
     from mlx_ray.engine.protocol import FinishEvent, GenerationRequest, SamplingParams
 
     async def one(i):
         req = GenerationRequest(f"{tag}-{i}-{time.monotonic_ns()}", prompts[i % len(prompts)],
-                                SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=i, **sampling),
+                                SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, seed=i, **sampling),
                                 adapter=adapters[i % len(adapters)] if adapters else None)
         async for ev in engine.generate(req):
             if isinstance(ev, FinishEvent):

@@ -35,8 +35,10 @@ from .protocol import EngineConfig
 log = logging.getLogger(__name__)
 
 
-def build(model, cfg: EngineConfig, *, kv_budget: int, kv_bytes_per_token: int, prefix_bytes: int):
-    """The backend for this model, device and config (a ``PagedBatch`` or a ``RectBatch``)."""
+def build(model, cfg: EngineConfig, *, kv_budget: int, kv_bytes_per_token: int, prefix_bytes: int,
+          extra_block_bytes: int = 0):
+    """The backend for this model, device and config (a ``PagedBatch`` or a ``RectBatch``); ``extra_block_bytes``:
+    a draft model's KV a block, beside the target's (``spec/draft.py``)."""
     why = _paged_refusal(model, cfg)
     if why is None:
         shapes, dtype = paged.layer_shapes(model)
@@ -51,7 +53,8 @@ def build(model, cfg: EngineConfig, *, kv_budget: int, kv_bytes_per_token: int, 
             production.check(model, cfg, shapes, dtype)
             backend = paged.build(model, shapes, dtype, kv_budget=kv_budget, block_size=cfg.kv_block_size,
                                   bits=cfg.kv_bits, group_size=cfg.kv_group_size, prefix_bytes=prefix_bytes,
-                                  prefill_chunk=cfg.prefill_chunk, max_rows=cfg.max_num_seqs)
+                                  prefill_chunk=cfg.prefill_chunk, max_rows=cfg.max_num_seqs,
+                                  extra_block_bytes=extra_block_bytes)
             ok, reason = pa.kernel_verified()
             log.info("paged KV cache: %d blocks of %d tokens (%.1f KiB each)%s; attention: %s", backend.pool.num_blocks,
                      cfg.kv_block_size, backend.pool.block_bytes / 1024,

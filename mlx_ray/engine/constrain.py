@@ -9,8 +9,9 @@ answers 400 naming the feature, never a half-enforced answer.
 :class:`GrammarProcessor` is a per-row logits processor (mlx-lm's contract,
 ``(context tokens, logits (1, V)) -> logits``), placed after every other
 processor so it runs last before the sampler, greedy or sampled: it feeds the
-row's previous token to its own matcher, then sets every token the grammar does
-not allow to ``-inf``. Its state is the request's alone, so rows without a
+row's tokens generated since its last call to its own matcher (rolling back the
+drafted tokens a speculative step rejected), then sets every token the grammar
+does not allow to ``-inf``. Its state is the request's alone, so rows without a
 grammar are never touched and rows with different grammars never share one
 (vllm-mlx #784 was a shared processor in mlx-lm's batch generator). Once the
 grammar is complete only EOS is allowed, so the request ends with ``stop``.
@@ -97,22 +98,53 @@ class Grammars:
 
 
 class GrammarProcessor:
-    """One request's matcher as a logits processor: consume the previous token, mask the next."""
+    """One request's matcher as a logits processor: follow the context, mask the next token.
+
+    The matcher follows the context it is called with, not a count of calls: it consumes the tokens
+    generated since it last looked and, when the context is not an extension of what it consumed
+    (a speculative step consumed drafted tokens that were rejected), rolls back to the common
+    prefix first. So a speculative step may call it once a drafted position, in order, and the next
+    step's call lands it on the tokens actually accepted."""
 
     def __init__(self, matcher, vocab_size: int):
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.calls = 0
+        self.start: Optional[int] = None  # the prompt's length: the first call's context
+        self.consumed: list[int] = []  # generated tokens the matcher holds
         self.bits = np.full(((vocab_size + 31) // 32,), -1, dtype=np.int32)
         self.error: Optional[str] = None
 
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        # The first call samples the row's first token: nothing generated yet. Every later call's
-        # context ends with the token sampled in the previous step.
-        if self.calls and self.error is None:
-            if not self.matcher.consume_token(int(tokens[-1].item())):
+    def sync(self, tokens) -> None:
+        """Put the matcher on ``tokens`` (the row's context: prompt + generated), rolling back if needed."""
+        if self.start is None:
+            self.start = len(tokens)
+        if self.error is not None:
+            return
+        gen = tokens[self.start:]
+        gen = gen.tolist() if hasattr(gen, "tolist") else list(gen)
+        have = self.consumed
+        n = len(have)
+        if len(gen) < n or gen[:n] != have:
+            n = 0
+            while n < min(len(gen), len(have)) and gen[n] == have[n]:
+                n += 1
+            self.matcher.rollback(len(have) - n)
+            del have[n:]
+        for t in gen[n:]:
+            if not self.matcher.consume_token(int(t)):
                 self.error = self.matcher.get_error() or "the token was rejected"
                 log.error("grammar matcher left its grammar (%s); only EOS is allowed from here", self.error)
+                return
+            have.append(int(t))
+
+    def valid_draft(self, tokens, draft: list[int]) -> int:
+        """How many leading tokens of ``draft`` the grammar allows after ``tokens`` (the matcher is left on ``tokens``)."""
+        self.sync(tokens)
+        return 0 if self.error is not None else self.matcher.validate_tokens(list(draft))
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self.sync(tokens)
         self.calls += 1
         self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
         allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[: logits.shape[-1]]

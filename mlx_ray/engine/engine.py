@@ -205,11 +205,22 @@ class MLXEngine(LLMEngine):
     async def _start_loop(self):
         """Build the KV backend on the loaded model and start the generation loop; the backend, or None
         when a concurrent start got there first."""
+        spec, draft = self.config.speculative, None
+        if spec is not None:
+            from .spec import build as spec_build
+
+            if spec.method == "draft":  # its KV shares the budget: loaded before the pool is sized
+                cfg = self.config
+                draft = await asyncio.to_thread(spec_build.load_draft, spec, self._tokenizer, cfg.kv_bits,
+                                                cfg.kv_group_size, cfg.kv_block_size)
         backend = await asyncio.to_thread(kv_backend.build, self._model, self.config, kv_budget=self.kv_budget_bytes,
                                           kv_bytes_per_token=self.info.kv_bytes_per_token,
-                                          prefix_bytes=self.prefix_cache_bytes)
+                                          prefix_bytes=self.prefix_cache_bytes,
+                                          extra_block_bytes=draft.block_bytes if draft is not None else 0)
         if self._sched is not None:
             return None
+        if spec is not None:
+            backend.spec = await asyncio.to_thread(spec_build.build, backend, spec, draft)
         self._sched = Scheduler(backend, self.config, self.kv_budget_bytes)
         if self.lora is not None and backend.kind == "paged":  # rows of many adapters in one batch
             backend.lora, self._sched.lora = self.lora.slots.state, self.lora.slots

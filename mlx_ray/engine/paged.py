@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -125,6 +124,15 @@ def patch_attention() -> int:
     return n
 
 
+def forward(model, pool: KVPool, inputs: mx.array, slots: list[int], tables: list[list[int]], lens: list[int],
+            offset) -> mx.array:
+    """``model`` over ``inputs`` ([B, L]) with its K/V in ``pool``: written at ``slots``, read through ``tables``."""
+    width = max(len(t) for t in tables)
+    bt = mx.array([t + [0] * (width - len(t)) for t in tables], dtype=mx.int32)
+    step = StepState(pool, mx.array(slots, dtype=mx.int32), bt, mx.array(lens, dtype=mx.int32), offset)
+    return model(inputs, cache=[LayerView(step, i) for i in range(len(pool.shapes))])
+
+
 # ------------------------------------------------------------------ rows
 @dataclass
 class Row:
@@ -164,8 +172,12 @@ class _InFlight:
     rows: list[Row]
     tokens: mx.array  # [B] uint32, lazy
     logprobs: mx.array  # [B, V], lazy
-    index: dict[int, int]  # uid -> row of ``tokens``
+    index: dict[int, int]  # uid -> row of ``tokens`` (a verify step: its first position)
     final: list[bool]  # this token is the row's last (max_tokens)
+    drafts: Optional[dict[int, list[int]]] = None  # a verify step (``spec/verify.py``): uid -> its drafted tokens
+    seq: int = 0  # with speculation: the step's number and cost features (``spec.verify.Speculator.stamp``)
+    sync: bool = False
+    n_tokens: int = 0
 
 
 @dataclass
@@ -200,10 +212,10 @@ class PagedBatch:
         self.outstanding = 0  # blocks reserved by running rows but not yet allocated
         self.admit_copy_bytes = 0
         self.finish_copy_bytes = 0  # always 0: finishing drops references only
-        self._layers = len(pool.shapes)
         self.trash = pool.allocate()  # never freed: where padded prefill positions write
         self._inflight: Optional[_InFlight] = None
         self.lora = None  # lora.State when the engine serves adapters: each forward's per-row slots
+        self.spec = None  # spec.verify.Speculator when the engine speculates (``speculative`` in its config)
 
     # -- admission -----------------------------------------------------------------
     def available(self) -> int:
@@ -246,6 +258,8 @@ class PagedBatch:
             dst = self._allocate(row)
             before = self.pool.copied_bytes
             self.pool.copy_block(src, dst, n)
+            if self.spec is not None:
+                self.spec.copy_block(src, dst, n)
             self.admit_copy_bytes += self.pool.copied_bytes - before
             self.pool.decref(src)
             self.prefix.release(src)
@@ -315,6 +329,19 @@ class PagedBatch:
             for b in row.blocks:
                 if not self.pool.decref(b):
                     self.prefix.release(b)
+            if self.spec is not None:
+                self.spec.forget(uid)
+
+    def _release_blocks_after(self, row: Row, upto: int) -> None:
+        """Give back the blocks that hold only positions ``>= upto`` (a verify step's rejected drafts): to the pool,
+        and to the row's reservation. Such blocks were allocated for this row alone, never shared."""
+        keep = _cdiv(upto, self.pool.block_size)
+        while len(row.blocks) > keep:
+            b = row.blocks.pop()
+            if not self.pool.decref(b):
+                self.prefix.release(b)
+            row.unallocated += 1
+            self.outstanding += 1
 
     # -- the step --------------------------------------------------------------------
     def _ensure_blocks(self, row: Row, upto: int) -> None:
@@ -329,18 +356,15 @@ class PagedBatch:
     def _forward(self, inputs: mx.array, slots: list[int], tables: list[list[int]], lens: list[int], offset,
                  loras: list[int]):
         """The model over ``inputs`` ([B, L]); ``loras``: each row's adapter slot (0: none)."""
-        width = max(len(t) for t in tables)
-        bt = mx.array([t + [0] * (width - len(t)) for t in tables], dtype=mx.int32)
-        step = StepState(self.pool, mx.array(slots, dtype=mx.int32), bt, mx.array(lens, dtype=mx.int32), offset)
         if self.lora is None:
-            return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
+            return forward(self.model, self.pool, inputs, slots, tables, lens, offset)
         self.lora.set(loras)  # read by every adapted layer while the graph is built
         try:
-            return self.model(inputs, cache=[LayerView(step, i) for i in range(self._layers)])
+            return forward(self.model, self.pool, inputs, slots, tables, lens, offset)
         finally:
             self.lora.clear()
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> bool:
         """One forward over the next chunks of up to ``MAX_PREFILL_ROWS`` prompts (FIFO, ``prefill_chunk`` tokens).
 
         Chunks of different lengths are right-padded to the longest: a padding query only sees
@@ -359,7 +383,7 @@ class PagedBatch:
             chunks.append((row, row.n_kv, row.n_kv + n))
             budget -= n
         if not chunks:
-            return
+            return False
         L, bs = max(e - s for _, s, e in chunks), self.pool.block_size
         inputs, slots, tables = [], [], []
         for row, start, end in chunks:
@@ -375,8 +399,12 @@ class PagedBatch:
         self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset,
                       [row.lora for row, _, _ in chunks])
         mx.async_eval(self.pool.arrays())
+        if self.spec is not None:  # a draft model prefills the same chunks into its own pool
+            self.spec.prefill([(row.uid, s, e) for row, s, e in chunks], inputs, slots, tables,
+                              [s + L for s in starts], offset)
         for row, _, end in chunks:
             row.n_kv = end
+        return True
 
     def _decode_logits(self, rows: list[Row], inputs: Optional[mx.array] = None) -> mx.array:
         """[B, V] logits of every row's next token: its last token at position n_kv, K/V written there.
@@ -392,14 +420,25 @@ class PagedBatch:
         return self._forward(inputs[:, None], slots, [r.blocks for r in rows], [r.n_kv + 1 for r in rows],
                              offsets, [r.lora for r in rows])[:, -1, :]
 
+    def decodable(self) -> list[Row]:
+        """The rows a step decodes: prefilled, their last token not in flight."""
+        return [r for r in self.rows.values() if not r.prefilling and not r.final]
+
     def step(self) -> list[Response]:
         """Queue this step (prefill chunk + decode of every running row) and return the previous step's tokens."""
         prev, self._inflight = self._inflight, None
         out: list[Response] = []
-        self._prefill()
-        rows = [r for r in self.rows.values() if not r.prefilling and not r.final]
+        prefilled = self._prefill()
+        if self.spec is not None:  # a speculative step, when the controller plans one (``spec/verify.py``)
+            got = self.spec.step(self, prev, prefilled)
+            if got is not None:
+                self._inflight, out = got
+                return out
+        rows = self.decodable()
         if rows:
             self._inflight, read = self._queue(rows, prev)
+            if self.spec is not None:
+                self.spec.stamp(self._inflight, read is not None, prefilled)
             if read is not None:  # the processors needed the previous tokens: already read
                 out, prev = read, None
         else:
@@ -455,13 +494,22 @@ class PagedBatch:
     def _read(self, step: _InFlight) -> list[Response]:
         """The host side of a queued step: its tokens, for the rows still in the batch."""
         out = []
-        for i, (r, t, final) in enumerate(zip(step.rows, step.tokens.tolist(), step.final)):
+        toks = step.tokens.tolist()
+        if self.spec is not None:
+            self.spec.read_time(step)
+        for i, r in enumerate(step.rows):
             if self.rows.get(r.uid) is not r:  # removed (stop token, cancel, deadline) while in flight
                 continue
-            r.tokens.append(t)
-            done = "length" if final else None
-            out.append(Response(r.uid, t, step.logprobs[i], done))
-            if done:
+            if step.drafts is None:
+                emitted, final = [toks[i]], step.final[i]
+            else:  # a verify step: the accepted drafts and the token after them
+                emitted, final = self.spec.accept(self, step, i, r, toks), r.final
+            o = step.index[r.uid]
+            for j, t in enumerate(emitted):
+                r.tokens.append(t)
+                done = "length" if final and j == len(emitted) - 1 else None
+                out.append(Response(r.uid, t, step.logprobs[o + j], done))
+            if final:
                 self.remove([r.uid], keep_cache=True)
         return out
 
@@ -494,6 +542,8 @@ class PagedBatch:
     def reset_counters(self) -> None:
         """The prefix cache's hit and the copy counters back to zero (its entries kept)."""
         self.prefix.reset_counters()
+        if self.spec is not None:
+            self.spec.reset_counters()
         self.pool.copied_bytes = self.admit_copy_bytes = self.finish_copy_bytes = 0
 
     def reset(self) -> None:
@@ -506,6 +556,8 @@ class PagedBatch:
         self.rows.clear()
         self._inflight = None
         self.outstanding = 0
+        if self.spec is not None:
+            self.spec.reset()
         self.prefix = BlockPrefixCache(self.pool, self.prefix.max_blocks)
         exc, seen = sys.exc_info()[1], set()
         if exc is not None and log.isEnabledFor(logging.DEBUG):
@@ -547,6 +599,7 @@ class PagedBatch:
             prefix_cache_bytes=len(self.prefix) * p.block_bytes,
             prefix_cache_budget_bytes=self.prefix.max_blocks * p.block_bytes,
             prefix_cache_entries=len(self.prefix),
+            **(self.spec.stats() if self.spec is not None else {}),
         )
 
 
@@ -598,9 +651,13 @@ def check(model, shapes, dtype, bits: Optional[int], group_size: int) -> Optiona
 
 
 def build(model, shapes: list[LayerShape], dtype: mx.Dtype, *, kv_budget: int, block_size: int,
-          bits: Optional[int], group_size: int, prefix_bytes: int, prefill_chunk: int, max_rows: int) -> PagedBatch:
-    """The pool (every block allocated now, ``kv_budget`` bytes at most) and its batch."""
+          bits: Optional[int], group_size: int, prefix_bytes: int, prefill_chunk: int, max_rows: int,
+          extra_block_bytes: int = 0) -> PagedBatch:
+    """The pool (every block allocated now, ``kv_budget`` bytes at most) and its batch.
+
+    ``extra_block_bytes``: what each block also costs elsewhere (a draft model's pool mirrors the block ids,
+    ``spec/draft.py``): the budget is shared, so it holds fewer blocks and admission counts the draft's KV too."""
     patch_attention()
     block_bytes = KVPool(shapes, dtype, 1, block_size, bits, group_size).block_bytes
-    pool = KVPool(shapes, dtype, kv_budget // block_bytes, block_size, bits, group_size)
-    return PagedBatch(model, pool, prefix_bytes // pool.block_bytes, prefill_chunk, max_rows)
+    pool = KVPool(shapes, dtype, kv_budget // (block_bytes + extra_block_bytes), block_size, bits, group_size)
+    return PagedBatch(model, pool, prefix_bytes // (pool.block_bytes + extra_block_bytes), prefill_chunk, max_rows)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..errors import BadRequest, MlxRayError
 from .chat_format import ChatFormat
+from .spec.config import SpeculativeConfig
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -52,6 +53,26 @@ class EngineConfig(BaseModel):
     max_loras: int = Field(4, ge=0, description="LoRA adapters held at once (vLLM's name): each in a slot of the "
                                                 "adapted layers, loaded on first use, the least recently used one "
                                                 "no running request uses evicted for another; 0: no adapters.")
+    speculative: Optional[SpeculativeConfig] = Field(
+        None, description="Speculative decoding (paged KV cache only; vLLM's speculative_config): "
+                          "{method: ngram|draft, draft_model, num_speculative_tokens, prompt_lookup_min, "
+                          "prompt_lookup_max, auto}; None (the default): off.")
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative_json(cls, v):  # the CLI flag and env vars give it as JSON text
+        if isinstance(v, str):
+            import json
+
+            v = v.strip()
+            if v.lower() in ("", "none", "null", "off"):
+                return None
+            try:
+                return json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"must be a JSON object such as {{\"method\": \"ngram\"}} ({e})") from None
+        return v
+
     admission: Literal["backfill", "fifo"] = Field(
         "backfill", description="fifo: requests start strictly in arrival order; backfill (paged cache): while the "
                                 "oldest waits for KV, later requests that cannot delay it start (EASY backfilling).")

@@ -20,6 +20,7 @@ tokens, the repetition penalty (HF style) covers prompt and output.
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Callable, Optional
 
@@ -137,6 +138,22 @@ def _mask(n: int, rows: list[int]) -> mx.array:
 def _scatter(n: int, rows: list[int], values: mx.array) -> mx.array:
     """A length-n vector with ``values`` at ``rows`` (0 elsewhere)."""
     return mx.zeros((n,), dtype=values.dtype).at[mx.array(rows)].add(values)
+
+
+def for_positions(sampler, m: int) -> list:
+    """``m`` samplers for ``m`` positions of one row sampled in one step (a speculative verify): a keyed sampler's
+    key is split into m fresh keys (its own advances once), so every position draws its own uniform; other
+    samplers (greedy) are shared. ``m == 1`` is the sampler itself: its stream is the one of plain decoding."""
+    if m == 1 or not isinstance(sampler, KeyedSampler):
+        return [sampler] * m
+    keys = mx.random.split(sampler.key, m + 1)
+    sampler.key = keys[0]
+    out = []
+    for j in range(m):
+        c = copy.copy(sampler)
+        c.key = keys[j + 1]
+        out.append(c)
+    return out
 
 
 class BatchSampler:

@@ -335,20 +335,23 @@ class Scheduler:
                 seq.skip_first = False
             elif seq is not None:
                 fresh.append((seq, r))
-        self.counters["generation_tokens_total"] += len(fresh)
-        # Logprobs of every request that asked, evaluated together.
+        # Logprobs of every request that asked, evaluated together. A speculative step gives a row several
+        # responses in order; those after one that finished it (a stop, the limit) are dropped.
         lazy = {}
-        for seq, r in fresh:
+        for i, (seq, r) in enumerate(fresh):
             if seq.req.sampling.logprobs:
                 n = seq.req.sampling.top_logprobs
-                lazy[r.uid] = (r.logprobs[r.token], *(top_logprobs(r.logprobs, n) if n else ()))
+                lazy[i] = (r.logprobs[r.token], *(top_logprobs(r.logprobs, n) if n else ()))
         if lazy:
             mx.eval(list(lazy.values()))
         stopped_here = []
         now = time.monotonic()
-        for seq, r in fresh:
+        for i, (seq, r) in enumerate(fresh):
+            if seq.done:
+                continue
+            self.counters["generation_tokens_total"] += 1
             try:
-                reason = self._on_token(seq, r, lazy.get(r.uid), now)
+                reason = self._on_token(seq, r, lazy.get(i), now)
             except Exception as e:  # this request's text handling broke: fail it alone
                 log.exception("request %s failed", seq.req.request_id)
                 if r.finish_reason is None:

@@ -54,6 +54,10 @@ def configure_parser(p) -> None:
     p.add_argument("--admission", choices=("backfill", "fifo"),
                    help="backfill (default): while the oldest request waits for KV, start later ones that cannot "
                         "delay it; fifo: strictly in arrival order")
+    p.add_argument("--speculative", "--speculative-config", dest="speculative", metavar="JSON",
+                   help="speculative decoding per model (paged KV cache), vLLM's speculative_config as JSON: "
+                        "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' (method ngram|draft, draft_model, "
+                        "prompt_lookup_min, prompt_lookup_max, auto); 'off': none (the default)")
     p.add_argument("--kv-budget-mib", type=int, help="KV-cache MiB per model (default: from device memory)")
     p.add_argument("--prefix-cache-mib", type=int, help="prefix-cache MiB per model (0 disables)")
     p.add_argument("--resource", help="custom Ray resource replicas need (default gpu_apple_mps; 'none' for none)")
@@ -85,6 +89,8 @@ def config_from_args(args) -> ServeConfig:
         for key in ("max_model_len", "max_num_seqs", "max_queue", "kv_cache", "admission"):
             if getattr(args, key) is not None:
                 eng[key] = getattr(args, key)
+        if getattr(args, "speculative", None) is not None:  # JSON text: EngineConfig parses and validates it
+            eng["speculative"] = args.speculative
         if args.kv_bits is not None:  # the flag's words -> EngineConfig's values
             eng["kv_bits"] = {"auto": "auto", "model": None, "8": 8, "4": 4}[args.kv_bits]
         for key, mib in (("kv_budget_bytes", args.kv_budget_mib), ("prefix_cache_bytes", args.prefix_cache_mib)):

@@ -287,7 +287,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
 _ENGINE_KEYS = {"max_model_len": "MAX_MODEL_LEN", "max_num_seqs": "MAX_NUM_SEQS", "max_queue": "MAX_QUEUE",
                 "prefill_chunk": "PREFILL_CHUNK", "kv_budget_bytes": "KV_BUDGET_BYTES",
                 "prefix_cache_bytes": "PREFIX_CACHE_BYTES", "kv_cache": "KV_CACHE", "kv_bits": "KV_BITS",
-                "admission": "ADMISSION"}
+                "admission": "ADMISSION", "speculative": "SPECULATIVE_CONFIG"}
 _PLACEMENT_KEYS = {"resource": "MLX_RAY_RESOURCE", "num_cpus": "NUM_CPUS", "num_gpus": "NUM_GPUS",
                    "num_replicas": "NUM_REPLICAS"}
 _TOP_KEYS = {"api_key_file": "API_KEY_FILE", "api_key_env": "API_KEY_ENV",
@@ -341,7 +341,7 @@ def env_form(args: dict) -> dict[str, str]:
     left = sorted(where for where, var, val in pairs if var is None or val is None)
     if left:
         raise BadRequest(f"--env-vars: no env var carries {', '.join(left)}; use the args form")
-    env.update({var: str(val) for _, var, val in pairs})
+    env.update({var: json.dumps(val) if isinstance(val, (dict, list)) else str(val) for _, var, val in pairs})
     return env
 
 

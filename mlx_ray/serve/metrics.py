@@ -35,6 +35,18 @@ VLLM_GAUGES = {
 }
 
 
+# Speculative decoding's stats (``engine.stats()``, ``engine/spec/``) exported as ``mlx_ray_<key>`` gauges.
+SPEC_GAUGES = {
+    "spec_drafted_tokens": "Tokens drafted for verification since start.",
+    "spec_accepted_tokens": "Drafted tokens the target accepted since start.",
+    "spec_acceptance_rate": "Accepted / drafted tokens since start.",
+    "spec_steps": "Steps that verified drafts.",
+    "spec_rows_planned": "Row-steps the controller let draft.",
+    "spec_rows_off": "Row-steps the controller decoded without drafting.",
+    "spec_probes": "Row-steps drafting one token to re-measure a row left out.",
+}
+
+
 def ray_metric_name(vllm_name: str) -> str:
     """The name to give Ray for a vLLM gauge: no colon (see the module's docstring); Ray adds ``ray_``."""
     return vllm_name.replace(":", "_")
@@ -151,6 +163,8 @@ class ServerMetrics:
         self.kv_blocks_used = _metric("gauge", "mlx_ray_kv_cache_blocks_used", "Paged KV blocks held by running sequences.", t)
         self.kv_blocks_free = _metric("gauge", "mlx_ray_kv_cache_blocks_free", "Paged KV blocks free (including evictable prefix-cache blocks).", t)
         self.kv_blocks_cached = _metric("gauge", "mlx_ray_kv_cache_blocks_cached", "Paged KV blocks kept by the prefix cache.", t)
+        # Speculative decoding (engine/spec/): what was drafted, accepted, and what the controller decided
+        self.spec = {k: _metric("gauge", f"mlx_ray_{k}", help_, t) for k, help_ in SPEC_GAUGES.items()}
         # vLLM's gauges beside ours, for dashboards and routers that read vLLM (ray_vllm_...: see above)
         self.vllm = {g: _metric("gauge", ray_metric_name(g), help_, {"model_name": model})
                      for g, help_ in VLLM_GAUGES.items()}
@@ -181,3 +195,6 @@ class ServerMetrics:
             self.kv_blocks_cached.set(s.get("kv_blocks_cached", 0))
         for g, v in vllm_gauges(s).items():
             self.vllm[g].set(v)
+        for k, g in self.spec.items():
+            if k in s:
+                g.set(s[k])

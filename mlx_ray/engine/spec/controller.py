@@ -1,0 +1,186 @@
+"""Per row and per step: how many tokens to draft (K), or none, from what was measured here.
+
+Two measurements:
+
+* **acceptance per row**: every verify of a row's draft is a run of Bernoulli trials (each drafted
+  token accepted or not, stopping at the first rejection). Their counts decay by ``ROW_DECAY`` a
+  verify, so the estimate follows a row whose content changes (a copied block ends, free text
+  starts): alpha = (accepted + 0.5) / (accepted + rejected + 1). A draft of k tokens is expected to
+  add ``hit * sum(alpha ** i for i in 1..k)`` tokens, ``hit`` the share of asks that found a draft
+  at all (n-gram lookups find none in free text).
+* **the cost of a step on this device**, a linear model ``c(n, sync) = a + b * n + s * sync`` of the
+  wall time between two steps' results, ``n`` the query tokens of the forward (one a decoding row,
+  k + 1 a row verifying k drafted tokens) and ``sync`` whether it was built after the host read the
+  previous step (a speculating step is: its drafts need the previous tokens; a plain step is built on
+  the previous step's lazy tokens and overlaps it). Fitted by recursive least squares with
+  forgetting (``COST_FORGET``), from a calibration at start (``calibrate``) as its prior.
+
+``plan`` ranks every (row, i-th drafted token) by its expected tokens and takes the prefix of that
+ranking that maximizes the batch's expected tokens per second, ``(B + gain) / c(B + drafted, sync)``,
+against not speculating at all. So a larger batch (where a step's cost grows with its tokens) turns
+speculation off, and a row whose drafts stop being accepted drops out first. A row the plan leaves
+out is probed now and then (K = 1, with exponential backoff while probes fail) so its estimate can
+recover; probes ride only on steps that speculate anyway.
+
+With ``auto`` off every row that may drafts K tokens every step (vLLM's behaviour).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+ROW_DECAY = 0.8  # weight of a row's earlier verifies at each new one (a memory of about 5)
+HIT_DECAY = 0.8  # weight of earlier asks in a row's share of asks that found a draft
+COST_FORGET = 0.98  # RLS forgetting factor of the step-cost model
+MARGIN = 1.02  # speculation must promise this much more throughput than not speculating
+PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes of a row left out, doubling while probes fail
+
+
+@dataclass
+class RowStats:
+    accepted: float = 0.0
+    rejected: float = 0.0
+    hits: float = 1.0  # decayed asks that found a draft (prior: one that did)
+    asks: float = 1.0
+    probe_in: int = PROBE_FIRST
+    backoff: int = PROBE_FIRST
+    verifies: int = 0
+
+    @property
+    def alpha(self) -> float:
+        return (self.accepted + 0.5) / (self.accepted + self.rejected + 1.0)
+
+    @property
+    def hit(self) -> float:
+        return self.hits / self.asks
+
+
+class CostModel:
+    """``c(n, sync) = a + b n + s sync`` by recursive least squares with forgetting."""
+
+    def __init__(self, a: float = 0.02, b: float = 0.002, s: float = 0.002):
+        self.theta = np.array([a, b, s], dtype=np.float64)
+        # Prior variances over the noise's (a step's time varies by a few percent): the prior is a guess that a
+        # few dozen steps overrule.
+        noise = (0.05 * a) ** 2
+        self.P = np.diag([a * a, (4 * b) ** 2, a * a]) / noise
+        self.samples = 0
+
+    def predict(self, n: int, sync: bool) -> float:
+        return max(1e-6, float(self.theta @ np.array([1.0, n, float(sync)])))
+
+    def observe(self, n: int, sync: bool, seconds: float) -> None:
+        x = np.array([1.0, n, float(sync)])
+        Px = self.P @ x
+        g = Px / (COST_FORGET + x @ Px)
+        self.theta = self.theta + g * (seconds - x @ self.theta)
+        self.P = (self.P - np.outer(g, Px)) / COST_FORGET
+        self.samples += 1
+
+
+class Controller:
+    def __init__(self, k_max: int, auto: bool = True, cost: Optional[CostModel] = None):
+        self.k_max, self.auto = k_max, auto
+        self.cost = cost or CostModel()
+        self.rows: dict[int, RowStats] = {}
+        self.counters = dict(spec_steps=0, spec_rows_planned=0, spec_rows_off=0, spec_drafted_tokens=0,
+                             spec_accepted_tokens=0, spec_verifies=0, spec_probes=0)
+
+    def row(self, uid: int) -> RowStats:
+        st = self.rows.get(uid)
+        if st is None:
+            st = self.rows[uid] = RowStats()
+        return st
+
+    def forget(self, uid: int) -> None:
+        self.rows.pop(uid, None)
+
+    # -- deciding -------------------------------------------------------------------------
+    def plan(self, rows: list[tuple[int, int]], forced_sync: bool = False) -> dict[int, int]:
+        """``rows``: (uid, the most tokens it may draft now) of every decoding row -> uid: K for the rows that
+        should ask their proposer this step (absent: decode as usual)."""
+        if not self.auto:
+            return {uid: min(k, self.k_max) for uid, k in rows if k > 0}
+        B = len(rows)
+        items = []  # (expected tokens, uid) of each row's i-th drafted token
+        for uid, kmax in rows:
+            st = self.row(uid)
+            v = st.hit
+            for _ in range(min(kmax, self.k_max)):
+                v *= st.alpha
+                items.append((v, uid))
+        items.sort(key=lambda t: -t[0])
+        best, take = B / self.cost.predict(B, forced_sync) * MARGIN, 0
+        a, b, s = (float(x) for x in self.cost.theta)
+        gain = 0.0
+        for j, (v, _) in enumerate(items):
+            gain += v
+            tp = (B + gain) / max(1e-6, a + b * (B + j + 1) + s)
+            if tp > best:
+                best, take = tp, j + 1
+        plan: dict[int, int] = {}
+        for _, uid in items[:take]:
+            plan[uid] = plan.get(uid, 0) + 1
+        self.counters["spec_rows_planned"] += len(plan)
+        self.counters["spec_rows_off"] += B - len(plan)
+        if plan or forced_sync:  # a synced step anyway: rows left out may be probed at K = 1
+            for uid, kmax in rows:
+                if uid in plan or kmax <= 0:
+                    continue
+                st = self.row(uid)
+                st.probe_in -= 1
+                if st.probe_in <= 0:
+                    plan[uid] = 1
+                    st.probe_in = st.backoff
+                    st.backoff = min(PROBE_MAX, st.backoff * 2)
+                    self.counters["spec_probes"] += 1
+        if plan:
+            self.counters["spec_steps"] += 1
+        return plan
+
+    # -- measuring ------------------------------------------------------------------------
+    def asked(self, uid: int, found: bool) -> None:
+        st = self.row(uid)
+        st.hits = st.hits * HIT_DECAY + found
+        st.asks = st.asks * HIT_DECAY + 1.0
+
+    def verified(self, uid: int, drafted: int, accepted: int) -> None:
+        st = self.row(uid)
+        st.accepted = st.accepted * ROW_DECAY + accepted
+        st.rejected = st.rejected * ROW_DECAY + (accepted < drafted)
+        st.verifies += 1
+        if accepted == drafted:
+            st.backoff = PROBE_FIRST
+        c = self.counters
+        c["spec_verifies"] += 1
+        c["spec_drafted_tokens"] += drafted
+        c["spec_accepted_tokens"] += accepted
+
+    def step_cost(self, n: int, sync: bool, seconds: float) -> None:
+        self.cost.observe(n, sync, seconds)
+
+    def reset_counters(self) -> None:
+        self.counters = dict.fromkeys(self.counters, 0)
+
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        c["spec_acceptance_rate"] = c["spec_accepted_tokens"] / c["spec_drafted_tokens"] if c["spec_drafted_tokens"] else 0.0
+        a, b, s = self.cost.theta
+        c.update(spec_cost_step_s=float(a), spec_cost_token_s=float(b), spec_cost_sync_s=float(s))
+        return c
+
+
+def calibrate(run: Callable[[int], float], sizes=(1, 2, 4, 8, 16, 32)) -> CostModel:
+    """A cost model whose prior is fitted to ``run(n)`` (seconds of one forward of n query tokens, including
+    building its graph), the fastest of three each, after one warm call."""
+    run(sizes[-1])
+    xs, ys = [], []
+    for n in sizes:
+        xs.append(n)
+        ys.append(min(run(n) for _ in range(3)))
+    b, a = np.polyfit(np.array(xs, dtype=np.float64), np.array(ys), 1)
+    a, b = max(float(a), 1e-4), max(float(b), 1e-6)
+    return CostModel(a, b, s=0.1 * a)
