@@ -48,6 +48,9 @@ def test_engine_sleeps_under_load_releases_memory_and_wakes_identical(mlx_f32):
     from mlx_ray.engine.memory import mlx_memory
     from mlx_ray.errors import Unavailable
 
+    import gc
+
+    gc.collect()  # what earlier tests' engines left for the collector goes first, or it is freed mid-test
     mx.clear_cache()
     baseline = mlx_memory()
     engine = start_engine(mlx_f32, max_num_seqs=4, max_queue=4, kv_budget_bytes=96 << 20,
