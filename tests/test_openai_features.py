@@ -204,7 +204,6 @@ def _render(oa, messages):
     return Template(TOOLS_TEMPLATE).render(messages=messages, add_generation_prompt=True, enable_thinking=True)
 
 
-@pytest.mark.ray  # the smoke subset that also runs on the cluster's Ray 2.53
 def test_unsupported_schema_feature_and_refused_fields_are_400s(oa):
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model=OAI_MODEL, messages=ASK, max_tokens=8, response_format={
