@@ -57,7 +57,7 @@ def test_selftest_fails_on_a_mismatching_cpu_kernel(monkeypatch, capsys):
     monkeypatch.setattr(kernels_cli, "cpu_specs", lambda: [bad, ("absent_cpu", "extension not built")])
     monkeypatch.setattr(_common, "kernels", lambda: {})  # only the bad one (the real ones: the test above)
     monkeypatch.setattr(_common, "SKIPPED", {})
-    rc = kernels_cli.main(argparse.Namespace(action="selftest", json=None))
+    rc = kernels_cli.main(argparse.Namespace(action="selftest", json=None, quick=True))
     text = capsys.readouterr().out
     assert rc == 1 and "MISMATCH: differs" in text and "absent_cpu: not active here: extension not built" in text
     assert "selftest: FAILED" in text
