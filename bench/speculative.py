@@ -7,8 +7,8 @@ Every side is an engine in this process (the same load generator, ``round_``: n 
 as ``bench/multi_lora.py``), all loaded at start; each (workload, sampling, concurrency) runs on every side
 back to back, the order rotated every repeat, and each side's tokens per second is its median over the repeats.
 
-* **workloads**: *copy-heavy*: rewrite a given JSON object or code block with one change (``COPY_PROMPTS``);
-  *free text*: the existing chat prompts (``mlx_ray.bench.sides.PROMPTS``).
+* **workloads**: *copy-heavy*: rewrite a given JSON object or code block with one change (``COPY_PROMPTS``,
+  as completions: see there); *free text*: the existing chat prompts (``mlx_ray.bench.sides.PROMPTS``).
 * **sampling**: greedy, and sampled at temperature 0.7, top_p 0.9 (seeded per request).
 * **sides**: ``off`` (no speculation), ``ngram`` (``speculative: {method: ngram}``, the controller on),
   ``draft`` (``method: draft`` with ``--draft``, when the engine has it), and ``mlx_lm`` (``mlx_lm.generate``'s
@@ -50,8 +50,18 @@ _DOCS = [
      "        self.count += 1\n        return self.count\n\n    def reset(self):\n        self.count = 0\n",
      "rename count to total"),
 ]
-COPY_PROMPTS = [f"Rewrite the following exactly as it is, except: {change}.\n\n{doc}" for doc, change in _DOCS]
+# Completions, not chat: the 135M fixture asked in a chat to rewrite a document describes it instead (tried); as a
+# completion it writes the document out again, which is the workload (an editor, a RAG answer, a tool call
+# copying its input). A larger model does this in a chat turn.
+COPY_PROMPTS = [f"Original:\n{doc}\n\nThe same, rewritten with one change ({change}):\n" for doc, change in _DOCS]
 WORKLOADS = {"copy-heavy": COPY_PROMPTS, "free text": PROMPTS}
+
+
+def encode(engine, workload: str) -> list[list[int]]:
+    """The workload's prompts as token ids: copy-heavy as completions, free text through the chat template."""
+    if workload == "copy-heavy":
+        return [engine.encode(p) for p in COPY_PROMPTS]
+    return [engine.encode_chat([{"role": "user", "content": p}]) for p in WORKLOADS[workload]]
 
 
 async def round_(engine, prompts, n: int, max_tokens: int, sampling: dict, tag: str) -> dict:
@@ -124,7 +134,7 @@ def main(argv=None) -> dict:
     results: dict = {}
     try:
         for wl in args.workloads.split(","):
-            prompts = [ref.encode_chat([{"role": "user", "content": p}]) for p in WORKLOADS[wl]]
+            prompts = encode(ref, wl)
             for mode in args.modes.split(","):
                 sampling = MODES[mode]
                 for n in levels:

@@ -42,7 +42,7 @@ def test_ngram_drafts_the_continuation_of_the_latest_longest_match():
 
 
 def test_controller_turns_off_a_row_whose_acceptance_collapses_and_speculation_under_load():
-    c = Controller(4, cost=CostModel(a=0.020, b=0.001, s=0.001))  # a query token costs 5% of a step
+    c = Controller(4, cost=CostModel(a=0.020, b=0.001))  # a query token costs 5% of a step
     rows = [(0, 50), (1, 50)]
     assert set(c.plan(rows)) == {0, 1}  # unknown rows: the prior drafts
     for _ in range(6):
@@ -50,26 +50,32 @@ def test_controller_turns_off_a_row_whose_acceptance_collapses_and_speculation_u
         c.verified(1, 4, 0)  # row 1's drafts are all rejected
     plan = c.plan(rows)
     assert plan.get(0) == 4 and 1 not in plan
-    probes = [c.plan(rows).get(1) for _ in range(40)]  # the row left out is probed now and then, at K = 1
-    assert 0 < sum(p == 1 for p in probes) <= 5 and all(p in (None, 1) for p in probes)
-    # Under load (16 rows, a query token costing a tenth of a step) nothing pays: no row drafts.
-    loaded = Controller(4, cost=CostModel(a=0.020, b=0.002, s=0.001))
+    c.verified(0, 4, 3)  # (no draft wholly accepted from here: probes back off)
+    probes = [c.plan(rows).get(1) for _ in range(60)]  # the row left out is probed now and then, at K = 1
+    assert 1 <= sum(p == 1 for p in probes) <= 4 and all(p in (None, 1) for p in probes)
+    # Under load (16 rows, a query token costing an eighth of a step, as on this CPU) nothing pays: no row drafts.
+    loaded = Controller(4, cost=CostModel(a=0.050, b=0.006))
     many = [(i, 50) for i in range(16)]
     for i in range(16):
         for _ in range(4):
             loaded.verified(i, 4, 2)
     assert loaded.plan(many) == {}
-    assert loaded.plan([(0, 50)]) == {0: 4}  # alone, the same acceptance pays
+    assert loaded.plan([(0, 50)]).get(0, 0) >= 2  # alone, the same acceptance pays
     assert c.plan([(0, 0)]) == {}  # no token left to draft (max_tokens)
 
 
-def test_cost_model_learns_the_step_cost():
-    m = CostModel(a=0.01, b=0.0001, s=0.0)
-    rng = np.random.default_rng(0)
-    for _ in range(400):
-        n, sync = int(rng.integers(1, 64)), bool(rng.integers(0, 2))
-        m.observe(n, sync, 0.03 + 0.002 * n + 0.004 * sync)
-    assert m.predict(40, True) == pytest.approx(0.03 + 0.08 + 0.004, rel=0.02)
+def test_cost_model_scales_the_calibrated_line_by_what_steps_cost_live():
+    m = CostModel(a=0.05, b=0.006)
+    for n in (1, 1, 2, 5, 1, 3) * 2:
+        m.observe(n, False, 0.8 * (0.05 + 0.006 * n))  # plain steps overlap their graph building
+        m.observe(n + 4, True, 1.1 * (0.05 + 0.006 * (n + 4)))
+    m.observe(30, True, 50.0)  # one outlier moves it little
+    assert m.predict(4, False) == pytest.approx(0.8 * 0.074, rel=0.01)  # never seen: the line, scaled
+    assert m.predict(5, True) == pytest.approx(1.1 * 0.080, rel=0.01)  # seen often: its own mean
+    assert m.predict(7, True) == pytest.approx(1.1 * 0.092, rel=0.15)
+    for _ in range(3):
+        m.observe(16, False, 0.3)  # measured at n = 16: its own mean, whatever the line says
+    assert m.predict(16, False) == pytest.approx(0.3, rel=0.01)
 
 
 # ------------------------------------------------------------------ sampled rows: the target's distribution

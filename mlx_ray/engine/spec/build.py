@@ -71,7 +71,7 @@ def build(batch, cfg: SpeculativeConfig, draft: Optional[Draft] = None):
     controller = Controller(cfg.num_speculative_tokens, auto=cfg.auto)
     if cfg.auto:
         calibrated(batch, controller)
-        a, b, _ = controller.cost.theta
+        a, b = controller.cost.a, controller.cost.b
         log.info("speculative decoding (%s, K <= %d, auto): a step costs %.1f ms + %.2f ms a query token here",
                  cfg.method, cfg.num_speculative_tokens, a * 1e3, b * 1e3)
     return Speculator(proposer, controller)

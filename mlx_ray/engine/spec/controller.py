@@ -8,19 +8,20 @@ Two measurements:
   starts): alpha = (accepted + 0.5) / (accepted + rejected + 1). A draft of k tokens is expected to
   add ``hit * sum(alpha ** i for i in 1..k)`` tokens, ``hit`` the share of asks that found a draft
   at all (n-gram lookups find none in free text).
-* **the cost of a step on this device**, a linear model ``c(n, sync) = a + b * n + s * sync`` of the
-  wall time between two steps' results, ``n`` the query tokens of the forward (one a decoding row,
-  k + 1 a row verifying k drafted tokens) and ``sync`` whether it was built after the host read the
-  previous step (a speculating step is: its drafts need the previous tokens; a plain step is built on
-  the previous step's lazy tokens and overlaps it). Fitted by recursive least squares with
-  forgetting (``COST_FORGET``), from a calibration at start (``calibrate``) as its prior.
+* **the cost of a step on this device**, ``c(n, sync)``, the wall time between two steps' results, ``n``
+  the query tokens of the forward (one a decoding row, k + 1 a row verifying k drafted tokens) and
+  ``sync`` whether it was built after the host read the previous step (a speculating step is: its
+  drafts need the previous tokens; a plain step is built on the previous step's lazy tokens and
+  overlaps it): the line ``a + b n`` timed at start (``calibrate``), times a factor per regime
+  measured on the running loop (:class:`CostModel`).
 
 ``plan`` ranks every (row, i-th drafted token) by its expected tokens and takes the prefix of that
 ranking that maximizes the batch's expected tokens per second, ``(B + gain) / c(B + drafted, sync)``,
 against not speculating at all. So a larger batch (where a step's cost grows with its tokens) turns
 speculation off, and a row whose drafts stop being accepted drops out first. A row the plan leaves
-out is probed now and then (K = 1, with exponential backoff while probes fail) so its estimate can
-recover; probes ride only on steps that speculate anyway.
+out is probed now and then (K = 1; every row left out in the same step, so a probe costs one synced
+step however many rows it re-measures; the interval doubles while probes find nothing accepted)
+so its estimate can recover.
 
 With ``auto`` off every row that may drafts K tokens every step (vLLM's behaviour).
 """
@@ -34,7 +35,8 @@ import numpy as np
 
 ROW_DECAY = 0.8  # weight of a row's earlier verifies at each new one (a memory of about 5)
 HIT_DECAY = 0.8  # weight of earlier asks in a row's share of asks that found a draft
-COST_FORGET = 0.98  # RLS forgetting factor of the step-cost model
+COST_ALPHA = 0.1  # EWMA weight of a step's measured cost (over the calibrated shape, and at its own n)
+BUCKET_MIN = 3  # steps measured at one (n, sync) before their mean replaces the scaled line there
 MARGIN = 1.02  # speculation must promise this much more throughput than not speculating
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes of a row left out, doubling while probes fail
 
@@ -45,8 +47,6 @@ class RowStats:
     rejected: float = 0.0
     hits: float = 1.0  # decayed asks that found a draft (prior: one that did)
     asks: float = 1.0
-    probe_in: int = PROBE_FIRST
-    backoff: int = PROBE_FIRST
     verifies: int = 0
 
     @property
@@ -59,26 +59,37 @@ class RowStats:
 
 
 class CostModel:
-    """``c(n, sync) = a + b n + s sync`` by recursive least squares with forgetting."""
+    """``c(n, sync)``: measured where it was measured, else ``(a + b n) * ratio[sync]``.
 
-    def __init__(self, a: float = 0.02, b: float = 0.002, s: float = 0.002):
-        self.theta = np.array([a, b, s], dtype=np.float64)
-        # Prior variances over the noise's (a step's time varies by a few percent): the prior is a guess that a
-        # few dozen steps overrule.
-        noise = (0.05 * a) ** 2
-        self.P = np.diag([a * a, (4 * b) ** 2, a * a]) / noise
-        self.samples = 0
+    ``a + b n`` is one forward of n query tokens, built and run back to back (what ``calibrate`` times at
+    start). What a step costs in the running loop differs from it by a factor per regime, an EWMA over
+    the steps: a plain step overlaps building its graph with the previous step's compute (a factor
+    below 1), a synced one does not; both carry the loop's own work per step. Where steps of this n
+    and regime were measured (``BUCKET_MIN`` of them), their own EWMA is the cost: that corrects the
+    line's shape where it matters, at the batch sizes this server runs. (A free fit of a, b and a
+    sync term is not robust: a single stream gives samples at one n only, which leave b unknown.)"""
+
+    def __init__(self, a: float = 0.02, b: float = 0.002):
+        self.a, self.b = a, b
+        self.ratio = {False: 1.0, True: 1.0}
+        self.samples = {False: 0, True: 0}
+        self.seen: dict[tuple[bool, int], list] = {}  # (sync, n) -> [EWMA seconds, samples]
 
     def predict(self, n: int, sync: bool) -> float:
-        return max(1e-6, float(self.theta @ np.array([1.0, n, float(sync)])))
+        got = self.seen.get((sync, n))
+        if got is not None and got[1] >= BUCKET_MIN:
+            return got[0]
+        return (self.a + self.b * n) * self.ratio[sync]
 
     def observe(self, n: int, sync: bool, seconds: float) -> None:
-        x = np.array([1.0, n, float(sync)])
-        Px = self.P @ x
-        g = Px / (COST_FORGET + x @ Px)
-        self.theta = self.theta + g * (seconds - x @ self.theta)
-        self.P = (self.P - np.outer(g, Px)) / COST_FORGET
-        self.samples += 1
+        r = min(2.0, max(0.5, seconds / (self.a + self.b * n)))  # one odd step (a GC, a page fault) moves it little
+        k = self.samples[sync] = self.samples[sync] + 1
+        self.ratio[sync] += max(COST_ALPHA, 1.0 / k) * (r - self.ratio[sync])
+        got = self.seen.setdefault((sync, n), [seconds, 0])
+        if got[1] >= BUCKET_MIN:
+            seconds = min(2.0 * got[0], max(0.5 * got[0], seconds))
+        got[1] += 1
+        got[0] += max(COST_ALPHA, 1.0 / got[1]) * (seconds - got[0])
 
 
 class Controller:
@@ -86,6 +97,7 @@ class Controller:
         self.k_max, self.auto = k_max, auto
         self.cost = cost or CostModel()
         self.rows: dict[int, RowStats] = {}
+        self._probe_every = self._probe_in = PROBE_FIRST
         self.counters = dict(spec_steps=0, spec_rows_planned=0, spec_rows_off=0, spec_drafted_tokens=0,
                              spec_accepted_tokens=0, spec_verifies=0, spec_probes=0)
 
@@ -113,12 +125,12 @@ class Controller:
                 v *= st.alpha
                 items.append((v, uid))
         items.sort(key=lambda t: -t[0])
-        best, take = B / self.cost.predict(B, forced_sync) * MARGIN, 0
-        a, b, s = (float(x) for x in self.cost.theta)
+        cost = self.cost
+        best, take = B / cost.predict(B, forced_sync) * MARGIN, 0
         gain = 0.0
         for j, (v, _) in enumerate(items):
             gain += v
-            tp = (B + gain) / max(1e-6, a + b * (B + j + 1) + s)
+            tp = (B + gain) / cost.predict(B + j + 1, True)
             if tp > best:
                 best, take = tp, j + 1
         plan: dict[int, int] = {}
@@ -126,16 +138,12 @@ class Controller:
             plan[uid] = plan.get(uid, 0) + 1
         self.counters["spec_rows_planned"] += len(plan)
         self.counters["spec_rows_off"] += B - len(plan)
-        if plan or forced_sync:  # a synced step anyway: rows left out may be probed at K = 1
+        self._probe_in -= 1
+        if self._probe_in <= 0:  # every row left out drafts one token, in this one step
+            self._probe_in = self._probe_every = min(PROBE_MAX, self._probe_every * 2)
             for uid, kmax in rows:
-                if uid in plan or kmax <= 0:
-                    continue
-                st = self.row(uid)
-                st.probe_in -= 1
-                if st.probe_in <= 0:
+                if uid not in plan and kmax > 0:
                     plan[uid] = 1
-                    st.probe_in = st.backoff
-                    st.backoff = min(PROBE_MAX, st.backoff * 2)
                     self.counters["spec_probes"] += 1
         if plan:
             self.counters["spec_steps"] += 1
@@ -152,8 +160,9 @@ class Controller:
         st.accepted = st.accepted * ROW_DECAY + accepted
         st.rejected = st.rejected * ROW_DECAY + (accepted < drafted)
         st.verifies += 1
-        if accepted == drafted:
-            st.backoff = PROBE_FIRST
+        if accepted == drafted:  # a draft wholly accepted: probe often again
+            self._probe_every = min(self._probe_every, PROBE_FIRST)
+            self._probe_in = min(self._probe_in, PROBE_FIRST)
         c = self.counters
         c["spec_verifies"] += 1
         c["spec_drafted_tokens"] += drafted
@@ -168,8 +177,9 @@ class Controller:
     def stats(self) -> dict:
         c = dict(self.counters)
         c["spec_acceptance_rate"] = c["spec_accepted_tokens"] / c["spec_drafted_tokens"] if c["spec_drafted_tokens"] else 0.0
-        a, b, s = self.cost.theta
-        c.update(spec_cost_step_s=float(a), spec_cost_token_s=float(b), spec_cost_sync_s=float(s))
+        m = self.cost
+        c.update(spec_cost_step_s=m.a, spec_cost_token_s=m.b, spec_cost_plain_ratio=m.ratio[False],
+                 spec_cost_sync_ratio=m.ratio[True])
         return c
 
 
@@ -182,5 +192,4 @@ def calibrate(run: Callable[[int], float], sizes=(1, 2, 4, 8, 16, 32)) -> CostMo
         xs.append(n)
         ys.append(min(run(n) for _ in range(3)))
     b, a = np.polyfit(np.array(xs, dtype=np.float64), np.array(ys), 1)
-    a, b = max(float(a), 1e-4), max(float(b), 1e-6)
-    return CostModel(a, b, s=0.1 * a)
+    return CostModel(max(float(a), 1e-4), max(float(b), 1e-6))

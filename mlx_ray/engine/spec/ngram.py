@@ -39,6 +39,11 @@ class NgramProposer:
         self._arrays[uid] = a
         return a
 
+    def likely(self, uid: int, tokens: list[int]) -> bool:
+        """Whether a lookup on the tokens the host has (the row's last token may still be in flight) finds a
+        draft: then one after that token probably does too. Costs no wait for the device."""
+        return bool(lookup(self._tokens(uid, tokens), self.nmin, self.nmax, 1))
+
     def forget(self, uid: int) -> None:
         self._arrays.pop(uid, None)
 

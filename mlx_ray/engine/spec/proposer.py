@@ -16,6 +16,10 @@ class Proposer(Protocol):
         """``asks``: (uid, the row's tokens so far (prompt + output), at most k) -> uid: drafted tokens (<= k)."""
         ...
 
+    def likely(self, uid: int, tokens: list[int]) -> bool:
+        """Whether asking for this row is worth reading the previous step first (``tokens``: what the host has)."""
+        ...
+
     def forget(self, uid: int) -> None:
         """The row left the batch."""
         ...

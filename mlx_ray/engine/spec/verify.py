@@ -88,7 +88,9 @@ class Speculator:
         None: no row speculates, the batch takes its plain pipelined path."""
         rows = batch.decodable()
         forced = prev is not None and prev.drafts is not None
-        plan = self.controller.plan([(r.uid, r.max_tokens - r.generated - 1) for r in rows], forced)
+        likely = self.proposer.likely  # on the tokens the host has: asking a row without a likely draft would cost
+        plan = self.controller.plan([(r.uid, r.max_tokens - r.generated - 1 if likely(r.uid, r.tokens) else 0)
+                                     for r in rows], forced)  # a read of the previous step for nothing
         if not plan and not forced:
             return None
         out = batch._read(prev) if prev is not None else []
