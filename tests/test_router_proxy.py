@@ -307,3 +307,31 @@ def test_when_the_primary_dies_everything_goes_to_the_mac_at_once(arms):
             assert r.parse().model == "chat"
         # with its circuit open, no request tried the dead primary first
         assert ing.router.arms["primary"].failures == failures
+
+
+def test_an_arm_may_name_an_adapter_of_its_model(arms, mlx_f32):
+    """The A/B of a fine-tune against the primary (issue 32): the Mac's arm names ``<model>:<adapter>``, which
+    its multi-LoRA engine loads from the cache on first use. The router sends that name, the user sees the
+    public one, and the tokens are the adapter's own."""
+    import shutil
+
+    from mlx_ray import adapters as layout
+    from mlx_ray.bench.adapters import write_random_adapter
+
+    write_random_adapter(mlx_f32, "ft", rank=8, scale=20.0, num_layers=16, seed=1)
+    try:
+        cfg = router_config(arms, policy="ab")
+        cfg["arms"][0]["weight"], cfg["arms"][1]["weight"] = 0.0, 1.0  # every user on the fine-tune
+        cfg["arms"][1]["model"] = "mac:ft"
+        kw = dict(messages=MSG, max_tokens=12, temperature=0)
+        with running_router(cfg) as (url, _):
+            r = oai_client(url).chat.completions.with_raw_response.create(model="chat", user="u-1", **kw)
+        assert r.headers["x-mlx-ray-arm"] == "mac"
+        via = r.parse()
+        direct = oai_client(arms["mac"].root).chat.completions.create(model="mac:ft", **kw)
+        base = oai_client(arms["mac"].root).chat.completions.create(model="mac", **kw)
+        assert via.model == "chat" and direct.model == "mac:ft"
+        assert via.choices[0].message.content == direct.choices[0].message.content
+        assert direct.choices[0].message.content != base.choices[0].message.content  # the adapter answered
+    finally:
+        shutil.rmtree(layout.adapters_root(mlx_f32), ignore_errors=True)
