@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -73,24 +72,19 @@ def steady(reports: list[dict]) -> dict:
     return {"tok_s": tok_s, "wall_tok_s": wall, "reports": reports}
 
 
-def children_cpu_s() -> float:
-    """CPU seconds of this process's reaped descendants (a side's whole process tree once it has exited)."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
 
 def run_ray(args, model_name: str, cache: Path, data: Path, env: dict) -> dict:
     cmd = [sys.executable, "-m", "mlx_ray.cli", "finetune", "--model", model_name, "--cache-dir", str(cache),
            "--data", str(data / "train.jsonl"), "--valid", str(data / "valid.jsonl"), "--name", NAME, "--force",
            "--storage-path", str(data / "ray-runs"), *common_flags(args), "--json"]
-    t0, cpu0 = time.perf_counter(), children_cpu_s()
+    t0 = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if out.returncode:
         raise RuntimeError(f"mlx-ray finetune exited {out.returncode}: {out.stderr[-3000:]}")
     history = json.loads(out.stdout)["history"]
     reports = [{"iteration": m["iteration"], "tok_s": m["tokens_per_second"], "trained": m["trained_tokens"],
                 "time": m["reported_at"], "loss": m["train_loss"]} for m in history]
-    return {**steady(reports), "process_s": time.perf_counter() - t0, "cpu_s": children_cpu_s() - cpu0}
+    return {**steady(reports), "process_s": time.perf_counter() - t0}
 
 
 def run_mlx_lm(args, model_dir: Path, data: Path, env: dict) -> dict:
@@ -100,7 +94,7 @@ def run_mlx_lm(args, model_dir: Path, data: Path, env: dict) -> dict:
     shutil.rmtree(adapters, ignore_errors=True)
     cmd = [sys.executable, "-u", "-m", "mlx_lm", "lora", "--train", "--model", str(model_dir), "--data", str(data),
            "--adapter-path", str(adapters), "-c", str(cfg), *common_flags(args)]
-    t0, cpu0 = time.perf_counter(), children_cpu_s()
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     reports, lines = [], []
@@ -113,7 +107,7 @@ def run_mlx_lm(args, model_dir: Path, data: Path, env: dict) -> dict:
                             "trained": float(m[4]) * 1000, "time": now})
     if proc.wait(timeout=args.timeout):
         raise RuntimeError(f"mlx_lm lora exited {proc.returncode}: {''.join(lines)[-3000:]}")
-    return {**steady(reports), "process_s": time.perf_counter() - t0, "cpu_s": children_cpu_s() - cpu0}
+    return {**steady(reports), "process_s": time.perf_counter() - t0}
 
 
 def common_flags(args) -> list[str]:
@@ -171,7 +165,7 @@ def main(argv=None) -> dict:
                           f"process {got['process_s']:.1f} s", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(adapter_dir(model_dir, NAME), ignore_errors=True)
-    med = {side: {k: statistics.median(x[k] for x in v) for k in ("tok_s", "wall_tok_s", "process_s", "cpu_s")}
+    med = {side: {k: statistics.median(x[k] for x in v) for k in ("tok_s", "wall_tok_s", "process_s")}
            for side, v in runs.items()}
     ratio = med["ray"]["tok_s"] / med["mlx_lm"]["tok_s"]
     wall_ratio = med["ray"]["wall_tok_s"] / med["mlx_lm"]["wall_tok_s"]
@@ -182,9 +176,9 @@ def main(argv=None) -> dict:
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "blas": loaded_blas()}}
     print(f"LoRA rank {args.rank} on {args.num_layers} layers of {model_name}, batch {args.batch_size}, {args.iters} "
           f"iterations, reports every {args.steps_per_report} (first left out), medians of {args.repeats}")
-    rows = [(side, m["tok_s"], m["wall_tok_s"], f"{m['process_s']:.1f}", f"{m['cpu_s']:.1f}") for side, m in med.items()]
-    rows.append(("ray / mlx_lm", f"{ratio:.2f}x", f"{wall_ratio:.2f}x", "", ""))
-    print(markdown_table(["side", "tok/s (reported)", "wall tok/s", "process s", "CPU s (process tree)"], rows))
+    rows = [(side, m["tok_s"], m["wall_tok_s"], f"{m['process_s']:.1f}") for side, m in med.items()]
+    rows.append(("ray / mlx_lm", f"{ratio:.2f}x", f"{wall_ratio:.2f}x", ""))
+    print(markdown_table(["side", "tok/s (reported)", "wall tok/s", "process s"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
