@@ -12,13 +12,21 @@ Each adapted linear layer of the mlx-lm model is wrapped, on first use, in a
 ``[S + 1, r, out]``); slot 0 is the null slot (no adapter) and stays zero. The
 paged step sets each forward's per-row slots (:meth:`State.set`, prefill
 chunks and decode steps alike) before it calls the model, and every wrapped
-layer computes ``base(x) + scale[slot] * (x @ A[slot]) @ B[slot]`` per row with
-``mx.gather_mm`` (no per-adapter pass, no copy of the gathered matrices; on
-this CPU it beat ``take`` + batched matmul 1.6-2x at decode, and its per-row
-results are bit-identical to a single-adapter matmul). A batch whose rows all
-have no adapter skips the branch; one whose rows share one adapter uses plain
-matmuls. Until the first adapter loads, no layer is wrapped: an engine that
-serves no adapters runs the model as loaded.
+layer computes ``base(x) + scale[slot] * (x @ A[slot]) @ B[slot]`` per row.
+
+A batch whose rows are on different slots takes two dense matmuls: ``x``
+times every adapter slot's A side by side (``[in, S*r]``, kept per layer),
+masked to each row's own slot's columns with its scale (one ``[B, 1, S*r]``
+mask per forward, built on the device and shared by every layer), times every
+slot's B stacked (``[S*r, out]``). That is S times a gather's LoRA FLOPs, but
+in BLAS and in 4 ops a layer: with SmolLM2-135M's 210 linear shapes, 16 rows
+over 4 adapters of rank 16, it cut the LoRA cost of a decode step on this CPU
+from 29 ms (``mx.gather_mm``, before) to 20 ms, against 45 ms for the base
+matmuls. A row's result equals a single-adapter matmul's to float rounding
+(the greedy tests hold). A batch whose rows all have no adapter skips the
+branch; one whose rows share one adapter uses plain matmuls. Until the first
+adapter loads, no layer is wrapped: an engine that serves no adapters runs
+the model as loaded.
 
 Ranks may differ between adapters: the stacks take the largest rank loaded so
 far (zero columns add nothing). A/B are kept in the model's float dtype.
@@ -193,23 +201,36 @@ def _read_weights(path: Path, base: Base, name: str, man) -> tuple[dict, bool]:
 class State:
     """The per-row slots of the forward being built, read by every :class:`MultiLoRALinear`."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, dtype: mx.Dtype = mx.float32):
+        self.num_slots, self.dtype = num_slots, dtype
         self.scales = [0.0] * num_slots  # per slot; the null slot's 0
         self.slot: Optional[int] = None  # every row on this one adapter slot
         self.idx: Optional[mx.array] = None  # [B] uint32: rows on different slots
-        self.row_scales: Optional[mx.array] = None  # [B, 1, 1]
+        self._masks: dict[int, mx.array] = {}  # rank -> [B, 1, (num_slots - 1) * rank], this forward's
 
     def set(self, slots: list[int]) -> None:
         first = slots[0] if slots else NULL_SLOT
-        self.slot = self.idx = self.row_scales = None
+        self.slot = self.idx = None
+        self._masks = {}
         if all(s == first for s in slots):
             self.slot = first if first != NULL_SLOT else None
             return
         self.idx = mx.array(slots, dtype=mx.uint32)
-        self.row_scales = mx.array([self.scales[s] for s in slots], dtype=mx.float32)[:, None, None]
+
+    def mask(self, rank: int) -> mx.array:
+        """Row b's columns of the slots' side-by-side ranks: its slot's scale on its slot's ``rank`` columns,
+        zero elsewhere; built once per forward for each rank (on the device, shared by every layer)."""
+        m = self._masks.get(rank)
+        if m is None:
+            col_slot = mx.arange((self.num_slots - 1) * rank, dtype=mx.uint32) // rank + 1  # no null slot
+            scales = mx.array(self.scales, dtype=mx.float32)[col_slot]
+            m = mx.where(col_slot[None, :] == self.idx[:, None], scales, 0.0)[:, None, :].astype(self.dtype)
+            self._masks[rank] = m
+        return m
 
     def clear(self) -> None:
-        self.slot = self.idx = self.row_scales = None
+        self.slot = self.idx = None
+        self._masks = {}
 
 
 class MultiLoRALinear(nn.Module):
@@ -222,6 +243,7 @@ class MultiLoRALinear(nn.Module):
         self.rows = state  # a plain attribute (not a parameter), shared by every wrapped layer
         self.lora_a = mx.zeros((num_slots, in_dims, rank), dtype=dtype)
         self.lora_b = mx.zeros((num_slots, rank, out_dims), dtype=dtype)
+        self._a_cat = None  # lora_a's adapter slots side by side (side_by_side; not a parameter: "_")
 
     @property
     def rank(self) -> int:
@@ -232,6 +254,7 @@ class MultiLoRALinear(nn.Module):
         if pad > 0:
             self.lora_a = mx.pad(self.lora_a, [(0, 0), (0, 0), (0, pad)])
             self.lora_b = mx.pad(self.lora_b, [(0, 0), (0, pad), (0, 0)])
+            self._a_cat = None
 
     def put(self, slot: int, a: Optional[mx.array], b: Optional[mx.array]) -> None:
         """Slot ``slot`` holds (A, B), zero-padded to the stack's rank; None: zeros (the adapter skips this layer)."""
@@ -243,6 +266,14 @@ class MultiLoRALinear(nn.Module):
             r = a.shape[1]
             la[slot] = mx.pad(a.astype(la.dtype), [(0, 0), (0, self.rank - r)])
             lb[slot] = mx.pad(b.astype(lb.dtype), [(0, self.rank - r), (0, 0)])
+        self._a_cat = None
+
+    def side_by_side(self) -> mx.array:
+        """lora_a's adapter slots (not the null one) as [in, (S - 1) * r], slot s in columns (s-1)*r..s*r;
+        kept until the next put or grow."""
+        if self._a_cat is None:
+            self._a_cat = mx.contiguous(self.lora_a[1:].transpose(1, 0, 2).reshape(self.lora_a.shape[1], -1))
+        return self._a_cat
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
@@ -252,8 +283,10 @@ class MultiLoRALinear(nn.Module):
             return y + (st.scales[st.slot] * z).astype(x.dtype)
         if st.idx is None:  # no row has an adapter
             return y
-        z = mx.gather_mm(mx.gather_mm(x, self.lora_a, rhs_indices=st.idx), self.lora_b, rhs_indices=st.idx)
-        return y + (st.row_scales.astype(z.dtype) * z).astype(x.dtype)
+        # Rows on different slots: every slot's A side by side ([in, S*r]), each row's other slots' columns
+        # masked to zero (its own scaled), then every slot's B stacked ([S*r, out]): two dense matmuls.
+        z = ((x @ self.side_by_side()) * st.mask(self.rank)) @ self.lora_b[1:].reshape(-1, self.lora_b.shape[-1])
+        return y + z.astype(x.dtype)
 
 
 # ------------------------------------------------------------------ the slots (the loop thread)
@@ -262,7 +295,7 @@ class Slots:
 
     def __init__(self, model: nn.Module, base: Base, max_loras: int, dtype: mx.Dtype):
         self.model, self.base, self.max_loras, self.dtype = model, base, max_loras, dtype
-        self.state = State(max_loras + 1)
+        self.state = State(max_loras + 1, dtype)
         self.layers: dict[str, MultiLoRALinear] = {}
         self.lru: OrderedDict[tuple, int] = OrderedDict()  # adapter version -> slot, least recently used first
         self.names: dict[int, str] = {}
@@ -319,7 +352,7 @@ class Slots:
             layer.grow(pair[0].shape[1])
             layer.put(slot, *(_to_mx(t, adapter.bf16) for t in pair))
         self.state.scales[slot] = adapter.scale
-        mx.eval([(m.lora_a, m.lora_b) for m in self.layers.values()])
+        mx.eval([(m.lora_a, m.lora_b, m.side_by_side()) for m in self.layers.values()])
 
     def _wrap(self, module: str, rank: int) -> None:
         from mlx.utils import tree_unflatten

@@ -87,7 +87,7 @@ class RayReportCallback:
             "first_loss": self.state["first_loss"], "learning_rate": float(info["learning_rate"]),
             "tokens_per_second": float(info["tokens_per_second"]), "trained_tokens": self.state["trained_tokens"],
             "peak_memory_gb": float(info["peak_memory"]), "resumed_from": self.cfg.get("_resumed_from", 0),
-            "node_id": self.node_id,
+            "node_id": self.node_id, "reported_at": time.time(),
         }
         if it % self.cfg["save_every"] == 0 or it == self.cfg["iters"]:
             with tempfile.TemporaryDirectory(prefix="mlx-ray-ckpt-") as tmp:
@@ -141,6 +141,11 @@ def lora_train_loop(cfg: dict) -> None:
     from mlx_lm.tuner import TrainingArgs, linear_to_lora_layers, train
     from mlx_lm.utils import load
 
+    from mlx_ray.blas import set_threads
+
+    # Ray sets OMP_NUM_THREADS to the worker's num_cpus (1 by default), and OpenBLAS sizes its pool from it:
+    # training would run its matmuls on one core where `mlx_lm.lora` uses them all (mlx_ray/blas.py).
+    set_threads()
     model, tokenizer = load(cfg["base_path"])
     model.freeze()
     linear_to_lora_layers(model, cfg["num_layers"], cfg["lora_parameters"], use_dora=cfg["fine_tune_type"] == "dora")
