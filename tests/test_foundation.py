@@ -105,3 +105,32 @@ def test_hub_cache_resolves_offline_through_huggingface_hub(hub_home, smollm2_hf
     missing = subprocess.run([sys.executable, "-c", code.replace("SmolLM2-135M-Instruct", "NoSuchModel")],
                              env=env, capture_output=True, text=True)
     assert missing.returncode != 0
+
+
+def test_the_wheel_holds_every_package(tmp_path):
+    """A regular (non-editable) install, as on a Mac without a checkout, has every subpackage and the data
+    files read at run time. The wheel is built without its optional C++ kernels (MLX_RAY_BUILD_KERNELS=0)."""
+    import zipfile
+    from pathlib import Path
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: a checkout's build/ may hold stale files that setuptools would pack
+    shutil.copytree(root / "mlx_ray", src / "mlx_ray", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.log"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copyfile(root / name, src / name)
+    env = {**os.environ, "MLX_RAY_BUILD_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path), str(src)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("mlx_ray-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = {str(p.parent.relative_to(root)) for p in (root / "mlx_ray").rglob("__init__.py")}
+    assert packages and {p for p in packages if f"{p}/__init__.py" not in names} == set()
+    sources = {str(p.relative_to(root)) for p in (root / "mlx_ray").rglob("*.py")
+               if "__pycache__" not in p.parts and str(p.parent.relative_to(root)) in packages}
+    assert sources - names == set()
+    data = {str(p.relative_to(root)) for pattern in ("kernels/*.metal", "kernels/metal_emu/*.h", "parity/data/*")
+            for p in (root / "mlx_ray").glob(pattern)}
+    assert data and data - names == set()
