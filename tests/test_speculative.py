@@ -61,6 +61,18 @@ def test_controller_turns_off_a_row_whose_acceptance_collapses_and_speculation_u
             loaded.verified(i, 4, 2)
     assert loaded.plan(many) == {}
     assert loaded.plan([(0, 50)]).get(0, 0) >= 2  # alone, the same acceptance pays
+    # Nor does a probe where even a row drafting well would not pay: with the costs measured in the loop here
+    # (a synced step 2.1x a pipelined one, bench/results/speculative_offngram_2026-12-06.json), 16 rows that
+    # copy (acceptance 0.83) are never probed: each probe would be a synced step of 32 query tokens.
+    cpu = CostModel(a=0.059, b=0.0065)
+    cpu.ratio = {False: 0.69, True: 1.44}
+    busy = Controller(4, cost=cpu)
+    for i in range(16):
+        for _ in range(6):
+            busy.verified(i, 5, 4)
+    assert [busy.plan(many) for _ in range(300)] == [{}] * 300
+    assert busy.counters["spec_probes"] == 0 and busy.counters["spec_probes_skipped"] > 0
+    assert busy.plan([(0, 50)]).get(0, 0) >= 2  # alone it pays
     assert c.plan([(0, 0)]) == {}  # no token left to draft (max_tokens)
 
 

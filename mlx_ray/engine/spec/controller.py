@@ -21,7 +21,8 @@ against not speculating at all. So a larger batch (where a step's cost grows wit
 speculation off, and a row whose drafts stop being accepted drops out first. A row the plan leaves
 out is probed now and then (K = 1; every row left out in the same step, so a probe costs one synced
 step however many rows it re-measures; the interval doubles while probes find nothing accepted)
-so its estimate can recover.
+so its estimate can recover, but only where a row drafting well (``PROBE_ALPHA``) would pay at the
+batch's size: under load a probe could not change the plan, and its synced step would be pure cost.
 
 With ``auto`` off every row that may drafts K tokens every step (vLLM's behaviour).
 """
@@ -39,6 +40,7 @@ COST_ALPHA = 0.1  # EWMA weight of a step's measured cost (over the calibrated s
 BUCKET_MIN = 3  # steps measured at one (n, sync) before their mean replaces the scaled line there
 MARGIN = 1.02  # speculation must promise this much more throughput than not speculating
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes of a row left out, doubling while probes fail
+PROBE_ALPHA = 0.9  # the acceptance a probe hopes for: a row left out is probed only if such a row would pay
 
 
 @dataclass
@@ -99,7 +101,8 @@ class Controller:
         self.rows: dict[int, RowStats] = {}
         self._probe_every = self._probe_in = PROBE_FIRST
         self.counters = dict(spec_steps=0, spec_rows_planned=0, spec_rows_off=0, spec_drafted_tokens=0,
-                             spec_accepted_tokens=0, spec_verifies=0, spec_probes=0)
+                             spec_accepted_tokens=0, spec_verifies=0, spec_probes=0,
+                             spec_probes_skipped=0)
 
     def row(self, uid: int) -> RowStats:
         st = self.rows.get(uid)
@@ -125,14 +128,7 @@ class Controller:
                 v *= st.alpha
                 items.append((v, uid))
         items.sort(key=lambda t: -t[0])
-        cost = self.cost
-        best, take = B / cost.predict(B, forced_sync) * MARGIN, 0
-        gain = 0.0
-        for j, (v, _) in enumerate(items):
-            gain += v
-            tp = (B + gain) / cost.predict(B + j + 1, True)
-            if tp > best:
-                best, take = tp, j + 1
+        take = self._take(items, B, forced_sync)
         plan: dict[int, int] = {}
         for _, uid in items[:take]:
             plan[uid] = plan.get(uid, 0) + 1
@@ -140,14 +136,45 @@ class Controller:
         self.counters["spec_rows_off"] += B - len(plan)
         self._probe_in -= 1
         if self._probe_in <= 0:  # every row left out drafts one token, in this one step
-            self._probe_in = self._probe_every = min(PROBE_MAX, self._probe_every * 2)
-            for uid, kmax in rows:
-                if uid not in plan and kmax > 0:
+            left = [(uid, kmax) for uid, kmax in rows if uid not in plan and kmax > 0]
+            if left and self._could_pay(items[:take], left, B, forced_sync):
+                self._probe_in = self._probe_every = min(PROBE_MAX, self._probe_every * 2)
+                for uid, _ in left:
                     plan[uid] = 1
-                    self.counters["spec_probes"] += 1
+                self.counters["spec_probes"] += len(left)
+            else:  # nothing to probe, or nothing a probe could find would pay at this batch size
+                self._probe_in = self._probe_every
+                self.counters["spec_probes_skipped"] += len(left)
         if plan:
             self.counters["spec_steps"] += 1
         return plan
+
+    def _take(self, items: list[tuple[float, int]], B: int, forced_sync: bool) -> int:
+        """How many of ``items`` (expected tokens, uid), best first, to draft: the prefix that maximizes the
+        batch's expected tokens per second, 0 if none beats not speculating by ``MARGIN``."""
+        cost = self.cost
+        best, take, gain = B / cost.predict(B, forced_sync) * MARGIN, 0, 0.0
+        for j, (v, _) in enumerate(items):
+            gain += v
+            tp = (B + gain) / cost.predict(B + j + 1, True)
+            if tp > best:
+                best, take = tp, j + 1
+        return take
+
+    def _could_pay(self, planned: list, left: list[tuple[int, int]], B: int, forced_sync: bool) -> bool:
+        """Whether a probe could change a plan: would the rows left out be drafted for if their drafts were
+        as good as drafts get (``PROBE_ALPHA``)? Under load, where even such a row would not pay for the
+        extra query tokens and the synced step, a probe is a pure cost (a synced step of 2B tokens every
+        few steps), so it is skipped, and tried again when the batch is smaller."""
+        items = list(planned)
+        for uid, kmax in left:
+            v = 1.0
+            for _ in range(min(kmax, self.k_max)):
+                v *= PROBE_ALPHA
+                items.append((v, uid))
+        items.sort(key=lambda t: -t[0])
+        out = {uid for uid, _ in left}
+        return any(uid in out for _, uid in items[:self._take(items, B, forced_sync)])
 
     # -- measuring ------------------------------------------------------------------------
     def asked(self, uid: int, found: bool) -> None:
