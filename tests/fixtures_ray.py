@@ -85,8 +85,10 @@ class RayCluster:
 
 def _node_args(temp_dir: Path, num_cpus: int) -> list[str]:
     nm, om, client, agent, agent_grpc, metrics, renv = free_ports(7)
-    # workers' ports: below Linux's ephemeral range (32768+), where free_ports() picks the others
-    lo = random.randrange(20000, 32000, 200)
+    # workers' ports: below Linux's ephemeral range (32768+), where free_ports() picks the others; a pass of the
+    # suite running beside another (scripts/test.sh: MLX_RAY_TEST_SHARD=0|1) draws from its own half
+    shard = int(os.environ.get("MLX_RAY_TEST_SHARD", "-1"))
+    lo = random.randrange(*((20000, 32000) if shard < 0 else (20000 + 6000 * shard, 26000 + 6000 * shard)), 200)
     return ["--block", "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
             f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--ray-client-server-port={client}",
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",

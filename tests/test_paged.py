@@ -200,14 +200,14 @@ def test_backfill_starts_only_what_cannot_delay_the_waiting_head(mlx_f32):
     """EASY backfilling: with A running, head H waits for A's blocks; D would fit now but would still
     hold blocks when A is done (H would wait for it): it must wait behind H; C fits and finishes
     before A: it starts at once. Strict FIFO (admission="fifo") starts C only after H."""
-    block = 30 * 3 * 64 * 2 * 4 * 8  # f32 K+V of 8 tokens, 30 layers of 3 KV heads of 64
-    kw = dict(kv_cache="paged", kv_block_size=8, kv_budget_bytes=21 * block, prefix_cache_bytes=0,
-              max_num_seqs=8, max_model_len=160)
+    block = 30 * 3 * 64 * 2 * 4 * 4  # f32 K+V of 4 tokens, 30 layers of 3 KV heads of 64
+    kw = dict(kv_cache="paged", kv_block_size=4, kv_budget_bytes=21 * block, prefix_cache_bytes=0,
+              max_num_seqs=8, max_model_len=96)
     p = [[1, 17, 300, 4242, 9 + i] for i in range(4)]  # 5 tokens each
-    A = ("A", p[0], 50)   # 7 blocks, ~50 steps
-    H = ("H", p[1], 150)  # 20 blocks: waits until A is done (13 free beside A)
-    D = ("D", p[2], 60)   # 9 blocks: fits now, but outlasts A and the pool has nothing spare for H then
-    C = ("C", p[3], 10)   # 2 blocks, done long before A
+    A = ("A", p[0], 22)   # 7 blocks, ~22 steps
+    H = ("H", p[1], 75)   # 20 blocks: waits until A is done (13 free beside A)
+    D = ("D", p[2], 30)   # 9 blocks: fits now, but outlasts A and the pool has nothing spare for H then
+    C = ("C", p[3], 3)    # 2 blocks, done long before A
     e = start_engine(mlx_f32, **kw)
     try:
         assert e.stats()["kv_blocks_total"] == 20

@@ -48,12 +48,21 @@ def _assert_embedded_control_plane(root: int) -> None:
     import psutil
 
     base = psutil.Process(root).nice()
-    found: dict[str, list[psutil.Process]] = {}
-    for p in psutil.Process(root).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        for key in ("ServeController", "ServeReplica", "ProxyActor"):
-            if key in cmd:
-                found.setdefault(key, []).append(p)
+    deadline = time.monotonic() + 60
+    while True:  # a worker takes its ray::<Actor> title a moment after it exists: under load, after "ready"
+        found: dict[str, list[psutil.Process]] = {}
+        for p in psutil.Process(root).children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:  # gone, or a zombie, since children() listed it
+                continue
+            for key in ("ServeController", "ServeReplica", "ProxyActor"):
+                if key in cmd:
+                    found.setdefault(key, []).append(p)
+        if len(found) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(found) == {"ServeController", "ServeReplica", "ProxyActor"}, found
     (controller,) = found["ServeController"]
     assert controller.environ().get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
     for p in [controller, *found["ServeReplica"], *found["ProxyActor"]]:  # ray_event_stats: false

@@ -31,8 +31,8 @@ from fixtures_serve import LIMIT, MSG, wait_idle
 
 pytestmark = [pytest.mark.slow]
 
-MAX_EXAMPLES = 200
-BUDGET_S = 75.0
+MAX_EXAMPLES = 120
+BUDGET_S = 45.0
 REQUEST_TIMEOUT_S = 60.0  # per request: past it, a hang
 SMALL_MAX_TOKENS = 8
 
