@@ -15,7 +15,7 @@ import pytest
 from mlx_ray.kernels import _common, gate, skinny_qmm
 from mlx_ray.kernels._common import MetalKernel
 
-from mlx_ray.kernels import metal_emu as emu  # shipped with the package: a hard import, never a skip
+from mlx_ray.kernels import metal_emu as emu  # noqa: F401  shipped with the package: a hard import, never a skip
 
 FAKE = gate.Device("fake-metal", metal=True, mx_device=mx.cpu)
 EMULATE = skinny_qmm.cases("emulate")

@@ -11,7 +11,6 @@ Generations are kept short (a few tokens) so the module stays within minutes.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import subprocess
 import sys
@@ -343,7 +342,7 @@ def test_api_key_reaches_the_ingress_without_entering_ray_gcs(served, mlx_f32, t
     from ray import serve
     from ray.experimental import internal_kv
 
-    from mlx_ray.serve.cli import deploy, wait_ready
+    from mlx_ray.serve.cli import deploy
 
     secret = "sk-mlxray-" + os.urandom(8).hex()
     key = tmp_path / "key"
