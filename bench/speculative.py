@@ -12,7 +12,8 @@ back to back, the order rotated every repeat, and each side's tokens per second 
 * **sampling**: greedy, and sampled at temperature 0.7, top_p 0.9 (seeded per request).
 * **sides**: ``off`` (no speculation), ``ngram`` (``speculative: {method: ngram}``, the controller on),
   ``draft`` (``method: draft`` with ``--draft``, when the engine has it), and ``mlx_lm`` (``mlx_lm.generate``'s
-  speculative loop with the draft model, one request at a time: its only mode; concurrency 1 only).
+  speculative loop with the draft model, one request at a time: its only mode; concurrency 1 only), its target
+  and draft on the same CPU matmul kernels as the engines' (``patch_cpu_kernels``).
 
 Tokens per second = completion tokens of the round over its wall time (requests end at EOS or
 ``--max-tokens``). The draft model is the fixture quantized to 4 bits (``mlx-ray convert``) unless
@@ -128,8 +129,14 @@ def main(argv=None) -> dict:
     if "mlx_lm" in sides:
         from mlx_lm import load
 
+        from mlx_ray.engine.loader import patch_cpu_kernels
+
         target, tok = load(str(model_dir))
         draft, _ = load(str(draft_dir))
+        # the same matmul kernels as the engines' models (on this CPU MLX's own quantized matmul is ~20x
+        # slower): the comparison is of the speculative loops, not of the kernels under them
+        for m in (target, draft):
+            patch_cpu_kernels(m)
         lm = (target, draft, tok)
     results: dict = {}
     try:
@@ -141,6 +148,8 @@ def main(argv=None) -> dict:
                     runs = {s: [] for s in sides if s != "mlx_lm" or n == 1}
                     for e in engines.values():  # a short warm round per level (first calls at this batch size)
                         asyncio.run(round_(e, prompts, n, 8, sampling, "warm"))
+                    if "mlx_lm" in runs:  # warmed the same way
+                        mlx_lm_round(*lm[:2], lm[2], prompts, 8, sampling)
                     for r in range(args.repeats):
                         order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
                         for side in order:

@@ -2,12 +2,11 @@
 # Set up (idempotent) and run the test suite on CPU. Extra args go to pytest (one run,
 # newest Ray). Without extra args: the tests that do not depend on Ray's version run on
 # the newest Ray (they still use Ray Serve: the fuzz, the soak, the OpenAI features, the
-# zoo through Serve), then the Ray-dependent ones (marker `ray`: Serve's API and faults,
-# the worker, the doctor's head checks, a stock head) run on each Ray version in
+# zoo through Serve), and beside them the Ray-dependent ones (marker `ray`: Serve's API and
+# faults, the worker, the doctor's head checks, a stock head) run on each Ray version in
 # MLX_RAY_TEST_RAY_VERSIONS (default 2.53.0, the cluster's: a worker's Ray must equal the
 # head's), in an environment pinned by constraints/. MLX_RAY_TEST_RAY_ON_NEWEST=1 also runs
 # the `ray` tests on the newest Ray (the full matrix; CI's ~25-minute budget leaves it out).
-# The passes on other Ray versions run beside the newest Ray's (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

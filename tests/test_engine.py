@@ -275,3 +275,24 @@ def test_warm_up_runs_at_start_caches_the_preamble_and_zeroes_the_counters(mlx_f
         assert e.stats()["requests_finished"] == 1 and e.stats()["prefix_hits"] == 1
     finally:
         run_async(e.shutdown())
+
+
+def test_shutdown_gives_the_memory_back(mlx_f32):
+    """An engine shut down in a process that goes on (a bench's sides, a test session) releases its weights,
+    KV pool and MLX's buffer cache, as sleep does; its stats stay readable."""
+    import gc
+
+    import mlx.core as mx
+    from fixtures_engine import start_engine
+
+    from mlx_ray.engine import memory
+
+    gc.collect()
+    mx.clear_cache()
+    base = memory.mlx_memory()
+    e = start_engine(mlx_f32, kv_budget_bytes=64 << 20, prefix_cache_bytes=0, max_model_len=256)
+    held = memory.mlx_memory() - base
+    assert held > 500e6, held  # the float32 weights alone are 0.54 GB
+    run_async(e.shutdown())
+    assert memory.mlx_memory() - base < 0.05 * held, (memory.mlx_memory() - base, held)
+    assert e.stats()["running"] == 0 and e.stats()["requests_finished"] == 0  # the warm-up's were zeroed

@@ -60,6 +60,7 @@ class MLXEngine(LLMEngine):
         self._inflight: dict[str, _Handle] = {}
         self._chat_formats: dict[Optional[str], chat_format.ChatFormat] = {}
         self._shutdown = False
+        self._final_stats: dict = {}  # the loop's last stats, kept once shut down
         self.kv_budget_bytes = 0
         self.prefix_cache_bytes = 0
         self.plan: Optional[memory.MemoryPlan] = None
@@ -334,6 +335,10 @@ class MLXEngine(LLMEngine):
             return
         sched.stop()
         await asyncio.to_thread(sched.thread.join, 60)
+        if not sched.thread.is_alive():  # give the memory back, as sleep does (an in-process caller goes on)
+            self._final_stats = dict(sched.published)
+            self._sched = sched = None  # the loop held the batch: its KV pool, the prefix cache's blocks, a draft
+            await asyncio.to_thread(self._release_model)
 
     def check_health(self) -> None:
         sched = self._sched
@@ -352,7 +357,7 @@ class MLXEngine(LLMEngine):
 
     def stats(self) -> dict:
         sched = self._sched
-        out = dict(sched.published) if sched is not None else {}
+        out = dict(sched.published) if sched is not None else dict(self._final_stats)
         # Live sizes (len() of the loop's containers is atomic); the rest is as of the last step.
         out["running"] = len(sched.active) if sched is not None else 0
         out["waiting"] = len(sched.waiting) if sched is not None else 0

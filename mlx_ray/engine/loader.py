@@ -126,7 +126,7 @@ def probe(model: nn.Module) -> tuple[int, int]:
     return max(1, per_step), int(logits.shape[-1])
 
 
-def _patch_cpu_kernel(model: nn.Module) -> bool:
+def patch_cpu_kernels(model: nn.Module) -> bool:
     """Route matmuls through mlx-ray's CPU kernels (quantized and float weights); True if any layer was."""
     if mx.default_device() != mx.cpu and mx.metal.is_available():
         return False
@@ -176,7 +176,7 @@ def load(model: str | Path) -> tuple[nn.Module, Any, ModelInfo]:
     except (ValueError, FileNotFoundError) as e:
         raise BadRequest(f"cannot load {path} with mlx-lm: {e}") from e
     check_batchable(mdl, config.get("model_type", "?"))
-    cpu_kernel = _patch_cpu_kernel(mdl)
+    cpu_kernel = patch_cpu_kernels(mdl)
     metal_kernels = _patch_metal_kernels(mdl)
     params = tree_flatten(mdl.parameters())
     weights_bytes = sum(v.nbytes for _, v in params)
