@@ -130,19 +130,19 @@ def test_streamed_calls_equal_non_streamed_and_a_tool_result_round_trips(oa):
 
 def test_json_schema_strict_and_json_object(oa):
     def one(i):
-        if i < 20:
+        if i < 12:
             r = oa.chat.completions.create(
                 model=OAI_MODEL, messages=[{"role": "user", "content": "Invent a person."}], temperature=1.0, seed=i,
                 max_tokens=120, response_format={"type": "json_schema",
                                                 "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
             return "schema", r.choices[0]
         system = {"role": "system", "content": 'Reply only with a short JSON object, for example {"answer": "yes"}.'}
-        q = ["Is the sky blue?", "What is 2 + 2?", "Name a fruit.", "What color is grass?"][i - 20]
+        q = ["Is the sky blue?", "What is 2 + 2?", "Name a fruit.", "What color is grass?"][i - 12]
         r = oa.chat.completions.create(model=OAI_MODEL, messages=[system, {"role": "user", "content": q}],
                                        temperature=0, max_tokens=200, response_format={"type": "json_object"})
         return "object", r.choices[0]
 
-    for kind, c in _pmap(one, range(24)):
+    for kind, c in _pmap(one, range(16)):
         assert c.finish_reason == "stop", c
         value = json.loads(c.message.content)
         if kind == "schema":
@@ -153,11 +153,11 @@ def test_json_schema_strict_and_json_object(oa):
 
 def test_mixed_batch_constrained_rows_never_disturb_the_others(oa):
     prompts = ["Tell me about the sea.", "Name three fruits.", "What is 2 + 2?", "Describe a cat.",
-               "Who wrote Hamlet?", "Say hello.", "What is rain?", "Count to five."]
+               "Who wrote Hamlet?", "Say hello."]
     plain = lambda i: oa.chat.completions.create(  # noqa: E731
         model=OAI_MODEL, messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_tokens=24
     ).choices[0].message.content
-    alone = [plain(i) for i in range(8)]
+    alone = [plain(i) for i in range(6)]
 
     def one(i):
         if i % 2:
@@ -169,8 +169,8 @@ def test_mixed_batch_constrained_rows_never_disturb_the_others(oa):
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
         return None
 
-    out = _pmap(one, range(16))
-    assert [out[i] for i in range(1, 16, 2)] == alone
+    out = _pmap(one, range(12))
+    assert [out[i] for i in range(1, 12, 2)] == alone
 
 
 def test_reasoning_is_split_streamed_and_not(oa, served_tools):
