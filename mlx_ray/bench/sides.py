@@ -152,13 +152,39 @@ def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log
     raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {log}")
 
 
+# mlx_lm.server's own main() under ``python -c``, with two changes that leave its serving alone: the listen
+# backlog (``request_queue_size``, socketserver's 5) set to argv[1], and a line on stderr per model (re)load.
+_MLX_LM_SERVER_LAUNCH = """
+import http.server, sys, time
+import mlx_lm.server as server
+http.server.ThreadingHTTPServer.request_queue_size = int(sys.argv.pop(1))
+_load = server.ModelProvider._load
+def load(self, model_path, adapter_path=None, draft_model_path=None):
+    t = time.perf_counter()
+    _load(self, model_path, adapter_path, draft_model_path)
+    print(f"{LOAD_MARK} {time.perf_counter() - t:.3f} s {adapter_path}", file=sys.stderr, flush=True)
+server.ModelProvider._load = load
+server.main()
+"""
+LOAD_MARK = "mlx-ray-bench: model loaded in"
+
+
 class MlxLmServer:
-    def __init__(self, model_dir: Path, decode_concurrency: int):
+    """``mlx_lm.server`` on a free loopback port. ``listen_backlog``: started through :data:`_MLX_LM_SERVER_LAUNCH`
+    with that listen backlog (socketserver's default, 5, is what ``python -m mlx_lm.server`` listens with: more
+    connections opened at once than its accept loop takes wait for a SYN retransmit, and while the loop is held
+    up, e.g. by a model reload holding the GIL, some are reset), its model loads counted by :meth:`loads`."""
+
+    def __init__(self, model_dir: Path, decode_concurrency: int, listen_backlog: Optional[int] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model_dir)  # requests must name the exact path the server was started with
         self.log = tempfile.NamedTemporaryFile(prefix="mlx_lm_server_", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", self.model, "--host", "127.0.0.1",
+        if listen_backlog is None:
+            launch = ["-m", "mlx_lm.server"]
+        else:
+            launch = ["-c", _MLX_LM_SERVER_LAUNCH.replace("{LOAD_MARK}", LOAD_MARK), str(listen_backlog)]
+        cmd = [sys.executable, *launch, "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), "--decode-concurrency", str(decode_concurrency), "--log-level", "WARNING"]
         # Same session (autogroup) as the worker that loads it; the driver kills the worker's group.
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env_with_fast_blas())
@@ -172,6 +198,18 @@ class MlxLmServer:
                 return False
 
         wait_until(self.proc, healthy, "mlx_lm.server", self.log.name, timeout)
+
+    def loads(self) -> list[tuple[float, str]]:
+        """(seconds, adapter path or ``None``) of every model load so far (with ``listen_backlog`` only)."""
+        out = []
+        for line in Path(self.log.name).read_text(errors="replace").splitlines():
+            if line.startswith(LOAD_MARK):
+                secs, _, adapter = line[len(LOAD_MARK):].strip().partition(" s ")
+                out.append((float(secs), None if adapter == "None" else adapter))
+        return out
+
+    def log_tail(self, n: int = 2000) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-n:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
