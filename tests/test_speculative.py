@@ -17,7 +17,7 @@ import pytest
 
 from fixtures_engine import collect, make_request, run_async, start_engine
 
-from mlx_ray.engine.spec.controller import Controller, CostModel
+from mlx_ray.engine.spec.controller import Controller, CostModel, DraftCost
 from mlx_ray.engine.spec.ngram import NgramProposer, lookup
 
 DOC = ('{"name": "Ada Lovelace", "born": 1815, "field": "mathematics", "known_for": ["Analytical Engine", '
@@ -74,6 +74,33 @@ def test_controller_turns_off_a_row_whose_acceptance_collapses_and_speculation_u
     assert busy.counters["spec_probes"] == 0 and busy.counters["spec_probes_skipped"] > 0
     assert busy.plan([(0, 50)]).get(0, 0) >= 2  # alone it pays
     assert c.plan([(0, 0)]) == {}  # no token left to draft (max_tokens)
+
+
+def test_controller_counts_what_the_draft_model_costs():
+    # On this CPU a step's fixed costs dominate: the 4-bit fixture drafting for the float32 one costs about as
+    # much a forward as the target (0.96x, measured: docs/benchmarks.md), so even a draft every token of which
+    # is accepted loses: the controller neither drafts nor probes with it, alone or under load.
+    target = dict(a=0.030, b=0.003)
+    slow = Controller(4, cost=CostModel(**target), draft=DraftCost(a=0.029, b=0.001))
+    for _ in range(6):
+        slow.verified(0, 4, 4)
+    assert [slow.plan([(0, 50)]) for _ in range(100)] == [{}] * 100
+    assert slow.counters["spec_probes"] == 0
+    # The same rows with a draft a tenth as costly (a 0.5B drafting for a 32B): K = 4 alone.
+    cheap = Controller(4, cost=CostModel(**target), draft=DraftCost(a=0.003, b=0.0003))
+    for _ in range(6):
+        cheap.verified(0, 4, 4)
+    assert cheap.plan([(0, 50)]) == {0: 4}
+    # A draft that turns out slower live than at calibration (its propose calls timed) is dropped.
+    for _ in range(30):
+        cheap.draft_cost([1, 1, 1, 1], 1, 4 * 0.033)
+    assert cheap.draft.forward(1) == pytest.approx(0.033, rel=0.05)
+    assert cheap.plan([(0, 50)]) == {}
+    # A proposer without a model (n-gram) costs its host time per row asked, measured the same way.
+    ng = DraftCost()
+    for _ in range(20):
+        ng.observe([], 4, 0.002)
+    assert ng.forward(3) == 0.0 and ng.host == pytest.approx(0.0005)
 
 
 def test_cost_model_scales_the_calibrated_line_by_what_steps_cost_live():
@@ -290,7 +317,7 @@ def test_speculative_config_and_flag():
 @pytest.fixture(scope="module")
 def draft_engine(mlx_f32, mlx_q4):
     e = start_engine(mlx_f32, max_num_seqs=8, max_queue=16, kv_budget_bytes=64 << 20, prefix_cache_bytes=8 << 20,
-                     max_model_len=1024, warmup=False,
+                     max_model_len=1024, warmup=False, prefill_chunk=16,  # the draft catches up in chunks of 16
                      speculative={"method": "draft", "draft_model": str(mlx_q4), "num_speculative_tokens": 3,
                                   "auto": False})
     yield e
@@ -310,6 +337,9 @@ def test_draft_model_greedy_rows_are_token_identical_and_its_blocks_are_admitted
         assert fin.error is None and ids == want[int(r.request_id[1:]) % 3][:r.sampling.max_tokens]
     s = e.stats()
     assert s["spec_accepted_tokens"] > 0.5 * s["spec_drafted_tokens"] > 0  # the 4-bit fixture agrees with f32
+    # The draft's KV is written on demand: each row's first asks caught up on its prompt, 16 positions a step
+    # (its drafts agree with the target above, so what the catch-up wrote is the prompt's K/V).
+    assert s["spec_draft_asks_catching_up"] >= len(reqs) * 2
     assert _blocks_free(e)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 
 from ..engine.engine import MLXEngine
 from ..engine.protocol import FinishEvent, TokenEvent

@@ -178,6 +178,7 @@ class _InFlight:
     seq: int = 0  # with speculation: the step's number and cost features (``spec.verify.Speculator.stamp``)
     sync: bool = False
     n_tokens: int = 0
+    draft_s: float = 0.0  # the proposer's time for this step (a verify step), kept out of its cost sample
 
 
 @dataclass
@@ -399,9 +400,6 @@ class PagedBatch:
         self._forward(mx.array(inputs, dtype=mx.uint32), slots, tables, [s + L for s in starts], offset,
                       [row.lora for row, _, _ in chunks])
         mx.async_eval(self.pool.arrays())
-        if self.spec is not None:  # a draft model prefills the same chunks into its own pool
-            self.spec.prefill([(row.uid, s, e) for row, s, e in chunks], inputs, slots, tables,
-                              [s + L for s in starts], offset)
         for row, _, end in chunks:
             row.n_kv = end
         return True

@@ -45,6 +45,7 @@ SPEC_GAUGES = {
     "spec_rows_off": "Row-steps the controller decoded without drafting.",
     "spec_probes": "Row-steps drafting one token to re-measure a row left out.",
     "spec_probes_skipped": "Row-steps not probed: at the batch's size even a well-drafting row would not pay.",
+    "spec_draft_forward_s": "Seconds of one draft-model forward of one row, as the controller predicts it.",
 }
 
 

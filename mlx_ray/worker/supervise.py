@@ -38,7 +38,6 @@ supervisor gives up on an unreachable head only after that window plus
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

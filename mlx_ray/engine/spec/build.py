@@ -66,12 +66,13 @@ def build(batch, cfg: SpeculativeConfig, draft: Optional[Draft] = None):
         paged.patch_attention()  # the draft's model modules too
         pool = KVPool(draft.shapes, draft.dtype, batch.pool.num_blocks, batch.pool.block_size, draft.bits,
                       draft.group_size)
-        proposer = DraftProposer(draft.model, pool, draft.vocab_size)
+        proposer = DraftProposer(draft.model, pool, draft.vocab_size, batch.prefill_chunk)
         proposer.batch = batch
     controller = Controller(cfg.num_speculative_tokens, auto=cfg.auto)
     if cfg.auto:
-        calibrated(batch, controller)
+        calibrated(batch, controller, proposer)
         a, b = controller.cost.a, controller.cost.b
-        log.info("speculative decoding (%s, K <= %d, auto): a step costs %.1f ms + %.2f ms a query token here",
-                 cfg.method, cfg.num_speculative_tokens, a * 1e3, b * 1e3)
+        log.info("speculative decoding (%s, K <= %d, auto): a step costs %.1f ms + %.2f ms a query token here%s",
+                 cfg.method, cfg.num_speculative_tokens, a * 1e3, b * 1e3,
+                 f"; a draft forward {controller.draft.forward(1) * 1e3:.1f} ms" if controller.draft.a else "")
     return Speculator(proposer, controller)

@@ -14,9 +14,17 @@ Two measurements:
   drafts need the previous tokens; a plain step is built on the previous step's lazy tokens and
   overlaps it): the line ``a + b n`` timed at start (``calibrate``), times a factor per regime
   measured on the running loop (:class:`CostModel`).
+* **the cost of drafting** (:class:`DraftCost`): a draft model runs one forward per drafted depth (the
+  j-th drafted token of every row asking for j or more, in one forward), each ``a' + b' w`` for ``w``
+  rows, timed at start and scaled by what ``propose`` measures live; a proposer without a model
+  (n-gram) costs its host time per row asked. The proposer's time is kept out of the step samples
+  above, so neither is counted twice. Without it a draft as slow as the target (a 4-bit copy of
+  the target on a CPU, where a forward's fixed costs dominate) looks free, and is drafted where it
+  loses.
 
 ``plan`` ranks every (row, i-th drafted token) by its expected tokens and takes the prefix of that
-ranking that maximizes the batch's expected tokens per second, ``(B + gain) / c(B + drafted, sync)``,
+ranking that maximizes the batch's expected tokens per second,
+``(B + gain) / (c(B + drafted, sync) + drafting)``,
 against not speculating at all. So a larger batch (where a step's cost grows with its tokens) turns
 speculation off, and a row whose drafts stop being accepted drops out first. A row the plan leaves
 out is probed now and then (K = 1; every row left out in the same step, so a probe costs one synced
@@ -94,10 +102,42 @@ class CostModel:
         got[0] += max(COST_ALPHA, 1.0 / got[1]) * (seconds - got[0])
 
 
+class DraftCost:
+    """What a ``propose`` costs: ``ratio * sum(a + b w for each forward of w rows) + host * rows asked``.
+
+    ``a + b w`` is one forward of the draft model over ``w`` one-token rows, timed at start (``calibrate``);
+    ``ratio`` an EWMA of what ``propose`` calls take against that line (the catch-up tokens, the argmax and
+    the read-back ride on it). A proposer that runs no forward (n-gram) has ``a = b = 0`` and only its host
+    time per row, also an EWMA of what its calls take."""
+
+    def __init__(self, a: float = 0.0, b: float = 0.0):
+        self.a, self.b = a, b
+        self.ratio, self.host = 1.0, 0.0
+        self.samples = 0
+
+    def forward(self, w: int) -> float:
+        """One draft forward of ``w`` rows."""
+        return (self.a + self.b * w) * self.ratio if w else 0.0
+
+    def observe(self, widths: list[int], rows: int, seconds: float) -> None:
+        """A ``propose`` of ``rows`` rows ran forwards of ``widths`` rows each and took ``seconds``."""
+        self.samples += 1
+        w = max(COST_ALPHA, 1.0 / self.samples)
+        line = sum(self.a + self.b * n for n in widths)
+        if line > 0:
+            # one odd call (a GC, a page fault) moves it little; calls steadily off the line move it all the way
+            r = min(2.0 * self.ratio, max(0.5 * self.ratio, seconds / line))
+            self.ratio += w * (r - self.ratio)
+        elif rows:
+            self.host += w * (seconds / rows - self.host)
+
+
 class Controller:
-    def __init__(self, k_max: int, auto: bool = True, cost: Optional[CostModel] = None):
+    def __init__(self, k_max: int, auto: bool = True, cost: Optional[CostModel] = None,
+                 draft: Optional[DraftCost] = None):
         self.k_max, self.auto = k_max, auto
         self.cost = cost or CostModel()
+        self.draft = draft or DraftCost()
         self.rows: dict[int, RowStats] = {}
         self._probe_every = self._probe_in = PROBE_FIRST
         self.counters = dict(spec_steps=0, spec_rows_planned=0, spec_rows_off=0, spec_drafted_tokens=0,
@@ -120,17 +160,17 @@ class Controller:
         if not self.auto:
             return {uid: min(k, self.k_max) for uid, k in rows if k > 0}
         B = len(rows)
-        items = []  # (expected tokens, uid) of each row's i-th drafted token
+        items = []  # (expected tokens, uid, i) of each row's i-th drafted token
         for uid, kmax in rows:
             st = self.row(uid)
             v = st.hit
-            for _ in range(min(kmax, self.k_max)):
+            for i in range(min(kmax, self.k_max)):
                 v *= st.alpha
-                items.append((v, uid))
-        items.sort(key=lambda t: -t[0])
+                items.append((v, uid, i))
+        items.sort(key=lambda t: (-t[0], t[2]))
         take = self._take(items, B, forced_sync)
         plan: dict[int, int] = {}
-        for _, uid in items[:take]:
+        for _, uid, _ in items[:take]:
             plan[uid] = plan.get(uid, 0) + 1
         self.counters["spec_rows_planned"] += len(plan)
         self.counters["spec_rows_off"] += B - len(plan)
@@ -149,14 +189,24 @@ class Controller:
             self.counters["spec_steps"] += 1
         return plan
 
-    def _take(self, items: list[tuple[float, int]], B: int, forced_sync: bool) -> int:
-        """How many of ``items`` (expected tokens, uid), best first, to draft: the prefix that maximizes the
-        batch's expected tokens per second, 0 if none beats not speculating by ``MARGIN``."""
-        cost = self.cost
+    def _take(self, items: list[tuple[float, int, int]], B: int, forced_sync: bool) -> int:
+        """How many of ``items`` (expected tokens, uid, depth), best first, to draft: the prefix that maximizes
+        the batch's expected tokens per second (the verify step plus the drafting), 0 if none beats not
+        speculating by ``MARGIN``."""
+        cost, draft = self.cost, self.draft
         best, take, gain = B / cost.predict(B, forced_sync) * MARGIN, 0, 0.0
-        for j, (v, _) in enumerate(items):
+        width: dict[int, int] = {}  # depth -> rows drafting a token there: the width of the draft's forward
+        asked: set[int] = set()
+        drafting = 0.0
+        for j, (v, uid, i) in enumerate(items):
             gain += v
-            tp = (B + gain) / cost.predict(B + j + 1, True)
+            w = width.get(i, 0)
+            drafting += draft.forward(w + 1) - draft.forward(w)
+            width[i] = w + 1
+            if uid not in asked:
+                asked.add(uid)
+                drafting += draft.host
+            tp = (B + gain) / (cost.predict(B + j + 1, True) + drafting)
             if tp > best:
                 best, take = tp, j + 1
         return take
@@ -169,12 +219,12 @@ class Controller:
         items = list(planned)
         for uid, kmax in left:
             v = 1.0
-            for _ in range(min(kmax, self.k_max)):
+            for i in range(min(kmax, self.k_max)):
                 v *= PROBE_ALPHA
-                items.append((v, uid))
-        items.sort(key=lambda t: -t[0])
+                items.append((v, uid, i))
+        items.sort(key=lambda t: (-t[0], t[2]))
         out = {uid for uid, _ in left}
-        return any(uid in out for _, uid in items[:self._take(items, B, forced_sync)])
+        return any(uid in out for _, uid, _ in items[:self._take(items, B, forced_sync)])
 
     # -- measuring ------------------------------------------------------------------------
     def asked(self, uid: int, found: bool) -> None:
@@ -198,6 +248,9 @@ class Controller:
     def step_cost(self, n: int, sync: bool, seconds: float) -> None:
         self.cost.observe(n, sync, seconds)
 
+    def draft_cost(self, widths: list[int], rows: int, seconds: float) -> None:
+        self.draft.observe(widths, rows, seconds)
+
     def reset_counters(self) -> None:
         self.counters = dict.fromkeys(self.counters, 0)
 
@@ -205,8 +258,10 @@ class Controller:
         c = dict(self.counters)
         c["spec_acceptance_rate"] = c["spec_accepted_tokens"] / c["spec_drafted_tokens"] if c["spec_drafted_tokens"] else 0.0
         m = self.cost
+        d = self.draft
         c.update(spec_cost_step_s=m.a, spec_cost_token_s=m.b, spec_cost_plain_ratio=m.ratio[False],
-                 spec_cost_sync_ratio=m.ratio[True])
+                 spec_cost_sync_ratio=m.ratio[True], spec_draft_forward_s=d.forward(1),
+                 spec_draft_host_s=d.host)
         return c
 
 

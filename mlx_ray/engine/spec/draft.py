@@ -7,9 +7,16 @@ draft's, the budget holds fewer blocks (``paged.build``'s ``extra_block_bytes``)
 allocates draft KV the admission did not count. Blocks freed, cached and copied on write (the
 prefix cache) carry both.
 
-The draft prefills every chunk the target prefills (``prefill``). To propose k tokens for rows it
-first catches up (feeds the row's tokens its KV does not hold yet: after a verify, the correction
-and, when all drafts were accepted, the last drafted token), then drafts greedily: k forwards, each
+The draft's KV is filled on demand, not when the target prefills: a row's draft K/V is written the
+first time the controller lets it draft, by the catch-up (below), at most ``catchup_chunk`` positions
+a step (a row further behind drafts nothing that step and catches up over the next ones, as a
+chunked prefill). So a draft the controller never uses (under load, or where it costs as much as
+the target) costs no prefill either. Positions another row wrote into a shared prefix-cache block
+are not trusted: a row catches up from its own start (rewriting the same values there).
+
+To propose k tokens for rows it first catches up (feeds the row's tokens its KV does not hold yet:
+the prompt on a first ask; after a verify, the correction and, when all drafts were accepted, the
+last drafted token), then drafts greedily: k forwards, each
 one query a row, the argmax fed to the next, all queued lazily and read once. Its draft is a point
 mass, so verification is exact for sampled rows too (``spec/__init__.py``). The draft ignores the
 row's penalties and LoRA adapter (they only lower acceptance); a grammar row's draft is cut where
@@ -18,6 +25,7 @@ its grammar stops allowing it (``verify.Speculator.step``).
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import mlx.core as mx
@@ -30,22 +38,16 @@ from .. import paged
 class DraftProposer:
     name = "draft"
 
-    def __init__(self, model, pool: KVPool, vocab_size: int):
+    def __init__(self, model, pool: KVPool, vocab_size: int, catchup_chunk: int = 512):
         self.model, self.pool, self.vocab_size = model, pool, vocab_size
+        self.catchup_chunk = max(1, catchup_chunk)  # positions a row catches up in one step (its prefill chunk)
         self.batch = None  # the PagedBatch whose rows it drafts for (set by ``spec.build``)
         # uid -> (base, fed): draft K/V holds the row's tokens[:base], then the drafted tokens ``fed`` at base, base + 1, ...
         self.state: dict[int, tuple[int, list[int]]] = {}
-        self.asked = self.drafted = self.forwards = 0
+        self.asked = self.drafted = self.forwards = self.behind = 0
+        self.widths: list[int] = []  # rows in each forward of the last ``propose`` (the controller's cost samples)
 
     # -- the batch's hooks -----------------------------------------------------------------------
-    def prefill(self, chunks, inputs, slots, tables, lens, offset) -> None:
-        paged.forward(self.model, self.pool, mx.array(inputs, dtype=mx.uint32), slots, tables, lens, offset)
-        mx.async_eval(self.pool.arrays())
-        for uid, start, end in chunks:
-            base, _ = self.state.get(uid, (start, []))
-            if base >= start:
-                self.state[uid] = (end, [])
-
     def copy_block(self, src: int, dst: int, n: int) -> None:
         self.pool.copy_block(src, dst, n)
 
@@ -57,8 +59,8 @@ class DraftProposer:
 
     # -- proposing ---------------------------------------------------------------------------------
     def _held(self, uid: int, row) -> int:
-        """Positions whose draft K/V holds the row's own tokens."""
-        base, fed = self.state.get(uid, (row.cached, []))
+        """Positions whose draft K/V holds the row's own tokens (0 for a row never asked)."""
+        base, fed = self.state.get(uid, (0, []))
         n, toks = base, row.tokens
         for t in fed:
             if n < len(toks) and toks[n] == t:
@@ -69,26 +71,39 @@ class DraftProposer:
 
     def propose(self, asks: list[tuple[int, list[int], int]]) -> dict[int, list[int]]:
         batch, bs = self.batch, self.pool.block_size
-        rows = [batch.rows[uid] for uid, _, _ in asks]
-        ks = [k for _, _, k in asks]
         self.asked += len(asks)
-        # Catch up and draft the first token: one query per missing position, every row in one forward.
-        inputs, slots, tables, lens, offsets, last = [], [], [], [], [], []
-        for r, k in zip(rows, ks):
+        # Catch up (every row's missing positions, one query each, at most ``catchup_chunk`` a row) and draft the
+        # first token of the rows that are caught up, all in one forward.
+        inputs, slots, tables, lens, offsets = [], [], [], [], []
+        rows, ks, last = [], [], []
+        for uid, _, k in asks:
+            r = batch.rows[uid]
             T = len(r.tokens)
-            batch._ensure_blocks(r, T + k - 1)  # draft K/V up to the (k-1)-th drafted token's position
-            for p in range(min(self._held(r.uid, r), T - 1), T):
+            start = min(self._held(uid, r), T - 1)
+            end = min(T, start + self.catchup_chunk)
+            for p in range(start, end):
                 inputs.append(r.tokens[p])
                 slots.append(r.blocks[p // bs] * bs + p % bs)
                 tables.append(r.blocks)
                 lens.append(p + 1)
                 offsets.append(p)
+            if end < T:  # still behind: no draft this step
+                self.state[uid] = (end, [])
+                self.behind += 1
+                continue
+            batch._ensure_blocks(r, T + k - 1)  # draft K/V up to the (k-1)-th drafted token's position
+            rows.append(r)
+            ks.append(k)
             last.append(len(inputs) - 1)
         logits = paged.forward(self.model, self.pool, mx.array(inputs, dtype=mx.uint32)[:, None], slots, tables,
                                lens, mx.array(offsets, dtype=mx.int32))[:, -1, :]
+        self.widths = [len(inputs)]  # the controller's cost samples: the rows of each forward
+        self.forwards += 1
+        if not rows:
+            mx.eval(*self.pool.arrays())
+            return {}
         tok = mx.argmax(logits[mx.array(last)], axis=-1).astype(mx.uint32)
         drafted = [tok]
-        self.forwards += 1
         alive = list(range(len(rows)))
         for j in range(1, max(ks)):
             alive = [i for i in alive if ks[i] > j]
@@ -105,6 +120,7 @@ class DraftProposer:
             logits = paged.forward(self.model, self.pool, inp[:, None], sl, tb, ln, mx.array(of, dtype=mx.int32))[:, -1, :]
             drafted.append(mx.argmax(logits, axis=-1).astype(mx.uint32))
             self.forwards += 1
+            self.widths.append(len(alive))
         mx.eval(drafted, *self.pool.arrays())
         cols = [d.tolist() for d in drafted]
         out = {}
@@ -117,13 +133,25 @@ class DraftProposer:
                 self.drafted += 1
         return out
 
+    def timed_forward(self, batch, n: int) -> float:
+        """Seconds of one draft forward of ``n`` one-token rows on the trash block, with its argmax read back (what
+        a drafted depth costs; ``verify.calibrated`` fits the controller's ``DraftCost`` on it)."""
+        bs, trash = self.pool.block_size, batch.trash
+        t0 = time.perf_counter()
+        logits = paged.forward(self.model, self.pool, mx.zeros((n, 1), dtype=mx.uint32),
+                               [trash * bs + (j % bs) for j in range(n)], [[trash]] * n,
+                               [1 + j % bs for j in range(n)], mx.array([j % bs for j in range(n)], dtype=mx.int32))
+        mx.eval(mx.argmax(logits[:, -1, :], axis=-1), *self.pool.arrays())
+        return time.perf_counter() - t0
+
     @staticmethod
     def _pos_in(_drafted, j: int, i: int, ks: list[int]) -> int:
         """Row i's index in the j-th drafted column (the rows with k > j, in order)."""
         return sum(1 for x in range(i) if ks[x] > j)
 
     def stats(self) -> dict:
-        return {"spec_draft_asks": self.asked, "spec_draft_forwards": self.forwards}
+        return {"spec_draft_asks": self.asked, "spec_draft_forwards": self.forwards,
+                "spec_draft_asks_catching_up": self.behind}
 
 
 def check_tokenizers(target, draft, draft_name: str) -> Optional[str]:

@@ -32,7 +32,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..sampling import for_positions, sample_rows
-from .controller import Controller, calibrate
+from .controller import Controller, DraftCost, calibrate
 
 
 class Speculator:
@@ -59,17 +59,11 @@ class Speculator:
         last, self._last_read = self._last_read, (step.seq, now)
         if last is None or step.seq != last[0] + 1 or self.prefilled >= step.seq - 1:
             return  # an idle gap, or a prefill chunk shared the time
-        self.controller.step_cost(step.n_tokens, step.sync, now - last[1])
+        self.controller.step_cost(step.n_tokens, step.sync, now - last[1] - step.draft_s)
 
     def forget(self, uid: int) -> None:
         self.proposer.forget(uid)
         self.controller.forget(uid)
-
-    def prefill(self, chunks, inputs, slots, tables, lens, offset) -> None:
-        """The batch prefilled ``chunks`` ((uid, start, end) a row): a proposer with its own KV does the same."""
-        hook = getattr(self.proposer, "prefill", None)
-        if hook is not None:
-            hook(chunks, inputs, slots, tables, lens, offset)
 
     def copy_block(self, src: int, dst: int, n: int) -> None:
         """The batch copied a cached block's first ``n`` slots (copy-on-write): a proposer with its own KV too."""
@@ -103,7 +97,11 @@ class Speculator:
             k = min(plan.get(r.uid, 0), r.max_tokens - r.generated - 1)
             if k > 0:
                 asks.append((r.uid, r.tokens, k))
+        t0 = time.perf_counter()
         drafts = self.proposer.propose(asks) if asks else {}
+        drafted_s = time.perf_counter() - t0
+        if asks:
+            self.controller.draft_cost(getattr(self.proposer, "widths", []), len(asks), drafted_s)
         for uid, _, _ in asks:
             self.controller.asked(uid, bool(drafts.get(uid)))
         for r in rows:  # a grammar's row drafts only what its grammar allows
@@ -121,6 +119,7 @@ class Speculator:
         else:
             step = self._queue(batch, rows, drafts)
         self.stamp(step, True, prefilled)
+        step.draft_s = drafted_s  # measured on its own: kept out of this step's cost sample
         return step, out
 
     # -- the verify step -------------------------------------------------------------------------
@@ -203,8 +202,9 @@ def accepted(toks: list[int], o: int, draft) -> int:
     return a
 
 
-def calibrated(batch, controller: Controller) -> None:
-    """Fit ``controller``'s cost prior on this device: forwards of n decode queries on the trash block."""
+def calibrated(batch, controller: Controller, proposer=None) -> None:
+    """Fit ``controller``'s cost priors on this device: forwards of n decode queries on the trash block, of the
+    target and of ``proposer``'s draft model when it has one."""
     bs, trash = batch.pool.block_size, batch.trash
 
     def run(n: int) -> float:
@@ -216,3 +216,7 @@ def calibrated(batch, controller: Controller) -> None:
         return time.perf_counter() - t0
 
     controller.cost = calibrate(run)
+    draft_run = getattr(proposer, "timed_forward", None) if proposer is not None else None
+    if draft_run is not None:  # a draft model: its forward's line too (``DraftCost``)
+        line = calibrate(lambda n: draft_run(batch, n))
+        controller.draft = DraftCost(line.a, line.b)
