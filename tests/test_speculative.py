@@ -91,6 +91,10 @@ def test_controller_counts_what_the_draft_model_costs():
     for _ in range(6):
         cheap.verified(0, 4, 4)
     assert cheap.plan([(0, 50)]) == {0: 4}
+    # Its first ask of a row catches up on the row's prompt: charged spread over the steps the row has left, so
+    # a long prompt with a few tokens to go is not worth starting the draft for, and one with many is.
+    assert cheap.plan([(0, 9, 2000)]) == {}
+    assert cheap.plan([(0, 400, 2000)]) == {0: 4}
     # A draft that turns out slower live than at calibration (its propose calls timed) is dropped.
     for _ in range(30):
         cheap.draft_cost([1, 1, 1, 1], 1, 4 * 0.033)

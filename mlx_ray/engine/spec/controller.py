@@ -119,6 +119,10 @@ class DraftCost:
         """One draft forward of ``w`` rows."""
         return (self.a + self.b * w) * self.ratio if w else 0.0
 
+    def catchup(self, n: int) -> float:
+        """What ``n`` positions a row catches up on add to the first forward."""
+        return self.b * n * self.ratio
+
     def observe(self, widths: list[int], rows: int, seconds: float) -> None:
         """A ``propose`` of ``rows`` rows ran forwards of ``widths`` rows each and took ``seconds``."""
         self.samples += 1
@@ -139,6 +143,7 @@ class Controller:
         self.cost = cost or CostModel()
         self.draft = draft or DraftCost()
         self.rows: dict[int, RowStats] = {}
+        self._catchup: dict[int, float] = {}  # uid -> seconds of catch-up charged to a step drafting for it (``plan``)
         self._probe_every = self._probe_in = PROBE_FIRST
         self.counters = dict(spec_steps=0, spec_rows_planned=0, spec_rows_off=0, spec_drafted_tokens=0,
                              spec_accepted_tokens=0, spec_verifies=0, spec_probes=0,
@@ -154,12 +159,18 @@ class Controller:
         self.rows.pop(uid, None)
 
     # -- deciding -------------------------------------------------------------------------
-    def plan(self, rows: list[tuple[int, int]], forced_sync: bool = False) -> dict[int, int]:
-        """``rows``: (uid, the most tokens it may draft now) of every decoding row -> uid: K for the rows that
-        should ask their proposer this step (absent: decode as usual)."""
+    def plan(self, rows: list[tuple], forced_sync: bool = False) -> dict[int, int]:
+        """``rows``: (uid, the most tokens it may draft now[, positions its proposer must catch up on first]) of
+        every decoding row -> uid: K for the rows that should ask their proposer this step (absent: decode as
+        usual)."""
         if not self.auto:
-            return {uid: min(k, self.k_max) for uid, k in rows if k > 0}
+            return {uid: min(k, self.k_max) for uid, k, *_ in rows if k > 0}
         B = len(rows)
+        # A catch-up (a draft model's first ask of a row writes its prompt's draft K/V) is paid once and serves
+        # every later step of the row: charged spread over the fewest steps the row has left (all drafts accepted).
+        self._catchup = {uid: self.draft.catchup(rest[0]) / max(1, kmax // (self.k_max + 1))
+                         for uid, kmax, *rest in rows if rest and rest[0] > 0}
+        rows = [(uid, kmax) for uid, kmax, *_ in rows]
         items = []  # (expected tokens, uid, i) of each row's i-th drafted token
         for uid, kmax in rows:
             st = self.row(uid)
@@ -205,7 +216,7 @@ class Controller:
             width[i] = w + 1
             if uid not in asked:
                 asked.add(uid)
-                drafting += draft.host
+                drafting += draft.host + self._catchup.get(uid, 0.0)
             tp = (B + gain) / (cost.predict(B + j + 1, True) + drafting)
             if tp > best:
                 best, take = tp, j + 1

@@ -44,7 +44,7 @@ class DraftProposer:
         self.batch = None  # the PagedBatch whose rows it drafts for (set by ``spec.build``)
         # uid -> (base, fed): draft K/V holds the row's tokens[:base], then the drafted tokens ``fed`` at base, base + 1, ...
         self.state: dict[int, tuple[int, list[int]]] = {}
-        self.asked = self.drafted = self.forwards = self.behind = 0
+        self.asked = self.drafted = self.forwards = self.catching_up = 0
         self.widths: list[int] = []  # rows in each forward of the last ``propose`` (the controller's cost samples)
 
     # -- the batch's hooks -----------------------------------------------------------------------
@@ -58,10 +58,14 @@ class DraftProposer:
         self.state.pop(uid, None)
 
     # -- proposing ---------------------------------------------------------------------------------
-    def _held(self, uid: int, row) -> int:
-        """Positions whose draft K/V holds the row's own tokens (0 for a row never asked)."""
+    def behind(self, uid: int, tokens: list[int]) -> int:
+        """Positions a row's next ask would catch up on before drafting (its whole prompt on a first ask)."""
+        return max(0, len(tokens) - 1 - self._held(uid, tokens))
+
+    def _held(self, uid: int, toks: list[int]) -> int:
+        """Positions whose draft K/V holds the row's own tokens ``toks`` (0 for a row never asked)."""
         base, fed = self.state.get(uid, (0, []))
-        n, toks = base, row.tokens
+        n = base
         for t in fed:
             if n < len(toks) and toks[n] == t:
                 n += 1
@@ -79,7 +83,7 @@ class DraftProposer:
         for uid, _, k in asks:
             r = batch.rows[uid]
             T = len(r.tokens)
-            start = min(self._held(uid, r), T - 1)
+            start = min(self._held(uid, r.tokens), T - 1)
             end = min(T, start + self.catchup_chunk)
             for p in range(start, end):
                 inputs.append(r.tokens[p])
@@ -89,7 +93,7 @@ class DraftProposer:
                 offsets.append(p)
             if end < T:  # still behind: no draft this step
                 self.state[uid] = (end, [])
-                self.behind += 1
+                self.catching_up += 1
                 continue
             batch._ensure_blocks(r, T + k - 1)  # draft K/V up to the (k-1)-th drafted token's position
             rows.append(r)
@@ -151,7 +155,7 @@ class DraftProposer:
 
     def stats(self) -> dict:
         return {"spec_draft_asks": self.asked, "spec_draft_forwards": self.forwards,
-                "spec_draft_asks_catching_up": self.behind}
+                "spec_draft_asks_catching_up": self.catching_up}
 
 
 def check_tokenizers(target, draft, draft_name: str) -> Optional[str]:

@@ -20,6 +20,10 @@ class Proposer(Protocol):
         """Whether asking for this row is worth reading the previous step first (``tokens``: what the host has)."""
         ...
 
+    def behind(self, uid: int, tokens: list[int]) -> int:
+        """Optional (a proposer with its own KV): the positions its next ask for this row must catch up on first."""
+        ...
+
     def forget(self, uid: int) -> None:
         """The row left the batch."""
         ...

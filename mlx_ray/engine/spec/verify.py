@@ -83,8 +83,9 @@ class Speculator:
         rows = batch.decodable()
         forced = prev is not None and prev.drafts is not None
         likely = self.proposer.likely  # on the tokens the host has: asking a row without a likely draft would cost
-        plan = self.controller.plan([(r.uid, r.max_tokens - r.generated - 1 if likely(r.uid, r.tokens) else 0)
-                                     for r in rows], forced)  # a read of the previous step for nothing
+        behind = getattr(self.proposer, "behind", None)  # a read of the previous step for nothing
+        plan = self.controller.plan([(r.uid, r.max_tokens - r.generated - 1 if likely(r.uid, r.tokens) else 0,
+                                      behind(r.uid, r.tokens) if behind else 0) for r in rows], forced)
         if not plan and not forced:
             return None
         out = batch._read(prev) if prev is not None else []
