@@ -159,7 +159,11 @@ def main(argv=None) -> dict:
                                 got = asyncio.run(round_(engines[side], prompts, n, args.max_tokens, sampling, side))
                             runs[side].append(got["tokens"] / got["seconds"])
                     med = {s: statistics.median(v) for s, v in runs.items()}
-                    results[f"{wl}|{mode}|{n}"] = {"tok_s": med, "runs": runs,
+                    # also each repeat's side against the off run beside it (same repeat, adjacent in time): drift
+                    # between repeats (this 2-vCPU machine moves 10-15% at 16 concurrent) cancels out of the pairs
+                    paired = {s: statistics.median(a / b for a, b in zip(runs[s], runs["off"]))
+                              for s in runs if "off" in runs}
+                    results[f"{wl}|{mode}|{n}"] = {"tok_s": med, "runs": runs, "paired": paired,
                                                    "ratio": {s: med[s] / med["off"] for s in med if "off" in med}}
                     print(wl, mode, n, {s: round(v, 1) for s, v in med.items()}, file=sys.stderr, flush=True)
         stats = {s: {k: v for k, v in e.stats().items() if k.startswith("spec_")} for s, e in engines.items()}
@@ -175,9 +179,11 @@ def main(argv=None) -> dict:
     for key, r in results.items():
         wl, mode, n = key.split("|")
         rows.append((wl, mode, n, f"{r['tok_s'].get('off', 0):.1f}",
-                     *(f"{r['tok_s'][s]:.1f} ({r['ratio'].get(s, 0):.2f}x)" if s in r["tok_s"] else "-" for s in others)))
+                     *(f"{r['tok_s'][s]:.1f} ({r['ratio'].get(s, 0):.2f}x; paired {r['paired'][s]:.2f}x)"
+                       if s in r.get("paired", {}) else f"{r['tok_s'][s]:.1f}" if s in r["tok_s"] else "-"
+                       for s in others)))
     print(f"{model_dir.parent.name}/{model_dir.name}, up to {args.max_tokens} tokens a request, medians of "
-          f"{args.repeats}; {out['machine']['cpu']}")
+          f"{args.repeats} (paired: the median of each repeat's side / off ratio); {out['machine']['cpu']}")
     print(markdown_table(["workload", "sampling", "concurrent", "off tok/s", *(f"{s} tok/s" for s in others)], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
