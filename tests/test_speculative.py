@@ -107,6 +107,22 @@ def test_controller_counts_what_the_draft_model_costs():
     assert ng.forward(3) == 0.0 and ng.host == pytest.approx(0.0005)
 
 
+def test_controller_checks_its_plans_against_what_they_deliver():
+    c = Controller(4, cost=CostModel(a=0.030, b=0.002))
+    many = [(i, 50) for i in range(16)]
+    for i in range(16):
+        for _ in range(6):
+            c.verified(i, 4, 4)  # every row copies: the model promises a gain at 16 rows
+    assert c.plan(many) and c.promised > 0
+    for _ in range(3):  # ... but such steps deliver 0.6 of it (measured: the read-back tokens over the step's time)
+        c.realized(16, c.promised, 0.6 * c.promised)
+    assert c.efficiency(16) == pytest.approx(0.6) and c.plan(many) == {}
+    assert c.plan([(0, 50)]) == {0: 4}  # alone it still pays, scaled by the same 0.6 (no size 1 measured yet)
+    for _ in range(3):
+        c.realized(1, 1.0, 1.0)  # where steps deliver what was promised, the promise stands
+    assert c.efficiency(1) == pytest.approx(1.0) and c.efficiency(8) < 1.0
+
+
 def test_cost_model_scales_the_calibrated_line_by_what_steps_cost_live():
     m = CostModel(a=0.05, b=0.006)
     for n in (1, 1, 2, 5, 1, 3) * 2:

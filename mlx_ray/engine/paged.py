@@ -179,6 +179,7 @@ class _InFlight:
     sync: bool = False
     n_tokens: int = 0
     draft_s: float = 0.0  # the proposer's time for this step (a verify step), kept out of its cost sample
+    predicted: float = 0.0  # a planned verify step: the tokens/s the controller's model promised (0: none)
 
 
 @dataclass
@@ -509,6 +510,8 @@ class PagedBatch:
                 out.append(Response(r.uid, t, step.logprobs[o + j], done))
             if final:
                 self.remove([r.uid], keep_cache=True)
+        if self.spec is not None:
+            self.spec.emitted(step, len(out))
         return out
 
     def score(self, ids: list[int]) -> mx.array:

@@ -46,6 +46,7 @@ SPEC_GAUGES = {
     "spec_probes": "Row-steps drafting one token to re-measure a row left out.",
     "spec_probes_skipped": "Row-steps not probed: at the batch's size even a well-drafting row would not pay.",
     "spec_draft_forward_s": "Seconds of one draft-model forward of one row, as the controller predicts it.",
+    "spec_delivered_ratio": "Tokens/s planned verify steps delivered over what the controller's model promised (EWMA).",
 }
 
 

@@ -32,6 +32,11 @@ step however many rows it re-measures; the interval doubles while probes find no
 so its estimate can recover, but only where a row drafting well (``PROBE_ALPHA``) would pay at the
 batch's size: under load a probe could not change the plan, and its synced step would be pure cost.
 
+The plan is checked against what it delivers: every planned verify step's tokens per second, read back, over
+what the model promised for it, an EWMA per batch size (``efficiency``; over all sizes where a size has too
+few). The model's promise is scaled by it, so where the step costs, acceptance and drafting add up to more
+than such steps then deliver (at 16 rows here: 0.7 of the promise), speculation turns itself off there.
+
 With ``auto`` off every row that may drafts K tokens every step (vLLM's behaviour).
 """
 
@@ -146,7 +151,13 @@ class Controller:
         self.cost = cost or CostModel()
         self.draft = draft or DraftCost()
         self.rows: dict[int, RowStats] = {}
+        self._promise = 0.0
         self._catchup: dict[int, float] = {}  # uid -> seconds of catch-up charged to a step drafting for it (``plan``)
+        # Batch size -> [EWMA of realized / promised tokens per second of planned verify steps, samples]: what the
+        # step costs, acceptance and drafting add up to, checked against what such steps then delivered
+        self.delivered: dict[int, list] = {}
+        self._delivered_all = [1.0, 0]  # the same over every batch size (for a size not measured yet)
+        self.promised = 0.0  # the model's tokens/s for the last plan (0: none, or a probe)
         self._probe_every = self._probe_in = PROBE_FIRST
         self.counters = dict(spec_steps=0, spec_rows_planned=0, spec_rows_off=0, spec_drafted_tokens=0,
                              spec_accepted_tokens=0, spec_verifies=0, spec_probes=0,
@@ -183,6 +194,7 @@ class Controller:
                 items.append((v, uid, i))
         items.sort(key=lambda t: (-t[0], t[2]))
         take = self._take(items, B, forced_sync)
+        self.promised = self._promise if take else 0.0
         plan: dict[int, int] = {}
         for _, uid, _ in items[:take]:
             plan[uid] = plan.get(uid, 0) + 1
@@ -195,6 +207,7 @@ class Controller:
                 self._probe_in = self._probe_every = min(PROBE_MAX, self._probe_every * 2)
                 for uid, _ in left:
                     plan[uid] = 1
+                self.promised = 0.0  # a probe measures rows, not the plan
                 self.counters["spec_probes"] += len(left)
             else:  # nothing to probe, or nothing a probe could find would pay at this batch size
                 self._probe_in = self._probe_every
@@ -209,6 +222,7 @@ class Controller:
         speculating by ``MARGIN``."""
         cost, draft = self.cost, self.draft
         best, take, gain = B / cost.predict(B, forced_sync) * MARGIN, 0, 0.0
+        eff = self.efficiency(B)
         width: dict[int, int] = {}  # depth -> rows drafting a token there: the width of the draft's forward
         asked: set[int] = set()
         drafting = 0.0
@@ -221,9 +235,23 @@ class Controller:
                 asked.add(uid)
                 drafting += draft.host + self._catchup.get(uid, 0.0)
             tp = (B + gain) / (cost.predict(B + j + 1, True) + drafting)
-            if tp > best:
-                best, take = tp, j + 1
+            if tp * eff > best:
+                best, take, self._promise = tp * eff, j + 1, tp
         return take
+
+    def efficiency(self, B: int) -> float:
+        """What planned verify steps at this batch size delivered against the model's promise (1.0 unmeasured)."""
+        for got in (self.delivered.get(B), self._delivered_all):
+            if got is not None and got[1] >= BUCKET_MIN:
+                return got[0]
+        return 1.0
+
+    def realized(self, B: int, promised: float, delivered: float) -> None:
+        """A planned verify step of ``B`` rows delivered ``delivered`` tokens/s where the model promised ``promised``."""
+        r = min(2.0, max(0.25, delivered / promised))
+        for got in (self.delivered.setdefault(B, [1.0, 0]), self._delivered_all):
+            got[1] += 1
+            got[0] += max(COST_ALPHA, 1.0 / got[1]) * (r - got[0])
 
     def _could_pay(self, planned: list, left: list[tuple[int, int]], B: int, forced_sync: bool) -> bool:
         """Whether a probe could change a plan: would the rows left out be drafted for if their drafts were
@@ -275,7 +303,7 @@ class Controller:
         d = self.draft
         c.update(spec_cost_step_s=m.a, spec_cost_token_s=m.b, spec_cost_plain_ratio=m.ratio[False],
                  spec_cost_sync_ratio=m.ratio[True], spec_draft_forward_s=d.forward(1),
-                 spec_draft_host_s=d.host)
+                 spec_draft_host_s=d.host, spec_delivered_ratio=self._delivered_all[0])
         return c
 
 

@@ -43,6 +43,7 @@ class Speculator:
         self._seq = 0  # steps handed out (plain and verify), for the cost samples
         self._last_read: Optional[tuple[int, float]] = None  # (seq, time) of the last step read
         self.prefilled = 0  # the seq of the last step that shared its iteration with a prefill chunk
+        self._interval: Optional[tuple[int, float]] = None  # (seq, seconds) of the last clean cost sample
 
     # -- the batch's hooks ----------------------------------------------------------------------
     def stamp(self, step, sync: bool, prefilled: bool) -> None:
@@ -59,7 +60,14 @@ class Speculator:
         last, self._last_read = self._last_read, (step.seq, now)
         if last is None or step.seq != last[0] + 1 or self.prefilled >= step.seq - 1:
             return  # an idle gap, or a prefill chunk shared the time
+        self._interval = (step.seq, now - last[1])
         self.controller.step_cost(step.n_tokens, step.sync, now - last[1] - step.draft_s)
+
+    def emitted(self, step, n: int) -> None:
+        """A planned verify step's ``n`` tokens are read: what it delivered against what the plan promised."""
+        got = self._interval
+        if step.predicted and got is not None and got[0] == step.seq and got[1] > 0:
+            self.controller.realized(len(step.rows), step.predicted, n / got[1])
 
     def forget(self, uid: int) -> None:
         self.proposer.forget(uid)
@@ -121,6 +129,8 @@ class Speculator:
             step = self._queue(batch, rows, drafts)
         self.stamp(step, True, prefilled)
         step.draft_s = drafted_s  # measured on its own: kept out of this step's cost sample
+        if step.drafts is not None:
+            step.predicted = self.controller.promised
         return step, out
 
     # -- the verify step -------------------------------------------------------------------------
