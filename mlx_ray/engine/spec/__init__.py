@@ -7,7 +7,8 @@ One job a module:
 * ``ngram.py``: prompt lookup (draft the continuation of the longest recent match in the row's own tokens);
 * ``draft.py``: a small draft model with the target's tokenizer, on its own paged KV;
 * ``verify.py``: what one verify step reads back: the accepted prefix of each row's draft;
-* ``controller.py``: per row and per step, K or no speculation, from measured acceptance and step cost.
+* ``controller.py``: per row and per step, K or no speculation, from measured acceptance, step cost and
+  drafting cost, checked against what its plans then deliver.
 
 Every proposer drafts a point mass (one token a position, no distribution), so verification is
 Leviathan et al.'s rejection sampling with q = δ(d): the drafted token d is accepted with
