@@ -270,7 +270,9 @@ def run_side(args) -> dict:
     levels = [int(x) for x in args.levels.split(",")]
     out = {}
     if args.side == "server":
-        server = MlxLmServer(Path(args.model), max(levels))
+        # a listen backlog of 128, not the 5 of `python -m mlx_lm.server`: with 5, connections opened at once
+        # beyond it are reset while its accept loop is held up (bench/multi_lora.py's docstring)
+        server = MlxLmServer(Path(args.model), max(levels), listen_backlog=128)
         try:
             server.wait_ready()
             asyncio.run(arun_load(server.url, server.model, 1, 1, PROMPTS[:1], max_tokens=8))  # warm-up

@@ -311,7 +311,9 @@ def serve_worker(spec: dict) -> dict:
     if mlx_ray_side:
         server = MlxRayServe(Path(spec["model"]), spec["engine_cfg"], spec["pythonpath"], spec["extra_args"])
     else:
-        server = MlxLmServer(Path(spec["model"]), spec["decode_concurrency"])
+        # a listen backlog of 128, not the 5 of `python -m mlx_lm.server`: with 5, connections opened at once
+        # beyond it are reset while its accept loop is held up (bench/multi_lora.py's docstring)
+        server = MlxLmServer(Path(spec["model"]), spec["decode_concurrency"], listen_backlog=128)
     out: dict = {"runs": {}, "short": {}}
 
     def load(r: dict, n: int | None = None) -> dict:
