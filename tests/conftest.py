@@ -62,6 +62,20 @@ def mlx_q4(smollm2_hf, model_cache) -> Path:
     return _convert_once(smollm2_hf, model_cache, quantize=True, q_bits=4, q_group_size=64)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_mlx_memory():
+    """After each test module, hand MLX's buffer cache back (what its engines and models freed): the suite runs
+    two passes side by side (scripts/test.sh), and memory one module cached is memory the other pass's
+    fine-tuning memory check and engines do not have."""
+    yield
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_hub():
     """Tests never reach the hub."""
